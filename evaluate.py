@@ -6,9 +6,14 @@
 import argparse
 import sys
 import time
+from contextlib import nullcontext
+
+import torch
 
 from data import DATASETS, PROMPT_STYLES, accuracy, check_dataset, default_data_dir, load_examples, score_examples
 from data.files import check_writable, write_json
+from kernels.circuit import check_circuit, circuit_mask, random_circuit_like, read_circuit
+from kernels.masking import mask_heads
 from kernels.model import DEFAULT_MODEL, UsageError, load_model
 
 
@@ -24,6 +29,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto")
     p.add_argument("--data-dir", default=default_data_dir(),
                    help="local <dataset>/<split>.jsonl files (env HEADMAP_DATA_DIR); default: the HF hub")
+    p.add_argument("--mask", help="heads.json (or the official .pt circuit file): score with those heads ablated")
+    p.add_argument("--random-mask", action="store_true",
+                   help="ablate as many heads per layer as --mask names, chosen at random (the paper's control)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-mask")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--log-samples", action="store_true", help="store every example's scores in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -32,6 +41,8 @@ def parse_args(argv=None):
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.random_mask and not args.mask:
+        raise UsageError("--random-mask needs --mask heads.json to know how many heads to ablate per layer")
     return args
 
 
@@ -44,13 +55,24 @@ def main(argv=None) -> dict:
         check_writable(args.out)
     # Load every dataset before the model, so a missing file fails in a second, not after minutes.
     examples = {n: load_examples(n, args.split, args.prompt, args.data_dir, args.limit) for n in names}
+    circuit = read_circuit(args.mask) if args.mask else None
     model, tokenizer = load_model(args.model, args.device, args.dtype)
 
     results = {"model": args.model, "prompt": args.prompt, "results": {}}
+    mask = None
+    if circuit is not None:
+        layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+        check_circuit(circuit, layers, heads, args.mask)
+        if args.random_mask:
+            circuit = random_circuit_like(circuit, heads, torch.Generator().manual_seed(args.seed))
+        mask = circuit_mask(circuit, layers, heads)
+        results["masked_heads"] = {str(layer): chosen for layer, chosen in circuit.items()}
+        results["mask"] = {"file": args.mask, "random": args.random_mask, "seed": args.seed}
     for name in names:
         start = time.time()
-        scores = score_examples(model, tokenizer, examples[name], args.batch_size,
-                                progress=not args.no_progress, desc=name)
+        with mask_heads(model, mask) if mask is not None else nullcontext():
+            scores = score_examples(model, tokenizer, examples[name], args.batch_size,
+                                    progress=not args.no_progress, desc=name)
         metrics = accuracy(examples[name], scores)
         entry = {"acc": metrics["acc"], "acc_norm": metrics["acc_norm"], "n": metrics["n"],
                  "split": args.split or DATASETS[name].eval_split, "prompt": args.prompt,

@@ -3,8 +3,12 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Triton reads this when a kernel is decorated: every masked forward in the tests runs the Triton kernel through
+# its interpreter. It must be set before anything imports kernels.attention.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

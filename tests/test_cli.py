@@ -1,5 +1,6 @@
 """The scripts as a user runs them: real accuracies, and one-line errors with exit code 2."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,9 @@ from tests.conftest import ROOT
 
 
 def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """A script as a user runs it: the production CPU path, not the Triton interpreter the tests switch on."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -18,6 +21,8 @@ def run(*args):
     (["--dataset", "boolq", "--limit", "0"], "--limit must be at least 1"),
     (["--dataset", "boolq", "--model", "/no/such/model.gguf"], "does not exist"),
     (["--dataset", "boolq", "--out", "/proc/nope/r.json"], "cannot write /proc/nope/r.json"),
+    (["--dataset", "boolq", "--random-mask"], "--random-mask needs --mask"),
+    (["--dataset", "boolq", "--mask", "/no/heads.json"], "does not exist; run locate.py first"),
 ])
 def test_evaluate_bad_input_is_one_line_and_exit_2(args, message, shared_data):
     result = run("evaluate.py", "--data-dir", shared_data, *args)
@@ -36,3 +41,28 @@ def test_evaluate_writes_real_accuracy(smollm2, shared_data, tmp_path):
         assert r["n"] == 20 and 0.0 <= r["acc"] <= 1.0 and len(r["samples"]) == 20
         assert r["acc"] == sum(s["pred"] == s["gold"] for s in r["samples"]) / 20
     assert "boolq" in result.stdout and "acc_norm" in result.stdout
+
+
+def test_evaluate_with_heads_masked(smollm2, shared_data, tmp_path):
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"knowledge_circuit": {str(layer): {"retain_heads": [0, 4, 8]} for layer in range(30)}}))
+    outs = {}
+    for name, extra in [("none", []), ("circuit", ["--mask", str(heads)]),
+                        ("random", ["--mask", str(heads), "--random-mask", "--seed", "3"])]:
+        outs[name] = tmp_path / f"{name}.json"
+        result = run("evaluate.py", "--dataset", "arc_easy", "--limit", "8", "--data-dir", shared_data,
+                     "--out", str(outs[name]), "--log-samples", "--no-progress", *extra)
+        assert result.returncode == 0, result.stderr
+    data = {k: json.loads(v.read_text()) for k, v in outs.items()}
+    assert data["circuit"]["masked_heads"]["7"] == [0, 4, 8]
+    random_heads = data["random"]["masked_heads"]
+    assert all(len(v) == 3 for v in random_heads.values()) and random_heads != data["circuit"]["masked_heads"]
+    scores = {k: [s["scores"] for s in d["results"]["arc_easy"]["samples"]] for k, d in data.items()}
+    assert scores["none"] != scores["circuit"] and scores["circuit"] != scores["random"]
+
+
+def test_evaluate_rejects_heads_out_of_range(smollm2, shared_data, tmp_path):
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"knowledge_circuit": {"2": {"retain_heads": [9]}}}))
+    result = run("evaluate.py", "--dataset", "boolq", "--data-dir", shared_data, "--mask", str(heads))
+    assert result.returncode == 2 and "head(s) [9] out of range for 9 heads" in result.stderr

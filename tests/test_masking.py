@@ -1,0 +1,105 @@
+"""Head masking wired into a Hugging Face model, checked against the stock model and a plain forward pre-hook."""
+import json
+
+import pytest
+import torch
+
+from kernels.circuit import check_circuit, circuit_mask, random_circuit_like, read_circuit
+from kernels.masking import mask_heads
+from kernels.model import UsageError
+from tests.conftest import tiny_llama
+
+LAYERS, HEADS, HEAD_DIM = 3, 4, 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(layers=LAYERS, heads=HEADS, kv_heads=2, head_dim=HEAD_DIM, seed=1)
+
+
+def zeroed_o_proj_inputs(model, mask):
+    """Reference ablation: zero the masked heads' columns of each o_proj input with forward pre-hooks."""
+    def hook_for(layer):
+        def hook(module, args):
+            rows = mask[layer] if mask.dim() == 3 else mask[layer].expand(args[0].shape[0], HEADS)  # (batch, heads)
+            keep = (~rows).repeat_interleave(HEAD_DIM, dim=-1)[:, None, :]  # (batch, 1, heads * head_dim)
+            return (args[0] * keep,)
+        return hook
+    return [layer.self_attn.o_proj.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(model.model.layers)]
+
+
+@torch.no_grad()
+def test_empty_mask_gives_stock_logits(model):
+    x = torch.randint(0, 512, (3, 21))
+    stock = model(x).logits
+    with mask_heads(model, torch.zeros(LAYERS, HEADS, dtype=torch.bool)):
+        masked = model(x).logits
+    torch.testing.assert_close(masked, stock, atol=1e-5, rtol=1e-5)
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model.model.layers[0].self_attn, "head_mask")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("per_row", [False, True])
+def test_masking_equals_zeroing_o_proj_input_columns(model, per_row):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 512, (3, 19), generator=g)
+    mask = torch.rand((LAYERS, 3, HEADS) if per_row else (LAYERS, HEADS), generator=g) < 0.4
+    hooks = zeroed_o_proj_inputs(model, mask)
+    try:
+        expected = model(x).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    with mask_heads(model, mask):
+        got = model(x).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_rows_with_different_masks_equal_rows_run_alone_even_padded(model):
+    g = torch.Generator().manual_seed(6)
+    lengths = [17, 9, 13]
+    x = torch.randint(0, 512, (3, 17), generator=g)
+    mask = torch.rand(LAYERS, 3, HEADS, generator=g) < 0.5
+    with mask_heads(model, mask):
+        batched = model(x).logits
+    for row, n in enumerate(lengths):  # right padding: the row's first n positions must not depend on the rest
+        with mask_heads(model, mask[:, row]):
+            alone = model(x[row:row + 1, :n]).logits[0]
+        torch.testing.assert_close(batched[row, :n], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_mask_shape_is_refused(model):
+    with pytest.raises(ValueError, match=r"shape \(3, 4\)"):
+        with mask_heads(model, torch.zeros(2, 4, dtype=torch.bool)):
+            pass
+
+
+def test_circuit_files_ours_and_official(tmp_path):
+    circuit = {0: [1, 3], 2: [0]}
+    ours = tmp_path / "heads.json"
+    ours.write_text(json.dumps({"knowledge_circuit": {str(k): {"retain_heads": v} for k, v in circuit.items()},
+                                "model": "x"}))
+    official = tmp_path / "circuit.pt"
+    torch.save({"knowledge_circuit": {k: {"retain_heads": v} for k, v in circuit.items()}}, official)
+    assert read_circuit(str(ours)) == circuit == read_circuit(str(official))
+    mask = circuit_mask(circuit, LAYERS, HEADS)
+    assert mask.sum() == 3 and mask[0, 1] and mask[0, 3] and mask[2, 0]
+    rand = random_circuit_like(circuit, HEADS, torch.Generator().manual_seed(0))
+    assert {k: len(v) for k, v in rand.items()} == {0: 2, 2: 1}
+
+
+def test_circuit_errors(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        read_circuit(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        read_circuit(str(bad))
+    bad.write_text('{"layers": []}')
+    with pytest.raises(UsageError, match="not a knowledge circuit"):
+        read_circuit(str(bad))
+    with pytest.raises(UsageError, match=r"head\(s\) \[4\] out of range for 4 heads"):
+        check_circuit({0: [1, 4]}, LAYERS, HEADS)
+    with pytest.raises(UsageError, match="layer 3 is out of range"):
+        check_circuit({3: [0]}, LAYERS, HEADS)
