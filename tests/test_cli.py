@@ -66,3 +66,32 @@ def test_evaluate_rejects_heads_out_of_range(smollm2, shared_data, tmp_path):
     heads.write_text(json.dumps({"knowledge_circuit": {"2": {"retain_heads": [9]}}}))
     result = run("evaluate.py", "--dataset", "boolq", "--data-dir", shared_data, "--mask", str(heads))
     assert result.returncode == 2 and "head(s) [9] out of range for 9 heads" in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "nope"], "unknown dataset 'nope'"),
+    (["--dataset", "boolq", "--heads-per-layer", "9"], "--heads-per-layer must be in 1..8"),
+    (["--dataset", "boolq", "--heads-per-layer", "0"], "--heads-per-layer must be in 1..8"),
+    (["--dataset", "boolq", "--samples", "0"], "--samples must be at least 1"),
+    (["--dataset", "boolq", "--out", "/proc/nope/heads.json"], "cannot write /proc/nope/heads.json"),
+])
+def test_locate_bad_input_is_one_line_and_exit_2(args, message, shared_data):
+    result = run("locate.py", "--data-dir", shared_data, "--pool", "10", *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+
+
+def test_locate_end_to_end_on_the_real_model(smollm2, shared_data, tmp_path):
+    out = tmp_path / "heads.json"
+    result = run("locate.py", "--dataset", "arc_easy", "--data-dir", shared_data, "--pool", "30", "--samples", "2",
+                 "--validate-limit", "6", "--random-trials", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert sorted(data["knowledge_circuit"], key=int) == [str(i) for i in range(30)]
+    assert all(len(v["retain_heads"]) == 2 for v in data["knowledge_circuit"].values())  # round(9 / 4)
+    assert len(data["loss_matrix"]) == 30 and all(len(row) == 9 for row in data["loss_matrix"])
+    assert len(data["sample_indices"]) == 2 and data["unmasked_loss"] > 0
+    v = data["validation"]
+    assert v["rows"] == 6 and len(v["random_masked"]) == 2 and 0 <= v["circuit_masked"] <= 1
+    assert (tmp_path / "heads.svg").read_text().startswith("<svg") and not (tmp_path / "heads.json.progress.json").exists()
+    assert "circuit masked" in result.stdout

@@ -1,0 +1,60 @@
+"""locate.py's algorithm vs the naive loop (one full masked forward per candidate), same samples, one run.
+
+    python bench/locate.py --dataset arc_easy --samples 16 --data-dir ../shared/datasets
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch  # noqa: E402
+
+import locate  # noqa: E402
+from data import load_examples  # noqa: E402
+from kernels.model import DEFAULT_MODEL, load_model  # noqa: E402
+from tests.reference import locate_brute_force  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--model", default=DEFAULT_MODEL)
+p.add_argument("--dataset", default="arc_easy")
+p.add_argument("--split", default="train")
+p.add_argument("--pool", type=int, default=200)
+p.add_argument("--prompt", default="paper")
+p.add_argument("--samples", type=int, default=16)
+p.add_argument("--heads-per-layer", type=int)
+p.add_argument("--batch-size", type=int, default=64)
+p.add_argument("--device", default="auto")
+p.add_argument("--data-dir")
+args = p.parse_args()
+
+model, tok = load_model(args.model, args.device)
+heads = model.config.num_attention_heads
+n = args.heads_per_layer or max(1, round(heads / 4))
+pool = load_examples(args.dataset, args.split, args.prompt, args.data_dir, args.pool)
+examples = [pool[i] for i in locate.select_samples(model, tok, pool, args.samples, args.batch_size)]
+device = next(model.parameters()).device
+
+
+def timed(fn):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+state = {"circuit": {}, "loss_matrix": []}
+fast, t_fast = timed(lambda: locate.locate(model, locate.Samples(tok, examples, device), n, args.batch_size,
+                                           state, lambda s: None))
+(naive, naive_losses), t_naive = timed(lambda: locate_brute_force(model, tok, examples, n))
+gap = (torch.tensor(state["loss_matrix"]) - torch.tensor(naive_losses)).abs().max().item()
+where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+print(f"{args.model} on {where}: {args.dataset} {args.prompt} prompts, {len(examples)} samples, "
+      f"{model.config.num_hidden_layers} layers x {heads} heads, n={n}")
+print(f"locate.py          : {t_fast:8.1f} s")
+print(f"naive (fwd / cand) : {t_naive:8.1f} s")
+print(f"speed-up           : {t_naive / t_fast:8.2f}x   circuits identical: {fast == naive}   "
+      f"max loss difference: {gap:.2e}")

@@ -1,0 +1,285 @@
+"""Locate a task's knowledge circuit: layer-conditioned locating (HeadMap, Algorithm 1).
+
+    python locate.py --dataset boolq --out heads.json
+
+For each layer l in order, with the heads already chosen in the layers below masked, every head h of layer l
+is masked in turn and scored by the summed loss of the gold answers of D; the n heads whose masking hurts most
+join the circuit. D holds the --samples samples of the split that the unmasked model gets right with the
+lowest loss.
+
+The result is exact (a test compares it with one full masked forward per candidate); the speed comes from the
+algorithm's structure: the layers below l are fixed while l is scored, so their output is kept and advanced one
+layer at a time; the H candidates run through the layers above together, as rows of one batch with per-row
+head masks (kernels/attention.py); the LM head runs only at the answer positions.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from data import DATASETS, PROMPT_STYLES, accuracy, check_dataset, default_data_dir, load_examples, score_examples
+from data.files import check_writable, write_json
+from data.scoring import encode_pair, pad_right
+from kernels.circuit import circuit_mask, random_circuit_like
+from kernels.masking import attention_modules, mask_heads
+from kernels.model import DEFAULT_MODEL, UsageError, load_model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help=", ".join(DATASETS))
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--split", default="train", help="where the samples come from (default train)")
+    p.add_argument("--pool", type=int, help="draw the samples from the first N rows of the split (default: all)")
+    p.add_argument("--prompt", default="paper", choices=PROMPT_STYLES)
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--heads-per-layer", type=int, help="n (default: a quarter of the heads, 8 of 32)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (memory bound)")
+    p.add_argument("--out", default="heads.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random head sets of the validation")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.progress.json")
+    p.add_argument("--no-validate", action="store_true")
+    p.add_argument("--validate-split", help="default: the dataset's evaluation split")
+    p.add_argument("--validate-limit", type=int, default=500, help="rows of the validation split (0 = all)")
+    p.add_argument("--random-trials", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--data-dir", default=default_data_dir())
+    args = p.parse_args(argv)
+    for name in ("samples", "batch_size", "random_trials"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def select_samples(model, tokenizer, examples, count, batch_size):
+    """Indices of the `count` examples the unmasked model answers correctly with the lowest gold loss."""
+    scores = score_examples(model, tokenizer, examples, batch_size, desc="choosing samples")
+    correct = [i for i, p in enumerate(accuracy(examples, scores)["predictions"]) if p == examples[i].gold]
+    if not correct:
+        raise UsageError("the unmasked model answers no example of the pool correctly; try --prompt harness, "
+                         "another --split or a larger --pool")
+    if len(correct) < count:
+        print(f"warning: only {len(correct)} correct samples (asked for {count}); using them all", file=sys.stderr)
+    correct.sort(key=lambda i: -scores[i][examples[i].gold])
+    return sorted(correct[:count])
+
+
+class Samples:
+    """D as one right-padded batch, and where each sample's gold answer tokens are."""
+
+    def __init__(self, tokenizer, examples, device):
+        pairs = [encode_pair(tokenizer, ex.prompts[ex.gold], ex.continuations[ex.gold]) for ex in examples]
+        self.ids, _ = pad_right([ctx + cont for ctx, cont in pairs], tokenizer.eos_token_id or 0, device)
+        # flat answer tokens, sample by sample: position predicting each one, and the token itself
+        self.pos = torch.tensor([p for ctx, cont in pairs for p in range(len(ctx) - 1, len(ctx) - 1 + len(cont))],
+                                device=device)
+        self.targets = torch.tensor([t for _, cont in pairs for t in cont], device=device)
+        self.count = torch.tensor([len(cont) for _, cont in pairs], device=device)
+        self.first = torch.cumsum(self.count, 0) - self.count
+
+
+def answer_loss(model, hidden, samples, sample_of_row):
+    """Summed NLL of the gold answer of each row of `hidden`; the LM head runs at answer positions only."""
+    count = samples.count[sample_of_row]
+    row = torch.arange(len(sample_of_row), device=hidden.device).repeat_interleave(count)
+    within = torch.arange(len(row), device=hidden.device) - (torch.cumsum(count, 0) - count).repeat_interleave(count)
+    flat = samples.first[sample_of_row].repeat_interleave(count) + within
+    logits = model.get_output_embeddings()(model.base_model.norm(hidden[row, samples.pos[flat]])).float()
+    nll = -torch.log_softmax(logits, dim=-1).gather(1, samples.targets[flat][:, None])[:, 0]
+    return torch.zeros(len(sample_of_row), device=hidden.device).index_add_(0, row, nll)
+
+
+def run_layers(model, hidden, first, last, mask, position_embeddings):
+    """Decoder layers first..last-1 on `hidden`, heads ablated by `mask` (layers, rows, heads)."""
+    with mask_heads(model, mask):
+        for layer in model.base_model.layers[first:last]:
+            out = layer(hidden, attention_mask=None, position_embeddings=position_embeddings)
+            hidden = out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
+    return hidden
+
+
+@torch.inference_mode()
+def locate(model, samples, n, batch_size, state, on_layer_done):
+    """Algorithm 1, from the layers `state` has not finished yet (it holds the circuit and loss rows so far)."""
+    base = model.base_model
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    n_samples, width = samples.ids.shape
+    device = samples.ids.device
+    hidden = base.embed_tokens(samples.ids)
+    pe = base.rotary_emb(hidden, torch.arange(width, device=device)[None])  # (1, width, d): every row shares it
+    circuit = {int(k): v for k, v in state["circuit"].items()}
+    done = len(state["loss_matrix"])
+
+    def advance(hidden, layer):  # the kept input of the next layer: `layer` run once with its circuit heads masked
+        mask = circuit_mask({layer: circuit[layer]}, layers, heads)[:, None].expand(layers, n_samples, heads)
+        return run_layers(model, hidden, layer, layer + 1, mask, pe)
+
+    for layer in range(done):  # resume: replay the finished layers
+        hidden = advance(hidden, layer)
+    for layer in tqdm(range(done, layers), desc="locating", initial=done, total=layers):
+        # rows are (candidate head, sample) pairs; row r masks its own candidate in this layer
+        cand = torch.arange(heads, device=device).repeat_interleave(n_samples)
+        sample = torch.arange(n_samples, device=device).repeat(heads)
+        loss = torch.zeros(heads, device=device)
+        for start in range(0, len(cand), batch_size):
+            c, s = cand[start:start + batch_size], sample[start:start + batch_size]
+            mask = torch.zeros(layers, len(c), heads, dtype=torch.bool, device=device)
+            mask[layer, torch.arange(len(c), device=device), c] = True
+            out = run_layers(model, hidden[s], layer, layers, mask, pe)
+            loss.index_add_(0, c, answer_loss(model, out, samples, s))
+        order = sorted(range(heads), key=lambda h: (-loss[h].item(), h))  # ties: the lower head index wins
+        circuit[layer] = sorted(order[:n])
+        state["circuit"][str(layer)] = circuit[layer]
+        state["loss_matrix"].append(loss.tolist())
+        hidden = advance(hidden, layer)
+        on_layer_done(state)
+    return circuit
+
+
+@torch.inference_mode()
+def unmasked_loss(model, samples):
+    hidden = model.base_model(input_ids=samples.ids).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[torch.arange(len(samples.ids)).repeat_interleave(
+        samples.count.cpu()).to(hidden.device), samples.pos]).float()
+    return -torch.log_softmax(logits, -1).gather(1, samples.targets[:, None]).sum().item()
+
+
+# ---------------------------------------------------------------- reporting
+
+def heat_map_svg(loss_matrix, circuit, path):
+    """Loss of each masked head, scaled per layer (each layer's scores share the circuit below it); the chosen
+    heads are outlined. Written by hand: no plotting dependency."""
+    cell, left, top = 18, 60, 30
+    layers, heads = len(loss_matrix), len(loss_matrix[0])
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + heads * cell + 20}" '
+             f'height="{top + layers * cell + 40}" font-family="sans-serif" font-size="10">',
+             f'<text x="{left}" y="14">loss with the head masked (darker = higher, per layer); outlined: circuit</text>']
+    for h in range(heads):
+        parts.append(f'<text x="{left + h * cell + 4}" y="{top - 4}">{h}</text>')
+    for layer, row in enumerate(loss_matrix):
+        lo, hi = min(row), max(row)
+        y = top + layer * cell
+        parts.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">L{layer}</text>')
+        for h, v in enumerate(row):
+            t = (v - lo) / (hi - lo) if hi > lo else 0.0
+            shade = int(245 - 200 * t)
+            chosen = h in circuit.get(layer, [])
+            stroke = 'stroke="#d00" stroke-width="2"' if chosen else 'stroke="#fff"'
+            parts.append(f'<rect x="{left + h * cell}" y="{y}" width="{cell}" height="{cell}" '
+                         f'fill="rgb({shade},{shade},255)" {stroke}><title>L{layer} H{h}: {v:.3f}</title></rect>')
+    parts.append(f'<text x="{left}" y="{top + layers * cell + 20}">x: head, y: layer</text></svg>')
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(parts))
+    os.replace(tmp, path)
+
+
+def print_heat_map(loss_matrix, circuit):
+    shades = " .:-=+*#%@"
+    print("\nloss with each head masked (per layer, darker = higher); [ ] = circuit")
+    for layer, row in enumerate(loss_matrix):
+        lo, hi = min(row), max(row)
+        cells = []
+        for h, v in enumerate(row):
+            c = shades[min(9, int(10 * (v - lo) / (hi - lo))) if hi > lo else 0]
+            cells.append(f"[{c}]" if h in circuit.get(layer, []) else f" {c} ")
+        print(f"L{layer:<3}" + "".join(cells))
+
+
+def validate(model, tokenizer, examples, circuit, trials, seed, batch_size):
+    """Accuracy with no mask, with the circuit masked, and with random heads of the same per-layer counts."""
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+
+    def acc(circ):
+        if circ is None:
+            return accuracy(examples, score_examples(model, tokenizer, examples, batch_size, desc="validating"))["acc"]
+        with mask_heads(model, circuit_mask(circ, layers, heads)):
+            return accuracy(examples, score_examples(model, tokenizer, examples, batch_size, desc="validating"))["acc"]
+
+    g = torch.Generator().manual_seed(seed)
+    random_accs = [acc(random_circuit_like(circuit, heads, g)) for _ in range(trials)]
+    return {"rows": len(examples), "unmasked": acc(None), "circuit_masked": acc(circuit),
+            "random_masked_mean": statistics.mean(random_accs),
+            "random_masked_std": statistics.stdev(random_accs) if trials > 1 else 0.0, "random_masked": random_accs}
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    spec = check_dataset(args.dataset)
+    check_writable(args.out)
+    progress_path = args.out + ".progress.json"
+    examples = load_examples(args.dataset, args.split, args.prompt, args.data_dir, args.pool)
+    val_examples = None if args.no_validate else load_examples(
+        args.dataset, args.validate_split, args.prompt, args.data_dir, args.validate_limit or None)
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    n = args.heads_per_layer if args.heads_per_layer is not None else max(1, round(heads / 4))
+    if not 1 <= n < heads:
+        raise UsageError(f"--heads-per-layer must be in 1..{heads - 1} for a model with {heads} heads, got {n}")
+    try:
+        attention_modules(model)
+        base = model.base_model
+        base.layers, base.norm, base.rotary_emb, base.embed_tokens  # noqa: B018 (what locate calls directly)
+    except (ValueError, AttributeError) as err:
+        raise UsageError(f"cannot locate heads in {args.model}: {err}") from None
+
+    settings = {"model": args.model, "dataset": args.dataset, "split": args.split, "pool": args.pool,
+                "prompt": args.prompt, "samples": args.samples, "heads_per_layer": n}
+    state = {"settings": settings, "circuit": {}, "loss_matrix": [], "seconds": 0.0}
+    if args.resume and os.path.exists(progress_path):
+        with open(progress_path) as f:
+            saved = json.load(f)
+        if saved["settings"] != settings:
+            raise UsageError(f"{progress_path} was made with other settings ({saved['settings']}); "
+                             "drop --resume or use the same options")
+        state = saved
+        print(f"resuming after layer {len(state['loss_matrix']) - 1}")
+    else:
+        state["sample_indices"] = select_samples(model, tokenizer, examples, args.samples, args.batch_size)
+    chosen = [examples[i] for i in state["sample_indices"]]
+    samples = Samples(tokenizer, chosen, next(model.parameters()).device)
+
+    started = time.time() - state["seconds"]
+
+    def save_progress(state):
+        state["seconds"] = time.time() - started
+        write_json(progress_path, state)
+
+    circuit = locate(model, samples, n, args.batch_size, state, save_progress)
+    seconds = time.time() - started
+    import transformers
+    result = {"knowledge_circuit": {str(layer): {"retain_heads": h} for layer, h in circuit.items()},
+              **settings, "layers": layers, "heads": heads, "sample_indices": state["sample_indices"],
+              "loss_matrix": state["loss_matrix"], "unmasked_loss": unmasked_loss(model, samples),
+              "seconds": round(seconds, 1),
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    print_heat_map(state["loss_matrix"], circuit)
+    if val_examples is not None:
+        v = validate(model, tokenizer, val_examples, circuit, args.random_trials, args.seed, args.batch_size)
+        result["validation"] = {"split": args.validate_split or spec.eval_split, **v}
+        print(f"\naccuracy on {v['rows']} rows of {result['validation']['split']}: unmasked {v['unmasked']:.3f}, "
+              f"circuit masked {v['circuit_masked']:.3f}, random heads masked {v['random_masked_mean']:.3f} "
+              f"+- {v['random_masked_std']:.3f} ({args.random_trials} draws)")
+    write_json(args.out, result)
+    svg = os.path.splitext(args.out)[0] + ".svg"
+    heat_map_svg(state["loss_matrix"], circuit, svg)
+    if os.path.exists(progress_path):
+        os.remove(progress_path)
+    print(f"located {sum(map(len, circuit.values()))} heads in {seconds:.1f} s; wrote {args.out} and {svg}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

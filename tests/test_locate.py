@@ -1,0 +1,65 @@
+"""locate.py: exact against the brute force, resumable, and strict about bad input."""
+import json
+
+import pytest
+import torch
+
+import locate
+from data.tasks import Example
+from tests.reference import locate_brute_force
+
+EXAMPLES = [
+    Example.with_choices("Pick: (A) red (B) blue\nAnswer:", ["A", "B"], 1),
+    Example.with_choices("Which is cold?", ["ice cream", "fire"], 0),               # multi-token answer
+    Example.with_choices("Q: a longer question, padded against the rest?\nA:", ["x", "y"], 0),
+    Example(("Ann beat Bo because Ann", "Ann beat Bo because Bo"), (" was fast.", " was fast."), 1),
+]
+
+
+@pytest.fixture(scope="module")
+def brute_force(tiny):
+    model, tok = tiny
+    return locate_brute_force(model, tok, EXAMPLES, 2)
+
+
+@pytest.mark.parametrize("batch_size", [5, 64])
+def test_fast_locate_equals_brute_force(tiny, brute_force, batch_size):
+    model, tok = tiny
+    samples = locate.Samples(tok, EXAMPLES, "cpu")
+    state = {"circuit": {}, "loss_matrix": []}
+    circuit = locate.locate(model, samples, 2, batch_size, state, lambda s: None)
+    expected_circuit, expected_losses = brute_force
+    assert circuit == expected_circuit
+    torch.testing.assert_close(torch.tensor(state["loss_matrix"]), torch.tensor(expected_losses),
+                               atol=1e-3, rtol=1e-5)
+
+
+def test_unmasked_loss_matches_full_forward(tiny):
+    model, tok = tiny
+    samples = locate.Samples(tok, EXAMPLES, "cpu")
+    from tests.reference import choice_scores_one_by_one
+    expected = -sum(s[ex.gold] for s, ex in zip(choice_scores_one_by_one(model, tok, EXAMPLES), EXAMPLES))
+    assert locate.unmasked_loss(model, samples) == pytest.approx(expected, rel=1e-5)
+
+
+def test_resume_gives_the_uninterrupted_result(tiny):
+    model, tok = tiny
+    samples = locate.Samples(tok, EXAMPLES, "cpu")
+    full = {"circuit": {}, "loss_matrix": []}
+    locate.locate(model, samples, 1, 64, full, lambda s: None)
+
+    class Interrupt(Exception):
+        pass
+
+    saved = {}
+
+    def stop_after_two(state):
+        if len(state["loss_matrix"]) == 2:
+            saved.update(json.loads(json.dumps(state)))  # what the progress file holds
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        locate.locate(model, samples, 1, 64, {"circuit": {}, "loss_matrix": []}, stop_after_two)
+    resumed = locate.locate(model, samples, 1, 64, saved, lambda s: None)
+    assert resumed == {int(k): v for k, v in full["circuit"].items()}
+    assert saved["loss_matrix"] == full["loss_matrix"]
