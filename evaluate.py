@@ -12,6 +12,7 @@ import torch
 
 from data import DATASETS, PROMPT_STYLES, accuracy, check_dataset, default_data_dir, load_examples, score_examples
 from data.files import check_writable, write_json
+from kernels.adapters import load_adapter
 from kernels.circuit import check_circuit, circuit_mask, random_circuit_like, read_circuit
 from kernels.masking import mask_heads
 from kernels.model import DEFAULT_MODEL, UsageError, load_model
@@ -33,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--random-mask", action="store_true",
                    help="ablate as many heads per layer as --mask names, chosen at random (the paper's control)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-mask")
+    p.add_argument("--adapter", help="a folder written by finetune.py: score the base model with that adapter")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--log-samples", action="store_true", help="store every example's scores in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -59,6 +61,13 @@ def main(argv=None) -> dict:
     model, tokenizer = load_model(args.model, args.device, args.dtype)
 
     results = {"model": args.model, "prompt": args.prompt, "results": {}}
+    if args.adapter:
+        try:
+            load_adapter(model, args.adapter).eval()
+        except (OSError, KeyError, RuntimeError, ValueError) as err:
+            raise UsageError(f"cannot load adapter from {args.adapter} ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0]}); pass a folder written by finetune.py") from None
+        results["adapter"] = args.adapter
     mask = None
     if circuit is not None:
         layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads

@@ -1,6 +1,250 @@
-"""Fine-tune the HeadMap adapter, or a LoRA/DoRA baseline (not implemented yet)."""
+"""Fine-tune the HeadMap adapter on a located circuit, or a LoRA/DoRA baseline on the same loop.
+
+    python finetune.py --heads heads.json                       # HeadMap, MHA variant, the dataset of heads.json
+    python finetune.py --heads heads.json --variant hs
+    python finetune.py --method lora --dataset boolq            # baselines need no circuit
+
+Per PROTOCOL.md: train split, text = prompt + " " + gold answer + EOS, loss over every token, cut at 512 tokens,
+batch 16, 2 epochs, AdamW without weight decay, linear decay after 100 warm-up steps, gradient clipping at 1.0,
+bf16 autocast on GPU; lr 1e-3 (HeadMap) or 2e-4 (LoRA, DoRA). The validation loss is measured every
+--eval-every steps and the best adapter is kept. Only the adapter trains; the base model is frozen.
+"""
+import argparse
+import json
+import math
+import os
+import random
 import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from data import DATASETS, PROMPT_STYLES, accuracy, check_dataset, default_data_dir, load_examples, score_examples
+from data.scoring import pad_right
+from kernels.adapters import attach_headmap, attach_lora, load_adapter, save_adapter
+from kernels.circuit import check_circuit, random_circuit_like, read_circuit
+from kernels.model import DEFAULT_MODEL, UsageError, load_model
+
+HAS_TEST_SPLIT = ("arc_easy", "arc_challenge", "openbookqa")  # these validate on their validation split
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--heads", help="heads.json from locate.py (or the official .pt file); needed for HeadMap")
+    p.add_argument("--method", default="headmap", choices=("headmap", "lora", "dora"))
+    p.add_argument("--variant", default="mha", choices=("mha", "hs"), help="HeadMap: add the map to the attention "
+                   "output (mha) or to the layer's output hidden state (hs)")
+    p.add_argument("--random-heads", action="store_true", help="HeadMap on random heads, as many per layer as --heads")
+    p.add_argument("--dataset", help="default: the dataset of --heads")
+    p.add_argument("--prompt", choices=PROMPT_STYLES, help="default: the prompt style of --heads, else paper")
+    p.add_argument("--model", help="default: the model of --heads, else " + DEFAULT_MODEL)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--scaling", type=float, default=1.0, help="HeadMap scaling factor")
+    p.add_argument("--alpha", type=float, default=64, help="LoRA/DoRA alpha")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA/DoRA dropout")
+    p.add_argument("--lr", type=float, help="default: 1e-3 for HeadMap, 2e-4 for LoRA and DoRA")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--train-limit", type=int, help="train on the first N rows only")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--val-limit", type=int, help="cap the held-out validation set at N rows (CPU runs)")
+    p.add_argument("--eval-limit", type=int, help="rows of the evaluation split for the final accuracy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/adapter", help="folder for adapter, config, log and checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--data-dir", default=default_data_dir())
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.grad_accum < 1 or args.batch_size % args.grad_accum:
+        raise UsageError(f"--batch-size {args.batch_size} must be a positive multiple of --grad-accum {args.grad_accum}")
+    for name in ("rank", "epochs", "eval_every", "max_length"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.method == "headmap" and not args.heads:
+        raise UsageError("HeadMap needs --heads heads.json (run locate.py first), or pass --method lora|dora")
+    return args
+
+
+def tokenize(tokenizer, examples, max_length):
+    eos = tokenizer.eos_token_id
+    return [(tokenizer(ex.train_text).input_ids + [eos])[:max_length] for ex in examples]
+
+
+def split_train_val(name, examples, args):
+    """The protocol's held-out set: the validation split where a test split exists, else 10% of train
+    (at most 2000 rows), carved out of train with the run's seed."""
+    if name in HAS_TEST_SPLIT:
+        return examples, load_examples(name, "validation", args.prompt, args.data_dir)
+    order = list(range(len(examples)))
+    random.Random(args.seed).shuffle(order)
+    n_val = min(2000, max(1, len(examples) // 10))
+    held = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def lm_loss(model, seqs, pad_id, device, autocast):
+    """Sum of next-token NLL over every real token of `seqs`, and the number of those tokens."""
+    ids, mask = pad_right(seqs, pad_id, device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, reduction="sum")
+    return nll, int((labels != -100).sum())
+
+
+@torch.no_grad()
+def validation_loss(model, seqs, pad_id, device, autocast, batch_size):
+    total, count = 0.0, 0
+    for start in range(0, len(seqs), batch_size):
+        nll, n = lm_loss(model, seqs[start:start + batch_size], pad_id, device, autocast)
+        total, count = total + nll.item(), count + n
+    return total / count
+
+
+def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda step: None):
+    """The loop: AdamW, linear warm-up and decay, clipping, validation every --eval-every steps, keep the best."""
+    device = next(model.parameters()).device
+    autocast = device.type == "cuda"
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_seqs) / args.batch_size)
+    total = min(args.max_steps or 10 ** 12, steps_per_epoch * args.epochs)
+
+    def lr_factor(step):
+        return step / max(1, args.warmup) if step < args.warmup else max(0.0, (total - step) / max(1, total - args.warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    step, best = 0, {"loss": math.inf, "step": 0, "state": None}
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        adapter.load_state_dict(ckpt["adapter"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        torch.set_rng_state(ckpt["rng"])
+        step, best = ckpt["step"], ckpt["best"]
+        print(f"resuming at step {step}")
+    log = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w")
+    micro = args.batch_size // args.grad_accum
+    bar = tqdm(total=total, initial=step, desc=f"training {adapter.config['method']}")
+    start_time = time.time()
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+        batch = [train_seqs[i] for i in order[index * args.batch_size:(index + 1) * args.batch_size]]
+        n_tokens = sum(len(s) - 1 for s in batch)  # the loss is the mean over the whole batch's tokens
+        loss_sum = 0.0
+        for k in range(0, len(batch), micro):
+            nll, _ = lm_loss(model, batch[k:k + micro], pad_id, device, autocast)
+            (nll / n_tokens).backward()
+            loss_sum += nll.item()
+        loss = loss_sum / n_tokens
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower --lr. The best adapter so far "
+                                     f"(step {best['step']}) is in {args.out}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        step += 1
+        entry = {"step": step, "loss": loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm,
+                 "seconds": round(time.time() - start_time, 3)}
+        if step % args.eval_every == 0 or step == total:
+            entry["val_loss"] = validation_loss(model, val_seqs, pad_id, device, autocast, args.batch_size)
+            if entry["val_loss"] < best["loss"]:
+                best = {"loss": entry["val_loss"], "step": step,
+                        "state": {k: v.detach().clone() for k, v in adapter.state_dict().items()}}
+                save_adapter(adapter, args.out, {"best_val_loss": best["loss"], "best_step": step})
+            tmp = ckpt_path + ".tmp"
+            torch.save({"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                        "best": best}, tmp)
+            os.replace(tmp, ckpt_path)
+        log.write(json.dumps(entry) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{entry['lr']:.2e}")
+        bar.update(1)
+        on_step(step)
+    bar.close()
+    log.close()
+    if best["state"] is not None:  # no finite validation loss at all: keep the last state
+        adapter.load_state_dict(best["state"])
+    return best, step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    circuit_file = None
+    if args.heads:
+        circuit = read_circuit(args.heads)
+        if not args.heads.endswith(".pt"):
+            with open(args.heads) as f:
+                circuit_file = json.load(f)
+    meta = circuit_file or {}
+    args.dataset = args.dataset or meta.get("dataset")
+    if not args.dataset:
+        raise UsageError("pass --dataset (the circuit file does not name one)")
+    check_dataset(args.dataset)
+    args.prompt = args.prompt or meta.get("prompt", "paper")
+    args.model = args.model or meta.get("model", DEFAULT_MODEL)
+    args.lr = args.lr or (1e-3 if args.method == "headmap" else 2e-4)
+
+    examples = load_examples(args.dataset, "train", args.prompt, args.data_dir, args.train_limit)
+    train_examples, val_examples = split_train_val(args.dataset, examples, args)
+    val_examples = val_examples[:args.val_limit]
+    eval_examples = load_examples(args.dataset, None, args.prompt, args.data_dir, args.eval_limit)
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    model.requires_grad_(False)
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+
+    torch.manual_seed(args.seed)  # adapter initialisation and dropout
+    if args.method == "headmap":
+        check_circuit(circuit, layers, heads, args.heads)
+        if args.random_heads:
+            circuit = random_circuit_like(circuit, heads, torch.Generator().manual_seed(args.seed))
+        adapter = attach_headmap(model, circuit, args.rank, args.scaling, args.variant)
+    else:
+        adapter = attach_lora(model, args.rank, args.alpha, args.dropout, dora=args.method == "dora")
+    trainable = sum(p.numel() for p in adapter.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{args.method}: {trainable:,} trainable parameters of {total + trainable:,} "
+          f"({100 * trainable / (total + trainable):.4f}%)")
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    before = None
+    if not args.resume:
+        before = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
+                                                        desc="accuracy before"))["acc"]
+    adapter.train()
+    best, steps = train(model, adapter, tokenize(tokenizer, train_examples, args.max_length),
+                        tokenize(tokenizer, val_examples, args.max_length), pad_id, args)
+    adapter.eval()
+    after = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
+                                                   desc="accuracy after"))["acc"]
+    extra = {"base_model": args.model, "dataset": args.dataset, "prompt": args.prompt, "best_val_loss": best["loss"],
+             "best_step": best["step"], "steps": steps, "trainable_parameters": trainable,
+             "hyper_parameters": {k: getattr(args, k) for k in ("lr", "batch_size", "grad_accum", "epochs", "warmup",
+                                  "max_steps", "max_length", "train_limit", "eval_every", "val_limit", "seed")},
+             "accuracy_before": before, "accuracy_after": after, "eval_rows": len(eval_examples)}
+    save_adapter(adapter, args.out, extra)
+    was = "" if before is None else f"{before:.3f} -> "
+    print(f"accuracy on {len(eval_examples)} rows of {DATASETS[args.dataset].eval_split}: {was}{after:.3f} "
+          f"(best validation loss {best['loss']:.4f} at step {best['step']}); adapter in {args.out}")
+    return extra
+
 
 if __name__ == "__main__":
-    print("error: finetune.py is not implemented yet", file=sys.stderr)
-    sys.exit(2)
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

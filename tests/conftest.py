@@ -27,12 +27,13 @@ class TinyTokenizer:
         return type("Encoding", (), {"input_ids": ids})()
 
 
-def tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=16, seed=0):
+def tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=16, seed=0, init_range=0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=512, hidden_size=heads * head_dim, intermediate_size=96,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         head_dim=head_dim, max_position_embeddings=1024, attn_implementation="sdpa")
+                         head_dim=head_dim, max_position_embeddings=1024, initializer_range=init_range,
+                         attn_implementation="sdpa")
     return LlamaForCausalLM(config).eval()
 
 

@@ -9,6 +9,13 @@ import pytest
 from tests.conftest import ROOT
 
 
+def assert_usage_error(result, message):
+    """Exit code 2, no traceback, and the last line is one 'error: ...' line naming the problem."""
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and last.startswith("error: ") and message in last, result.stderr
+
+
 def run(*args):
     """A script as a user runs it: the production CPU path, not the Triton interpreter the tests switch on."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -25,9 +32,7 @@ def run(*args):
     (["--dataset", "boolq", "--mask", "/no/heads.json"], "does not exist; run locate.py first"),
 ])
 def test_evaluate_bad_input_is_one_line_and_exit_2(args, message, shared_data):
-    result = run("evaluate.py", "--data-dir", shared_data, *args)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert_usage_error(run("evaluate.py", "--data-dir", shared_data, *args), message)
 
 
 def test_evaluate_writes_real_accuracy(smollm2, shared_data, tmp_path):
@@ -65,7 +70,7 @@ def test_evaluate_rejects_heads_out_of_range(smollm2, shared_data, tmp_path):
     heads = tmp_path / "heads.json"
     heads.write_text(json.dumps({"knowledge_circuit": {"2": {"retain_heads": [9]}}}))
     result = run("evaluate.py", "--dataset", "boolq", "--data-dir", shared_data, "--mask", str(heads))
-    assert result.returncode == 2 and "head(s) [9] out of range for 9 heads" in result.stderr
+    assert_usage_error(result, "head(s) [9] out of range for 9 heads")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -76,9 +81,7 @@ def test_evaluate_rejects_heads_out_of_range(smollm2, shared_data, tmp_path):
     (["--dataset", "boolq", "--out", "/proc/nope/heads.json"], "cannot write /proc/nope/heads.json"),
 ])
 def test_locate_bad_input_is_one_line_and_exit_2(args, message, shared_data):
-    result = run("locate.py", "--data-dir", shared_data, "--pool", "10", *args)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert_usage_error(run("locate.py", "--data-dir", shared_data, "--pool", "10", *args), message)
 
 
 def test_locate_end_to_end_on_the_real_model(smollm2, shared_data, tmp_path):
@@ -95,3 +98,44 @@ def test_locate_end_to_end_on_the_real_model(smollm2, shared_data, tmp_path):
     assert v["rows"] == 6 and len(v["random_masked"]) == 2 and 0 <= v["circuit_masked"] <= 1
     assert (tmp_path / "heads.svg").read_text().startswith("<svg") and not (tmp_path / "heads.json.progress.json").exists()
     assert "circuit masked" in result.stdout
+
+
+def circuit_file(tmp_path, heads=(0, 4), dataset="boolq"):
+    path = tmp_path / "heads.json"
+    path.write_text(json.dumps({"knowledge_circuit": {str(layer): {"retain_heads": list(heads)} for layer in range(30)},
+                                "dataset": dataset, "prompt": "paper", "model": "smollm2-135m"}))
+    return str(path)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "does not exist; run locate.py first"),
+    ("not json", "is not valid JSON"),
+    ("out of range", "head(s) [9] out of range for 9 heads"),
+    ("no heads", "HeadMap needs --heads"),
+    ("accum", "must be a positive multiple of --grad-accum"),
+])
+def test_finetune_refuses_bad_input_before_training(case, message, shared_data, tmp_path):
+    args = {"missing": ["--heads", str(tmp_path / "none.json")],
+            "not json": ["--heads", str(tmp_path / "bad.json")],
+            "out of range": ["--heads", circuit_file(tmp_path, heads=(2, 9))],
+            "no heads": ["--dataset", "boolq"],
+            "accum": ["--method", "lora", "--dataset", "boolq", "--grad-accum", "3"]}[case]
+    (tmp_path / "bad.json").write_text("{oops")
+    assert_usage_error(run("finetune.py", "--data-dir", shared_data, "--out", str(tmp_path / "run"), *args), message)
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
+
+
+def test_finetune_then_evaluate_the_adapter(smollm2, shared_data, tmp_path):
+    out = tmp_path / "run"
+    result = run("finetune.py", "--heads", circuit_file(tmp_path), "--data-dir", shared_data, "--train-limit", "40",
+                 "--batch-size", "8", "--grad-accum", "2", "--max-steps", "2", "--eval-every", "1",
+                 "--eval-limit", "12", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["method"] == "headmap" and config["variant"] == "mha" and config["steps"] == 2
+    assert config["trainable_parameters"] == 30 * (2 * 64 * 32 + 32 + 32 * 576 + 576)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2 and "trainable parameters" in result.stdout
+    scored = run("evaluate.py", "--dataset", "boolq", "--limit", "12", "--data-dir", shared_data,
+                 "--adapter", str(out), "--out", str(tmp_path / "r.json"), "--no-progress")
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["results"]["boolq"]["acc"] == config["accuracy_after"]

@@ -1,0 +1,140 @@
+"""Adapters (HeadMap, LoRA, DoRA) and the training loop, against the base model and explicit formulas."""
+import argparse
+import math
+
+import pytest
+import torch
+
+import finetune
+from kernels.adapters import attach_headmap, attach_lora, load_adapter, save_adapter
+from tests.conftest import TinyTokenizer, tiny_llama
+
+CIRCUIT = {0: [1, 3], 2: [0, 2]}
+METHODS = ["headmap-mha", "headmap-hs", "lora", "dora"]
+
+
+def attach(model, method):
+    if method.startswith("headmap"):
+        return attach_headmap(model, CIRCUIT, rank=8, variant=method.split("-")[1])
+    return attach_lora(model, rank=8, alpha=16, dropout=0.0, dora=method == "dora")
+
+
+@pytest.fixture
+def model():
+    return tiny_llama(layers=3, heads=4, kv_heads=2, head_dim=16, seed=2).requires_grad_(False)
+
+
+def train_args(tmp_path, **kw):
+    base = dict(lr=1e-2, batch_size=4, grad_accum=1, epochs=50, warmup=2, max_steps=None, eval_every=5,
+                seed=0, out=str(tmp_path), resume=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_starts_as_the_base_model(model, method):
+    x = torch.randint(0, 512, (2, 13))
+    with torch.no_grad():
+        base = model(x).logits
+        adapter = attach(model, method)
+        assert torch.equal(model(x).logits, base)
+        adapter.remove()
+        assert torch.equal(model(x).logits, base)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_adapter_gets_gradients_and_base_is_untouched(model, method):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = attach(model, method)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
+    for _ in range(2):  # the second step moves everything: after the first, the zero matrices are non-zero
+        model(torch.randint(0, 512, (2, 9)), labels=torch.randint(0, 512, (2, 9))).loss.backward()
+        assert all(p.grad is None for p in model.parameters())
+        assert all(p.grad is not None for p in adapter.parameters())
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_trainable_parameter_counts_match_formulas(model):
+    n, d, r, hidden, inter = 2, 16, 8, 64, 96
+    assert sum(p.numel() for p in attach(model, "headmap-mha").parameters()) == 2 * (n * d * r + r + r * hidden + hidden)
+    # per layer: q (64->64), k and v (64->32), up (64->96), down (96->64)
+    lora = 3 * r * ((64 + 64) + 2 * (64 + 32) + (64 + inter) + (inter + 64))
+    assert sum(p.numel() for p in attach(model, "lora").parameters()) == lora
+    assert sum(p.numel() for p in attach(model, "dora").parameters()) == lora + 3 * (64 + 32 + 32 + inter + 64)
+
+
+def test_headmap_equals_its_formula(model):
+    adapter = attach(model, "headmap-mha")
+    hm = adapter.sites["0"]
+    torch.nn.init.normal_(hm.up.weight)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, 64)
+    x_r = torch.cat([x[..., 16:32], x[..., 48:64]], -1)  # heads 1 and 3
+    expected = attn.o_proj.weight @ x[..., None] + (hm.up.weight @ (hm.down.weight @ x_r[..., None] + hm.down.bias[:, None])
+                                                     + hm.up.bias[:, None])
+    torch.testing.assert_close(attn.o_proj(x), expected[..., 0], atol=1e-5, rtol=1e-5)
+
+
+def test_dora_equals_its_formula(model):
+    adapter = attach(model, "dora")
+    lin = model.model.layers[1].mlp.up_proj
+    site = adapter.sites["model/layers/1/mlp/up_proj"]
+    torch.nn.init.normal_(site.B.weight)
+    torch.nn.init.uniform_(site.magnitude, 0.5, 2.0)
+    w = lin.weight + site.scaling * site.B.weight @ site.A.weight
+    w = site.magnitude[:, None] * w / w.norm(dim=1, keepdim=True)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(lin(x), x @ w.T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tiny_model_overfits_a_handful_of_examples(method, tmp_path):
+    # a wider initialisation than the default 0.02, or the random LM head could not express a confident answer
+    model = tiny_llama(layers=3, heads=4, kv_heads=2, head_dim=16, seed=2, init_range=0.2).requires_grad_(False)
+    tok = TinyTokenizer()
+    texts = ["Q: red? A: yes", "Q: sky? A: blue", "Q: 2+2? A: four", "Q: ice? A: cold"]
+    seqs = [tok(t).input_ids + [1] for t in texts]
+    adapter = attach(model, method)
+    first = finetune.validation_loss(model, seqs, 0, torch.device("cpu"), False, 4)
+    best, steps = finetune.train(model, adapter, seqs, seqs, 0, train_args(tmp_path, lr=3e-2, epochs=100, max_steps=60))
+    assert steps == 60 and best["loss"] < first / 2
+
+
+def test_save_load_round_trip(model, tmp_path):
+    x = torch.randint(0, 512, (2, 11))
+    adapter = attach(model, "headmap-hs")
+    for p in adapter.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    with torch.no_grad():
+        tuned = model(x).logits
+    save_adapter(adapter, str(tmp_path))
+    adapter.remove()
+    with torch.no_grad():
+        assert not torch.allclose(model(x).logits, tuned)
+        load_adapter(model, str(tmp_path))
+        assert torch.equal(model(x).logits, tuned)
+
+
+def test_resume_gives_the_same_adapter(tmp_path):
+    tok = TinyTokenizer()
+    seqs = [tok(t).input_ids + [1] for t in ["a b c", "d e f g", "h i", "j k l m n", "o p q"]]
+
+    def run(out, stop_at=None, resume=False):
+        model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, seed=3).requires_grad_(False)
+        torch.manual_seed(0)
+        adapter = attach_lora(model, rank=4, alpha=8, dropout=0.1)  # dropout: the RNG state must resume too
+        adapter.train()
+
+        def on_step(step):
+            if step == stop_at:
+                raise KeyboardInterrupt
+        args = train_args(out, batch_size=2, epochs=3, eval_every=3, resume=resume)
+        finetune.train(model, adapter, seqs, seqs[:2], 0, args, on_step)
+        return {k: v.clone() for k, v in adapter.state_dict().items()}, [p.clone() for p in adapter.parameters()]
+
+    _, full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", stop_at=4)  # the checkpoint of step 3 survives
+    _, resumed = run(tmp_path / "cut", resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed))
