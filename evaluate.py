@@ -4,7 +4,6 @@
     python evaluate.py --dataset all --prompt harness --out results.json
 """
 import argparse
-import sys
 import time
 from contextlib import nullcontext
 
@@ -15,7 +14,7 @@ from data.files import check_writable, write_json
 from kernels.adapters import load_adapter
 from kernels.circuit import check_circuit, circuit_mask, random_circuit_like, read_circuit
 from kernels.masking import mask_heads
-from kernels.model import DEFAULT_MODEL, UsageError, load_model
+from kernels.model import DEFAULT_MODEL, UsageError, load_model, run_script
 
 
 def parse_args(argv=None):
@@ -101,8 +100,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from data import DATASETS, PROMPT_STYLES, accuracy, check_dataset, default_data_dir, load_examples, score_examples
 from data.scoring import pad_right
-from kernels.adapters import attach_headmap, attach_lora, load_adapter, save_adapter
+from kernels.adapters import attach_headmap, attach_lora, save_adapter
 from kernels.circuit import check_circuit, random_circuit_like, read_circuit
-from kernels.model import DEFAULT_MODEL, UsageError, load_model
+from kernels.model import DEFAULT_MODEL, UsageError, load_model, run_script
 
 HAS_TEST_SPLIT = ("arc_easy", "arc_challenge", "openbookqa")  # these validate on their validation split
 
@@ -122,6 +122,8 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     step, best = 0, {"loss": math.inf, "step": 0, "state": None}
+    if args.resume and not os.path.exists(ckpt_path):
+        print(f"--resume: no checkpoint in {args.out} yet; starting at step 0")
     if args.resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         adapter.load_state_dict(ckpt["adapter"])
@@ -156,7 +158,9 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
         entry = {"step": step, "loss": loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm,
                  "seconds": round(time.time() - start_time, 3)}
         if step % args.eval_every == 0 or step == total:
+            adapter.eval()  # no dropout while measuring
             entry["val_loss"] = validation_loss(model, val_seqs, pad_id, device, autocast, args.batch_size)
+            adapter.train()
             if entry["val_loss"] < best["loss"]:
                 best = {"loss": entry["val_loss"], "step": step,
                         "state": {k: v.detach().clone() for k, v in adapter.state_dict().items()}}
@@ -217,13 +221,18 @@ def main(argv=None):
           f"({100 * trainable / (total + trainable):.4f}%)")
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    adapter.eval()  # modules start in training mode: no dropout while scoring
     before = None
     if not args.resume:
         before = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
                                                         desc="accuracy before"))["acc"]
     adapter.train()
-    best, steps = train(model, adapter, tokenize(tokenizer, train_examples, args.max_length),
-                        tokenize(tokenizer, val_examples, args.max_length), pad_id, args)
+    try:
+        best, steps = train(model, adapter, tokenize(tokenizer, train_examples, args.max_length),
+                            tokenize(tokenizer, val_examples, args.max_length), pad_id, args)
+    except FloatingPointError as err:  # not bad input, so exit code 1; the best adapter so far stays on disk
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     adapter.eval()
     after = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
                                                    desc="accuracy after"))["acc"]
@@ -240,11 +249,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+import transformers
 from tqdm import tqdm
 
 from data import DATASETS, PROMPT_STYLES, accuracy, check_dataset, default_data_dir, load_examples, score_examples
@@ -27,7 +28,7 @@ from data.files import check_writable, write_json
 from data.scoring import encode_pair, pad_right
 from kernels.circuit import circuit_mask, random_circuit_like
 from kernels.masking import attention_modules, mask_heads
-from kernels.model import DEFAULT_MODEL, UsageError, load_model
+from kernels.model import DEFAULT_MODEL, UsageError, load_model, run_script
 
 
 def parse_args(argv=None):
@@ -224,11 +225,13 @@ def main(argv=None):
     n = args.heads_per_layer if args.heads_per_layer is not None else max(1, round(heads / 4))
     if not 1 <= n < heads:
         raise UsageError(f"--heads-per-layer must be in 1..{heads - 1} for a model with {heads} heads, got {n}")
+    missing = [a for a in ("embed_tokens", "rotary_emb", "layers", "norm") if not hasattr(model.base_model, a)]
+    if missing:  # locate runs these modules itself
+        raise UsageError(f"cannot locate heads in {args.model}: its base model has no {', '.join(missing)}; "
+                         "locate supports LLaMA-family decoders")
     try:
         attention_modules(model)
-        base = model.base_model
-        base.layers, base.norm, base.rotary_emb, base.embed_tokens  # noqa: B018 (what locate calls directly)
-    except (ValueError, AttributeError) as err:
+    except ValueError as err:
         raise UsageError(f"cannot locate heads in {args.model}: {err}") from None
 
     settings = {"model": args.model, "dataset": args.dataset, "split": args.split, "pool": args.pool,
@@ -243,6 +246,8 @@ def main(argv=None):
         state = saved
         print(f"resuming after layer {len(state['loss_matrix']) - 1}")
     else:
+        if args.resume:
+            print(f"--resume: no {progress_path} yet; starting from the first layer")
         state["sample_indices"] = select_samples(model, tokenizer, examples, args.samples, args.batch_size)
     chosen = [examples[i] for i in state["sample_indices"]]
     samples = Samples(tokenizer, chosen, next(model.parameters()).device)
@@ -255,7 +260,6 @@ def main(argv=None):
 
     circuit = locate(model, samples, n, args.batch_size, state, save_progress)
     seconds = time.time() - started
-    import transformers
     result = {"knowledge_circuit": {str(layer): {"retain_heads": h} for layer, h in circuit.items()},
               **settings, "layers": layers, "heads": heads, "sample_indices": state["sample_indices"],
               "loss_matrix": state["loss_matrix"], "unmasked_loss": unmasked_loss(model, samples),
@@ -278,8 +282,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

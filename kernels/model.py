@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,15 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class UsageError(ValueError):
     """Bad input from the user: the scripts print it as one line and exit with code 2."""
+
+
+def run_script(main) -> None:
+    """Run a script's main(): bad input becomes one 'error: ...' line and exit code 2, never a traceback."""
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def resolve_model(name: str) -> tuple[str, str | None]:

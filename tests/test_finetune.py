@@ -1,6 +1,5 @@
 """Adapters (HeadMap, LoRA, DoRA) and the training loop, against the base model and explicit formulas."""
 import argparse
-import math
 
 import pytest
 import torch
@@ -138,3 +137,15 @@ def test_resume_gives_the_same_adapter(tmp_path):
         run(tmp_path / "cut", stop_at=4)  # the checkpoint of step 3 survives
     _, resumed = run(tmp_path / "cut", resume=True)
     assert all(torch.equal(a, b) for a, b in zip(full, resumed))
+
+
+def test_validation_loss_is_measured_without_dropout(tmp_path):
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, seed=4).requires_grad_(False)
+    seqs = [TinyTokenizer()(t).input_ids + [1] for t in ["a b c", "d e f"]]
+    adapter = attach_lora(model, rank=4, alpha=8, dropout=0.5)
+    for p in adapter.parameters():
+        torch.nn.init.normal_(p, std=0.5)  # a non-zero B, so dropout would change the output
+    adapter.train()
+    best, _ = finetune.train(model, adapter, seqs, seqs, 0, train_args(tmp_path, lr=0.0, epochs=1, eval_every=1))
+    adapter.eval()
+    assert best["loss"] == finetune.validation_loss(model, seqs, 0, torch.device("cpu"), False, 4)
