@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from data import DATASETS, PROMPT_STYLES, accuracy, check_dataset, default_data_dir, load_examples, score_examples
-from data.scoring import pad_right
+from data.scoring import pad_id_of, pad_right
 from kernels.adapters import attach_headmap, attach_lora, save_adapter
 from kernels.circuit import check_circuit, random_circuit_like, read_circuit
 from kernels.model import DEFAULT_MODEL, UsageError, load_model, run_script
@@ -220,7 +220,7 @@ def main(argv=None):
     print(f"{args.method}: {trainable:,} trainable parameters of {total + trainable:,} "
           f"({100 * trainable / (total + trainable):.4f}%)")
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     adapter.eval()  # modules start in training mode: no dropout while scoring
     before = None
     if not args.resume:

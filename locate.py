@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import transformers
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from data import DATASETS, PROMPT_STYLES, accuracy, check_dataset, default_data_dir, load_examples, score_examples
 from data.files import check_writable, write_json
-from data.scoring import encode_pair, pad_right
+from data.scoring import encode_pair, pad_id_of, pad_right
 from kernels.circuit import circuit_mask, random_circuit_like
 from kernels.masking import attention_modules, mask_heads
 from kernels.model import DEFAULT_MODEL, UsageError, load_model, run_script
@@ -76,7 +77,7 @@ class Samples:
 
     def __init__(self, tokenizer, examples, device):
         pairs = [encode_pair(tokenizer, ex.prompts[ex.gold], ex.continuations[ex.gold]) for ex in examples]
-        self.ids, _ = pad_right([ctx + cont for ctx, cont in pairs], tokenizer.eos_token_id or 0, device)
+        self.ids, _ = pad_right([ctx + cont for ctx, cont in pairs], pad_id_of(tokenizer), device)
         # flat answer tokens, sample by sample: position predicting each one, and the token itself
         self.pos = torch.tensor([p for ctx, cont in pairs for p in range(len(ctx) - 1, len(ctx) - 1 + len(cont))],
                                 device=device)
@@ -198,9 +199,7 @@ def validate(model, tokenizer, examples, circuit, trials, seed, batch_size):
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
 
     def acc(circ):
-        if circ is None:
-            return accuracy(examples, score_examples(model, tokenizer, examples, batch_size, desc="validating"))["acc"]
-        with mask_heads(model, circuit_mask(circ, layers, heads)):
+        with mask_heads(model, circuit_mask(circ, layers, heads)) if circ is not None else nullcontext():
             return accuracy(examples, score_examples(model, tokenizer, examples, batch_size, desc="validating"))["acc"]
 
     g = torch.Generator().manual_seed(seed)

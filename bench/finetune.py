@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import finetune  # noqa: E402
-from data import load_examples  # noqa: E402
+from data import load_examples, pad_id_of  # noqa: E402
 from kernels.adapters import attach_headmap, attach_lora  # noqa: E402
 from kernels.circuit import read_circuit  # noqa: E402
 from kernels.model import DEFAULT_MODEL, load_model  # noqa: E402
@@ -52,7 +52,7 @@ for name, attach in [("headmap-mha", lambda: attach_headmap(model, circuit, 32, 
     for step in range(args.steps):
         batch = seqs[step * args.batch_size:(step + 1) * args.batch_size]
         start = time.perf_counter()
-        nll, n = finetune.lm_loss(model, batch, tok.eos_token_id, device, device.type == "cuda")
+        nll, n = finetune.lm_loss(model, batch, pad_id_of(tok), device, device.type == "cuda")
         (nll / n).backward()
         torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
         opt.step()

@@ -1,6 +1,6 @@
 """Datasets, prompt formats, tokenisation, batching and scoring shared by locate, finetune and evaluate."""
-from data.scoring import accuracy, batches, build_rows, encode_pair, pad_right, score_examples
+from data.scoring import accuracy, batches, build_rows, encode_pair, pad_id_of, pad_right, score_examples
 from data.tasks import DATASETS, PROMPT_STYLES, Example, check_dataset, default_data_dir, load_examples, load_rows
 
 __all__ = ["DATASETS", "PROMPT_STYLES", "Example", "accuracy", "batches", "build_rows", "check_dataset",
-           "default_data_dir", "encode_pair", "load_examples", "load_rows", "pad_right", "score_examples"]
+           "default_data_dir", "encode_pair", "load_examples", "load_rows", "pad_id_of", "pad_right", "score_examples"]

@@ -42,9 +42,9 @@ def build_rows(tokenizer, examples: list[Example]) -> list[Row]:
     return rows
 
 
-def batches(rows: list, batch_size: int, length=lambda r: len(r.ids)):
+def batches(rows: list[Row], batch_size: int):
     """Longest first, so padding is small and an out-of-memory error shows up in the first batch."""
-    order = sorted(range(len(rows)), key=lambda i: -length(rows[i]))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     for start in range(0, len(order), batch_size):
         yield [rows[i] for i in order[start:start + batch_size]]
 

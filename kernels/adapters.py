@@ -80,10 +80,6 @@ class Adapter(nn.Module):
         self._handles.clear()
 
 
-def _layer_of(model, layer: int):
-    return model.base_model.layers[layer]
-
-
 def attach_headmap(model, circuit: dict[int, list[int]], rank: int = 32, scaling: float = 1.0,
                    variant: str = "mha") -> Adapter:
     """One HeadMap per circuit layer. "mha": added to that layer's attention output (o_proj(x) + map(x_R));
@@ -110,7 +106,7 @@ def attach_headmap(model, circuit: dict[int, list[int]], rank: int = 32, scaling
             def add_to_output(m, args, out, hm=hm, stash=stash):
                 delta = hm(stash.pop("x"))
                 return (out[0] + delta, *out[1:]) if isinstance(out, tuple) else out + delta
-            adapter._handles.append(_layer_of(model, layer).register_forward_hook(add_to_output))
+            adapter._handles.append(model.base_model.layers[layer].register_forward_hook(add_to_output))
     return adapter
 
 
