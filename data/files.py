@@ -12,6 +12,7 @@ def write_json(path: str, obj) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; an output file should read like any other
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from data import DATASETS, load_examples
+from data.files import write_json
 from kernels.model import UsageError
 
 LOCAL_SPLITS = {"hellaswag": "validation_lossy"}
@@ -47,3 +48,16 @@ def test_errors_name_the_problem(tmp_path):
     _write(tmp_path, "piqa", "validation", [{"goal": "g", "sol1": "a", "sol2": "b", "label": 7}])
     with pytest.raises(UsageError, match="out of range"):
         load_examples("piqa", data_dir=str(tmp_path))
+
+
+def test_write_json_is_whole_and_readable(tmp_path):
+    path = tmp_path / "out" / "heads.json"
+    write_json(str(path), {"a": [1, 2]})
+    write_json(str(path), {"a": [3]})  # replaces the previous file
+    assert json.loads(path.read_text()) == {"a": [3]}
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["heads.json"]  # no temporary file left behind
+    with pytest.raises(TypeError):
+        write_json(str(path), {"a": object()})  # not serialisable: the old file stays, no temporary file
+    assert json.loads(path.read_text()) == {"a": [3]}
+    assert [p.name for p in path.parent.iterdir()] == ["heads.json"]

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Knowledge circuits of SmolLM2-135M-Instruct (harness prompts), one dataset per call, each well under an hour
+# on 2 CPU cores:   bash experiments/locate.sh arc_easy   (then piqa, hellaswag)
+# Writes experiments/circuits/<dataset>.json (circuit, loss matrix, validation) and .svg (heat map).
+# Interrupted? Run the same command again: it resumes from the last finished layer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dataset=$1
+DATA=${HEADMAP_DATA_DIR:-../shared/datasets}
+split=train; val_split=""; pool=1000; val_rows=400
+# the offline HellaSwag copy names its splits train_partial and validation_lossy (shared/datasets/SOURCES.md);
+# its rows are about 4x longer, so fewer of them keep the run under 45 minutes
+if [ "$dataset" = hellaswag ]; then split=train_partial; val_split="--validate-split validation_lossy"; pool=300; val_rows=200; fi
+python locate.py --dataset "$dataset" --prompt harness --split $split --pool $pool --samples 32 \
+  --validate-limit $val_rows $val_split --random-trials 5 --seed 0 --data-dir "$DATA" \
+  --out experiments/circuits/$dataset.json --resume

@@ -1,0 +1,109 @@
+"""Print RESULTS.md's tables from the raw outputs in experiments/ (made by zero_shot.sh, locate.sh, finetune.sh).
+
+    python experiments/report.py
+
+Sections whose outputs are missing are skipped.
+"""
+import itertools
+import json
+import statistics
+from pathlib import Path
+
+here = Path(__file__).resolve().parent
+METHODS = {"headmap_mha": ("HeadMap (MHA)", "located"), "headmap_hs": ("HeadMap (HS)", "located"),
+           "headmap_random": ("HeadMap (MHA)", "random"), "lora": ("LoRA", "-"), "dora": ("DoRA", "-")}
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def zero_shot():
+    if not list(here.glob("zero_shot_*.json")):
+        return
+    rows = {}
+    for style in ("paper", "harness"):
+        for part in ("seven", "hellaswag"):
+            for name, r in load(here / f"zero_shot_{style}_{part}.json")["results"].items():
+                rows.setdefault(name, {})[style] = r
+    print("### Zero-shot accuracy\n")
+    print("| dataset | split | rows | paper acc | paper acc_norm | harness acc | harness acc_norm |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        p, h = r["paper"], r["harness"]
+        print(f"| {name} | {p['split']} | {p['n']} | {p['acc']:.3f} | {p['acc_norm']:.3f} | {h['acc']:.3f} "
+              f"| {h['acc_norm']:.3f} |")
+    print()
+
+
+def circuits():
+    found = {p.stem: load(p) for p in sorted((here / "circuits").glob("*.json")) if "progress" not in p.name}
+    if not found:
+        return {}
+    print("### Knowledge circuits: accuracy with heads masked (harness prompts)\n")
+    print("| dataset | samples | heads masked | locate time | eval rows | no mask | circuit masked "
+          "| random heads masked: mean ± sd (min–max) of 5 draws | circuit drop / random drop |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, c in found.items():
+        v = c["validation"]
+        heads = sum(len(e["retain_heads"]) for e in c["knowledge_circuit"].values())
+        drop_c, drop_r = v["unmasked"] - v["circuit_masked"], v["unmasked"] - v["random_masked_mean"]
+        ratio = f"{drop_c / drop_r:.1f}x" if drop_r > 0 else "n/a (random masking does not hurt)"
+        print(f"| {name} | {len(c['sample_indices'])} | {heads} of {c['layers'] * c['heads']} | "
+              f"{c['seconds'] / 60:.0f} min | {v['rows']} ({v['split']}) | {v['unmasked']:.3f} | "
+              f"{v['circuit_masked']:.3f} | {v['random_masked_mean']:.3f} ± {v['random_masked_std']:.3f} "
+              f"({min(v['random_masked']):.3f}–{max(v['random_masked']):.3f}) | {ratio} |")
+    print()
+    return found
+
+
+def overlap(found):
+    if len(found) < 2:
+        return
+    sets = {name: {(int(layer), h) for layer, e in c["knowledge_circuit"].items() for h in e["retain_heads"]}
+            for name, c in found.items()}
+    c = next(iter(found.values()))
+    size = len(next(iter(sets.values())))
+    per_layer = size / c["layers"]
+    chance = c["layers"] * per_layer * per_layer / c["heads"]  # expected shared heads of two random circuits
+    print("### Shared heads between circuits\n")
+    print(f"Two circuits drawn at random ({per_layer:.0f} of {c['heads']} heads in each of {c['layers']} layers) "
+          f"share {chance:.1f} heads on average.\n")
+    print("| circuits | shared heads (of each circuit's heads) | Jaccard |")
+    print("|---|---|---|")
+    for a, b in itertools.combinations(sets, 2):
+        shared = len(sets[a] & sets[b])
+        print(f"| {a} ∩ {b} | {shared} of {size} | {shared / len(sets[a] | sets[b]):.2f} |")
+    common = set.intersection(*sets.values())
+    print(f"| all {len(sets)} | {len(common)} of {size} | {len(common) / len(set.union(*sets.values())):.2f} |")
+    print(f"\nHeads in every circuit (layer.head): {', '.join(f'{l}.{h}' for l, h in sorted(common)) or 'none'}\n")
+
+
+def seconds_per_step(log_path):
+    """Median wall time of a training step; steps right after a validation (which includes it) are left out."""
+    entries = [json.loads(line) for line in log_path.read_text().splitlines()]
+    times = [b["seconds"] - a["seconds"] for a, b in zip(entries, entries[1:]) if "val_loss" not in a]
+    return statistics.median(times) if times else float("nan")
+
+
+def finetune():
+    configs = sorted((here / "finetune").glob("*.json"))
+    if not configs:
+        return
+    print("### Fine-tuning (paper prompts, 20 steps at batch 16)\n")
+    print("| dataset | method | heads | trainable parameters | s / step | best val loss | eval rows "
+          "| accuracy before | accuracy after |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path in configs:
+        c = load(path)
+        method, heads = METHODS[path.stem[len(c["dataset"]) + 1:]]
+        before = "-" if c["accuracy_before"] is None else f"{c['accuracy_before']:.3f}"
+        s = seconds_per_step(path.with_suffix(".log.jsonl"))
+        print(f"| {c['dataset']} | {method} | {heads} | {c['trainable_parameters']:,} | {s:.1f} | "
+              f"{c['best_val_loss']:.3f} | {c['eval_rows']} | {before} | {c['accuracy_after']:.3f} |")
+    print()
+
+
+zero_shot()
+overlap(circuits())
+finetune()
