@@ -222,22 +222,26 @@ def main(argv=None):
 
     pad_id = pad_id_of(tokenizer)
     adapter.eval()  # modules start in training mode: no dropout while scoring
-    before = None
-    if not args.resume:
+    val_seqs = tokenize(tokenizer, val_examples, args.max_length)
+    before = val_loss_before = None
+    if not args.resume:  # the base model's numbers: the adapter starts as the identity
         before = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
                                                         desc="accuracy before"))["acc"]
+        device = next(model.parameters()).device
+        val_loss_before = validation_loss(model, val_seqs, pad_id, device, device.type == "cuda", args.batch_size)
     adapter.train()
     try:
-        best, steps = train(model, adapter, tokenize(tokenizer, train_examples, args.max_length),
-                            tokenize(tokenizer, val_examples, args.max_length), pad_id, args)
+        best, steps = train(model, adapter, tokenize(tokenizer, train_examples, args.max_length), val_seqs, pad_id,
+                            args)
     except FloatingPointError as err:  # not bad input, so exit code 1; the best adapter so far stays on disk
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     adapter.eval()
     after = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
                                                    desc="accuracy after"))["acc"]
-    extra = {"base_model": args.model, "dataset": args.dataset, "prompt": args.prompt, "best_val_loss": best["loss"],
-             "best_step": best["step"], "steps": steps, "trainable_parameters": trainable,
+    extra = {"base_model": args.model, "dataset": args.dataset, "prompt": args.prompt,
+             "val_loss_before": val_loss_before, "best_val_loss": best["loss"], "best_step": best["step"],
+             "steps": steps, "trainable_parameters": trainable,
              "hyper_parameters": {k: getattr(args, k) for k in ("lr", "batch_size", "grad_accum", "epochs", "warmup",
                                   "max_steps", "max_length", "train_limit", "eval_every", "val_limit", "seed")},
              "accuracy_before": before, "accuracy_after": after, "eval_rows": len(eval_examples)}

@@ -133,6 +133,7 @@ def test_finetune_then_evaluate_the_adapter(smollm2, shared_data, tmp_path):
     assert result.returncode == 0, result.stderr
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["method"] == "headmap" and config["variant"] == "mha" and config["steps"] == 2
+    assert 0 < config["val_loss_before"] < 20 and 0 < config["best_val_loss"] < 20  # nats per token
     assert config["trainable_parameters"] == 30 * (2 * 64 * 32 + 32 + 32 * 576 + 576)
     assert len((out / "log.jsonl").read_text().splitlines()) == 2 and "trainable parameters" in result.stdout
     scored = run("evaluate.py", "--dataset", "boolq", "--limit", "12", "--data-dir", shared_data,
