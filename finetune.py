@@ -99,10 +99,11 @@ def lm_loss(model, seqs, pad_id, device, autocast):
 
 
 @torch.no_grad()
-def validation_loss(model, seqs, pad_id, device, autocast, batch_size):
+def validation_loss(model, seqs, pad_id, batch_size):
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(seqs), batch_size):
-        nll, n = lm_loss(model, seqs[start:start + batch_size], pad_id, device, autocast)
+        nll, n = lm_loss(model, seqs[start:start + batch_size], pad_id, device, device.type == "cuda")
         total, count = total + nll.item(), count + n
     return total / count
 
@@ -159,7 +160,7 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
                  "seconds": round(time.time() - start_time, 3)}
         if step % args.eval_every == 0 or step == total:
             adapter.eval()  # no dropout while measuring
-            entry["val_loss"] = validation_loss(model, val_seqs, pad_id, device, autocast, args.batch_size)
+            entry["val_loss"] = validation_loss(model, val_seqs, pad_id, args.batch_size)
             adapter.train()
             if entry["val_loss"] < best["loss"]:
                 best = {"loss": entry["val_loss"], "step": step,
@@ -227,8 +228,7 @@ def main(argv=None):
     if not args.resume:  # the base model's numbers: the adapter starts as the identity
         before = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
                                                         desc="accuracy before"))["acc"]
-        device = next(model.parameters()).device
-        val_loss_before = validation_loss(model, val_seqs, pad_id, device, device.type == "cuda", args.batch_size)
+        val_loss_before = validation_loss(model, val_seqs, pad_id, args.batch_size)
     adapter.train()
     try:
         best, steps = train(model, adapter, tokenize(tokenizer, train_examples, args.max_length), val_seqs, pad_id,

@@ -65,6 +65,7 @@ def overlap(found):
     c = next(iter(found.values()))
     size = len(next(iter(sets.values())))
     per_layer = size / c["layers"]
+
     def chance(k):  # expected heads shared by k independent random circuits of this shape
         return c["layers"] * per_layer * (per_layer / c["heads"]) ** (k - 1)
     print("### Shared heads between circuits\n")
@@ -92,21 +93,24 @@ def finetune():
     configs = sorted((here / "finetune").glob("*.json"))
     if not configs:
         return
-    runs = sorted(((path, load(path)) for path in configs),
-                  key=lambda r: (r[1]["dataset"], list(METHODS).index(r[0].stem[len(r[1]["dataset"]) + 1:])))
+    runs = []  # (dataset, run name, config, log path), in METHODS order within a dataset
+    for path in configs:
+        c = load(path)
+        runs.append((c["dataset"], path.stem[len(c["dataset"]) + 1:], c, path.with_suffix(".log.jsonl")))
+    runs.sort(key=lambda r: (r[0], list(METHODS).index(r[1])))
     # every adapter starts as the identity, so the base model's validation loss is the same for all runs of a
     # dataset; runs made before finetune.py recorded it take it from a later run
-    base_loss = {c["dataset"]: c["val_loss_before"] for _, c in runs if c.get("val_loss_before") is not None}
+    base_loss = {d: c["val_loss_before"] for d, _, c, _ in runs if c.get("val_loss_before") is not None}
     print("### Fine-tuning (paper prompts, 20 steps at batch 16)\n")
     print("| dataset | method | heads | trainable parameters | s / step | validation loss: base → best | eval rows "
           "| accuracy before | accuracy after |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for path, c in runs:
-        method, heads = METHODS[path.stem[len(c["dataset"]) + 1:]]
+    for dataset, run, c, log in runs:
+        method, heads = METHODS[run]
         before = "-" if c["accuracy_before"] is None else f"{c['accuracy_before']:.3f}"
-        base = f"{base_loss[c['dataset']]:.3f}" if c["dataset"] in base_loss else "-"
-        s = seconds_per_step(path.with_suffix(".log.jsonl"))
-        print(f"| {c['dataset']} | {method} | {heads} | {c['trainable_parameters']:,} | {s:.1f} | "
+        base = f"{base_loss[dataset]:.3f}" if dataset in base_loss else "-"
+        s = seconds_per_step(log)
+        print(f"| {dataset} | {method} | {heads} | {c['trainable_parameters']:,} | {s:.1f} | "
               f"{base} → {c['best_val_loss']:.3f} | {c['eval_rows']} | {before} | {c['accuracy_after']:.3f} |")
     print()
 

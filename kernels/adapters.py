@@ -10,7 +10,6 @@ until training moves the zero-initialised up-projection (HeadMap) or B matrix (L
 import json
 import math
 import os
-import tempfile
 
 import torch
 from torch import nn
@@ -138,14 +137,14 @@ def save_adapter(adapter: Adapter, folder: str, extra: dict | None = None) -> No
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, os.path.join(folder, "adapter.safetensors"))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    # written beside the target, then renamed over it: a crash leaves the old file, never half a new one
+    weights, config = os.path.join(folder, "adapter.safetensors"), os.path.join(folder, "adapter_config.json")
+    save_file(tensors, weights + ".tmp")
+    os.chmod(weights + ".tmp", 0o644)  # safetensors writes its files private; these are meant to be shared
+    os.replace(weights + ".tmp", weights)
+    with open(config + ".tmp", "w") as f:
         json.dump({**adapter.config, **(extra or {})}, f, indent=1)
-    os.replace(tmp, os.path.join(folder, "adapter_config.json"))
+    os.replace(config + ".tmp", config)
 
 
 def load_adapter(model, folder: str) -> Adapter:

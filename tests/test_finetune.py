@@ -95,7 +95,7 @@ def test_tiny_model_overfits_a_handful_of_examples(method, tmp_path):
     texts = ["Q: red? A: yes", "Q: sky? A: blue", "Q: 2+2? A: four", "Q: ice? A: cold"]
     seqs = [tok(t).input_ids + [1] for t in texts]
     adapter = attach(model, method)
-    first = finetune.validation_loss(model, seqs, 0, torch.device("cpu"), False, 4)
+    first = finetune.validation_loss(model, seqs, 0, 4)
     best, steps = finetune.train(model, adapter, seqs, seqs, 0, train_args(tmp_path, lr=3e-2, epochs=100, max_steps=60))
     assert steps == 60 and best["loss"] < first / 2
 
@@ -108,6 +108,8 @@ def test_save_load_round_trip(model, tmp_path):
     with torch.no_grad():
         tuned = model(x).logits
     save_adapter(adapter, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in tmp_path.iterdir())  # readable like any output
     adapter.remove()
     with torch.no_grad():
         assert not torch.allclose(model(x).logits, tuned)
@@ -148,4 +150,4 @@ def test_validation_loss_is_measured_without_dropout(tmp_path):
     adapter.train()
     best, _ = finetune.train(model, adapter, seqs, seqs, 0, train_args(tmp_path, lr=0.0, epochs=1, eval_every=1))
     adapter.eval()
-    assert best["loss"] == finetune.validation_loss(model, seqs, 0, torch.device("cpu"), False, 4)
+    assert best["loss"] == finetune.validation_loss(model, seqs, 0, 4)
