@@ -9,7 +9,8 @@ from contextlib import nullcontext
 
 import torch
 
-from data import DATASETS, PROMPT_STYLES, accuracy, check_dataset, default_data_dir, load_examples, score_examples
+from data import (DATA_DIR_HELP, DATASETS, PROMPT_STYLES, accuracy, check_dataset, data_source, default_data_dir,
+                  load_examples, score_examples)
 from data.files import check_writable, write_json
 from kernels.adapters import load_adapter
 from kernels.circuit import check_circuit, circuit_mask, random_circuit_like, read_circuit
@@ -27,8 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder or .gguf file")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--data-dir", default=default_data_dir(),
-                   help="local <dataset>/<split>.jsonl files (env HEADMAP_DATA_DIR); default: the HF hub")
+    p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
     p.add_argument("--mask", help="heads.json (or the official .pt circuit file): score with those heads ablated")
     p.add_argument("--random-mask", action="store_true",
                    help="ablate as many heads per layer as --mask names, chosen at random (the paper's control)")
@@ -82,9 +82,10 @@ def main(argv=None) -> dict:
             scores = score_examples(model, tokenizer, examples[name], args.batch_size,
                                     progress=not args.no_progress, desc=name)
         metrics = accuracy(examples[name], scores)
-        entry = {"acc": metrics["acc"], "acc_norm": metrics["acc_norm"], "n": metrics["n"],
-                 "split": args.split or DATASETS[name].eval_split, "prompt": args.prompt,
-                 "model": args.model, "seconds": round(time.time() - start, 2)}
+        split = args.split or DATASETS[name].eval_split
+        entry = {"acc": metrics["acc"], "acc_norm": metrics["acc_norm"], "n": metrics["n"], "split": split,
+                 "prompt": args.prompt, "model": args.model, "data": data_source(name, split, args.data_dir),
+                 "seconds": round(time.time() - start, 2)}
         if args.log_samples:
             entry["samples"] = [{"index": i, "scores": s, "gold": ex.gold, "pred": p}
                                 for i, (s, ex, p) in enumerate(zip(scores, examples[name], metrics["predictions"]))]

@@ -20,11 +20,13 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import DATASETS, PROMPT_STYLES, accuracy, check_dataset, default_data_dir, load_examples, score_examples
+from data import (DATA_DIR_HELP, DATASETS, PROMPT_STYLES, accuracy, check_dataset, data_source, default_data_dir,
+                  load_examples, score_examples)
+from data.files import write_json
 from data.scoring import pad_id_of, pad_right
 from kernels.adapters import attach_headmap, attach_lora, save_adapter
 from kernels.circuit import check_circuit, random_circuit_like, read_circuit
-from kernels.model import DEFAULT_MODEL, UsageError, load_model, run_script
+from kernels.model import DEFAULT_MODEL, SMOLLM2_HUB_ID, UsageError, load_model, run_script
 
 HAS_TEST_SPLIT = ("arc_easy", "arc_challenge", "openbookqa")  # these validate on their validation split
 
@@ -59,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--data-dir", default=default_data_dir())
+    p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.grad_accum < 1 or args.batch_size % args.grad_accum:
         raise UsageError(f"--batch-size {args.batch_size} must be a positive multiple of --grad-accum {args.grad_accum}")
@@ -135,7 +137,7 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
         print(f"resuming at step {step}")
     log = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w")
     micro = args.batch_size // args.grad_accum
-    bar = tqdm(total=total, initial=step, desc=f"training {adapter.config['method']}")
+    bar = tqdm(total=total, initial=step, desc=f"training {adapter.method}")
     start_time = time.time()
     while step < total:
         epoch, index = divmod(step, steps_per_epoch)
@@ -165,7 +167,7 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
             if entry["val_loss"] < best["loss"]:
                 best = {"loss": entry["val_loss"], "step": step,
                         "state": {k: v.detach().clone() for k, v in adapter.state_dict().items()}}
-                save_adapter(adapter, args.out, {"best_val_loss": best["loss"], "best_step": step})
+                save_adapter(adapter, args.out)
             tmp = ckpt_path + ".tmp"
             torch.save({"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step,
@@ -216,6 +218,8 @@ def main(argv=None):
         adapter = attach_headmap(model, circuit, args.rank, args.scaling, args.variant)
     else:
         adapter = attach_lora(model, args.rank, args.alpha, args.dropout, dora=args.method == "dora")
+        # PEFT's AutoPeftModel loads the base from here; the default GGUF is the hub model, de-quantised
+        adapter.config["base_model_name_or_path"] = SMOLLM2_HUB_ID if args.model == DEFAULT_MODEL else args.model
     trainable = sum(p.numel() for p in adapter.parameters())
     total = sum(p.numel() for p in model.parameters())
     print(f"{args.method}: {trainable:,} trainable parameters of {total + trainable:,} "
@@ -239,17 +243,20 @@ def main(argv=None):
     adapter.eval()
     after = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
                                                    desc="accuracy after"))["acc"]
-    extra = {"base_model": args.model, "dataset": args.dataset, "prompt": args.prompt,
-             "val_loss_before": val_loss_before, "best_val_loss": best["loss"], "best_step": best["step"],
-             "steps": steps, "trainable_parameters": trainable,
-             "hyper_parameters": {k: getattr(args, k) for k in ("lr", "batch_size", "grad_accum", "epochs", "warmup",
-                                  "max_steps", "max_length", "train_limit", "eval_every", "val_limit", "seed")},
-             "accuracy_before": before, "accuracy_after": after, "eval_rows": len(eval_examples)}
-    save_adapter(adapter, args.out, extra)
+    record = {"method": adapter.method, "adapter": adapter.config, "base_model": args.model,
+              "dataset": args.dataset, "prompt": args.prompt,
+              "data": data_source(args.dataset, "train", args.data_dir),
+              "val_loss_before": val_loss_before, "best_val_loss": best["loss"], "best_step": best["step"],
+              "steps": steps, "trainable_parameters": trainable,
+              "hyper_parameters": {k: getattr(args, k) for k in ("lr", "batch_size", "grad_accum", "epochs", "warmup",
+                                   "max_steps", "max_length", "train_limit", "eval_every", "val_limit", "seed")},
+              "accuracy_before": before, "accuracy_after": after, "eval_rows": len(eval_examples)}
+    save_adapter(adapter, args.out)
+    write_json(os.path.join(args.out, "training.json"), record)
     was = "" if before is None else f"{before:.3f} -> "
     print(f"accuracy on {len(eval_examples)} rows of {DATASETS[args.dataset].eval_split}: {was}{after:.3f} "
           f"(best validation loss {best['loss']:.4f} at step {best['step']}); adapter in {args.out}")
-    return extra
+    return record
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from data import DATASETS, PROMPT_STYLES, accuracy, check_dataset, default_data_dir, load_examples, score_examples
+from data import (DATA_DIR_HELP, DATASETS, PROMPT_STYLES, accuracy, check_dataset, data_source, default_data_dir,
+                  load_examples, score_examples)
 from data.files import check_writable, write_json
 from data.scoring import encode_pair, pad_id_of, pad_right
 from kernels.circuit import circuit_mask, random_circuit_like
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--random-trials", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--data-dir", default=default_data_dir())
+    p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
     args = p.parse_args(argv)
     for name in ("samples", "batch_size", "random_trials"):
         if getattr(args, name) < 1:
@@ -262,12 +263,14 @@ def main(argv=None):
     result = {"knowledge_circuit": {str(layer): {"retain_heads": h} for layer, h in circuit.items()},
               **settings, "layers": layers, "heads": heads, "sample_indices": state["sample_indices"],
               "loss_matrix": state["loss_matrix"], "unmasked_loss": unmasked_loss(model, samples),
+              "data": data_source(args.dataset, args.split, args.data_dir),
               "seconds": round(seconds, 1),
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     print_heat_map(state["loss_matrix"], circuit)
     if val_examples is not None:
         v = validate(model, tokenizer, val_examples, circuit, args.random_trials, args.seed, args.batch_size)
-        result["validation"] = {"split": args.validate_split or spec.eval_split, **v}
+        val_split = args.validate_split or spec.eval_split
+        result["validation"] = {"split": val_split, "data": data_source(args.dataset, val_split, args.data_dir), **v}
         print(f"\naccuracy on {v['rows']} rows of {result['validation']['split']}: unmasked {v['unmasked']:.3f}, "
               f"circuit masked {v['circuit_masked']:.3f}, random heads masked {v['random_masked_mean']:.3f} "
               f"+- {v['random_masked_std']:.3f} ({args.random_trials} draws)")

@@ -1,6 +1,6 @@
 """evaluate.py's scoring path vs naive one-forward-per-choice scoring, same rows, one run.
 
-    python bench/evaluate.py --data-dir ../shared/datasets
+    python bench/evaluate.py
 """
 import argparse
 import sys
@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
-from data import accuracy, load_examples, score_examples  # noqa: E402
+from data import accuracy, default_data_dir, load_examples, score_examples  # noqa: E402
 from kernels.model import DEFAULT_MODEL, load_model  # noqa: E402
 from tests.reference import choice_scores_one_by_one  # noqa: E402
 
@@ -22,7 +22,7 @@ p.add_argument("--rows", type=int, default=100)
 p.add_argument("--prompt", default="paper")
 p.add_argument("--batch-size", type=int, default=16)
 p.add_argument("--device", default="auto")
-p.add_argument("--data-dir")
+p.add_argument("--data-dir", default=default_data_dir())
 args = p.parse_args()
 
 model, tok = load_model(args.model, args.device)

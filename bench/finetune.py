@@ -1,6 +1,6 @@
 """Seconds per training step, peak memory and trainable parameters of HeadMap, LoRA and DoRA, one run.
 
-    python bench/finetune.py --heads heads.json --data-dir ../shared/datasets
+    python bench/finetune.py --heads heads.json
 """
 import argparse
 import resource
@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import finetune  # noqa: E402
-from data import load_examples, pad_id_of  # noqa: E402
+from data import default_data_dir, load_examples, pad_id_of  # noqa: E402
 from kernels.adapters import attach_headmap, attach_lora  # noqa: E402
 from kernels.circuit import read_circuit  # noqa: E402
 from kernels.model import DEFAULT_MODEL, load_model  # noqa: E402
@@ -25,7 +25,7 @@ p.add_argument("--prompt", default="paper")
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--batch-size", type=int, default=16)
 p.add_argument("--device", default="auto")
-p.add_argument("--data-dir")
+p.add_argument("--data-dir", default=default_data_dir())
 args = p.parse_args()
 
 model, tok = load_model(args.model, args.device)

@@ -1,6 +1,6 @@
 """locate.py's algorithm vs the naive loop (one full masked forward per candidate), same samples, one run.
 
-    python bench/locate.py --dataset arc_easy --samples 16 --data-dir ../shared/datasets
+    python bench/locate.py --dataset arc_easy --samples 16
 """
 import argparse
 import sys
@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import locate  # noqa: E402
-from data import load_examples  # noqa: E402
+from data import default_data_dir, load_examples  # noqa: E402
 from kernels.model import DEFAULT_MODEL, load_model  # noqa: E402
 from tests.reference import locate_brute_force  # noqa: E402
 
@@ -25,7 +25,7 @@ p.add_argument("--samples", type=int, default=16)
 p.add_argument("--heads-per-layer", type=int)
 p.add_argument("--batch-size", type=int, default=64)
 p.add_argument("--device", default="auto")
-p.add_argument("--data-dir")
+p.add_argument("--data-dir", default=default_data_dir())
 args = p.parse_args()
 
 model, tok = load_model(args.model, args.device)

@@ -5,9 +5,11 @@ log P(continuations[i] | prompts[i]); for almost every task all prompts are the 
 continuations are " " + choice. WinoGrande's harness style ("partial scoring") is the exception:
 each option is written into its own prompt and the shared rest of the sentence is scored.
 """
+import gzip
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,44 +61,79 @@ def check_dataset(name: str) -> Dataset:
 
 # ---------------------------------------------------------------- loading rows
 
-def default_data_dir() -> str | None:
-    return os.environ.get("HEADMAP_DATA_DIR") or None
+BUNDLED = str(Path(__file__).resolve().parent / "datasets")  # the default source: shipped with the code
+HUB = "hub"  # --data-dir hub: the Hugging Face hub, an explicit choice
+FORMATS = ("jsonl", "jsonl.gz", "json", "parquet")
+BUNDLED_CAVEATS = {
+    ("hellaswag", "train"): "the bundled HellaSwag train split is partial: its first 3368 of 39905 rows",
+    ("hellaswag", "validation"): "the bundled HellaSwag validation split is lossy: contexts come from `ctx` "
+                                 "(ctx_a/ctx_b are missing, WikiHow tags already stripped)",
+    ("boolq", "train"): "the bundled BoolQ train split has empty passages: only prompts without the passage "
+                        "(--prompt paper) are faithful on it",
+}
+DATA_DIR_HELP = ("folder of <dataset>/<split>.jsonl[.gz]|json|parquet files in the HF schema, or 'hub' for the "
+                 "Hugging Face hub (env HEADMAP_DATA_DIR); default: the bundled copies in data/datasets")
+_warned = set()
 
 
-def load_rows(name: str, split: str, data_dir: str | None = None) -> list[dict]:
-    """Rows of one split in the HF schema: from `data_dir/<name>/<split>.jsonl|json|parquet`, else the hub."""
+def default_data_dir() -> str:
+    return os.environ.get("HEADMAP_DATA_DIR") or BUNDLED
+
+
+def data_source(name: str, split: str, data_dir: str) -> dict:
+    """Where a split's rows came from, and what is missing from them: for the results JSON."""
+    bundled = data_dir != HUB and os.path.abspath(data_dir) == BUNDLED
+    source = "bundled" if bundled else data_dir
+    return {"source": source, "caveat": BUNDLED_CAVEATS.get((name, split)) if bundled else None}
+
+
+def load_rows(name: str, split: str, data_dir: str = BUNDLED) -> list[dict]:
+    """Rows of one split in the HF schema: from `data_dir/<name>/<split>.<format>`, or the hub if data_dir is 'hub'."""
     spec = check_dataset(name)
-    if data_dir is None:
+    if data_dir == HUB:
         return _load_hub_rows(name, spec, split)
     folder = Path(data_dir) / name
-    for ext in ("jsonl", "json", "parquet"):
+    for ext in FORMATS:
         path = folder / f"{split}.{ext}"
         if path.exists():
+            caveat = data_source(name, split, data_dir)["caveat"]
+            if caveat and (name, split) not in _warned:  # once per split and process, however often it is read
+                _warned.add((name, split))
+                print(f"note: {caveat} (data/datasets/SOURCES.md)", file=sys.stderr)
             return _read_file(path)
-    have = sorted({p.name.split(".")[0] for p in folder.glob("*.*")}) if folder.is_dir() else []
+    others = sorted(p.name for p in folder.glob(f"{split}.*")) if folder.is_dir() else []
+    if others:
+        raise UsageError(f"{folder / others[0]} is not a supported format; convert it to one of "
+                         f"{', '.join('.' + e for e in FORMATS)} in the Hugging Face schema")
+    have = sorted({p.name.split(".")[0] for ext in FORMATS for p in folder.glob(f"*.{ext}")}) if folder.is_dir() else []
     where = f"available splits: {', '.join(have)}" if have else f"no folder {folder}"
-    raise UsageError(f"no {split}.jsonl/json/parquet for {name} in {data_dir} ({where}); pass --split or --data-dir")
+    raise UsageError(f"no {split} split of {name} in {data_dir} ({where}); pass another --split or --data-dir")
 
 
 def _read_file(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
     if path.suffix == ".json" and text.lstrip().startswith("["):
         return json.loads(text)
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _load_hub_rows(name: str, spec: Dataset, split: str) -> list[dict]:
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("--data-dir hub needs the datasets package: pip install datasets") from None
     try:
         return list(datasets.load_dataset(spec.hub_id, spec.hub_config, split=split))
     except ValueError as err:  # datasets raises ValueError for an unknown split
         raise UsageError(f"{name} has no split {split!r} on the hub ({str(err).splitlines()[0]}); pass --split") from None
     except Exception as err:  # network or hub failures come in many types
-        raise UsageError(f"cannot load {name} ({spec.hub_id}) from the Hugging Face hub: "
-                         f"{type(err).__name__}; pass --data-dir DIR with {name}/{split}.jsonl") from None
+        raise UsageError(f"cannot load {name} ({spec.hub_id}) from the Hugging Face hub: {type(err).__name__}; "
+                         "drop --data-dir hub to use the bundled copy, or pass a folder") from None
 
 
 # ---------------------------------------------------------------- prompts
@@ -199,7 +236,7 @@ def make_example(name: str, row: dict, style: str = "paper") -> Example:
     return example
 
 
-def load_examples(name: str, split: str | None = None, style: str = "paper", data_dir: str | None = None,
+def load_examples(name: str, split: str | None = None, style: str = "paper", data_dir: str = BUNDLED,
                   limit: int | None = None) -> list[Example]:
     """Examples of one split (default: the protocol's evaluation split), first `limit` rows only if given."""
     spec = check_dataset(name)

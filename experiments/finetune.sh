@@ -3,21 +3,20 @@
 # HeadMap MHA and HS on the located circuit, HeadMap MHA on random heads, LoRA and DoRA.
 #   bash experiments/finetune.sh arc_easy     (needs experiments/circuits/arc_easy.json; then piqa)
 # About 25 min per dataset on 2 CPU cores; each run resumes if interrupted. Adapters go to runs/experiments/
-# (large, not committed); their adapter_config.json and log.jsonl are copied to experiments/finetune/.
+# (large, not committed); their training.json and log.jsonl are copied to experiments/finetune/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dataset=$1
-DATA=${HEADMAP_DATA_DIR:-../shared/datasets}
 BUDGET="--prompt paper --max-steps 20 --warmup 2 --eval-every 10 --val-limit 64 --eval-limit 200 --seed 0"
 mkdir -p experiments/finetune
 run() {  # name, then finetune.py arguments
   local name=$1; shift
   local out=runs/experiments/${dataset}_$name
   [ -f experiments/finetune/${dataset}_$name.json ] && return  # done already
-  python finetune.py --dataset "$dataset" $BUDGET --data-dir "$DATA" --out "$out" "$@" \
+  python finetune.py --dataset "$dataset" $BUDGET --out "$out" "$@" \
     $( [ -f "$out/checkpoint.pt" ] && echo --resume )
   cp "$out/log.jsonl" experiments/finetune/${dataset}_$name.log.jsonl
-  cp "$out/adapter_config.json" experiments/finetune/${dataset}_$name.json
+  cp "$out/training.json" experiments/finetune/${dataset}_$name.json
 }
 heads=experiments/circuits/$dataset.json
 run headmap_mha --heads $heads --method headmap --variant mha

@@ -6,13 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dataset=$1
-DATA=${HEADMAP_DATA_DIR:-../shared/datasets}
-split=train; val_split=""; pool=1000; samples=32; val_rows=400
-# the offline HellaSwag copy names its splits train_partial and validation_lossy (shared/datasets/SOURCES.md);
-# its rows are about 4x longer, so fewer of them keep the run near 35 minutes
+split=train; pool=1000; samples=32; val_rows=400
+# HellaSwag's rows are about 4x longer, so fewer of them keep the run near 35 minutes
 if [ "$dataset" = hellaswag ]; then
-  split=train_partial; val_split="--validate-split validation_lossy"; pool=200; samples=16; val_rows=160
+  pool=200; samples=16; val_rows=160
 fi
 python locate.py --dataset "$dataset" --prompt harness --split $split --pool $pool --samples $samples \
-  --validate-limit $val_rows $val_split --random-trials 5 --seed 0 --data-dir "$DATA" \
+  --validate-limit $val_rows --random-trials 5 --seed 0 \
   --out experiments/circuits/$dataset.json --resume

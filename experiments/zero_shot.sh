@@ -3,12 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-200}
-DATA=${HEADMAP_DATA_DIR:-../shared/datasets}
 SEVEN=boolq,piqa,siqa,arc_easy,arc_challenge,openbookqa,winogrande
 for style in paper harness; do
-  python evaluate.py --dataset $SEVEN --prompt $style --limit $N --data-dir $DATA --no-progress \
+  python evaluate.py --dataset $SEVEN --prompt $style --limit $N --no-progress \
     --out experiments/zero_shot_${style}_seven.json
-  # the offline HellaSwag copy names its validation split validation_lossy (see shared/datasets/SOURCES.md)
-  python evaluate.py --dataset hellaswag --split validation_lossy --prompt $style --limit $N --data-dir $DATA \
+  # HellaSwag apart: its bundled validation split is lossy (data/datasets/SOURCES.md), and the run says so
+  python evaluate.py --dataset hellaswag --prompt $style --limit $N \
     --no-progress --out experiments/zero_shot_${style}_hellaswag.json
 done

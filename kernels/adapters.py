@@ -6,12 +6,16 @@ until training moves the zero-initialised up-projection (HeadMap) or B matrix (L
 
     adapter = attach_headmap(model, circuit, rank=32, scaling=1.0, variant="mha")
     adapter = attach_lora(model, rank=32, alpha=64, dropout=0.05, dora=False)
+    save_adapter(adapter, folder); load_adapter(model, folder)   # LoRA/DoRA folders are PEFT's layout
+    model = merge_adapter(model, adapter)                         # a plain checkpoint: no hooks, no overhead
 """
+import copy
 import json
 import math
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels.masking import attention_modules
@@ -20,7 +24,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 
 class HeadMap(nn.Module):
-    """map(x) = s * W_up (W_down x_R + b_down) + b_up, x_R = the retained heads' slices of the o_proj input."""
+    """s * map(x), map(x) = W_up (W_down x_R + b_down) + b_up, x_R = the retained heads' slices of the o_proj input.
+    The scaling s multiplies the whole mapped value, b_up included (PROTOCOL.md: "the mapped value, times a scaling
+    factor")."""
 
     def __init__(self, heads: list[int], head_dim: int, hidden: int, rank: int, scaling: float):
         super().__init__()
@@ -38,9 +44,11 @@ class HeadMap(nn.Module):
 
 
 class LoRA(nn.Module):
-    """y = W0 x + b + s B A dropout(x), s = alpha / r. With dora=True (DoRA, Liu et al. 2024):
-    y = m / ||W0 + s B A|| * (W0 x + s B A dropout(x)) + b, norm per output row, detached from the graph
-    (DoRA section 4.3), m initialised to ||W0||."""
+    """y = W0 x + b + s B A drop(x), s = alpha / r: PEFT's LoRA. With dora=True, DoRA (Liu et al. 2024) as its
+    reference code and PEFT compute it:
+        y = W0 x + b + (m/n - 1) W0 drop(x) + (m/n) s B A drop(x),   n = ||W0 + s B A|| per output row,
+    n detached from the graph (DoRA section 4.3) and m initialised to ||W0||. Without dropout (or in eval mode) this
+    is m/n (W0 x + s B A x) + b, the merged weight's output."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, dora: bool):
         super().__init__()
@@ -53,23 +61,30 @@ class LoRA(nn.Module):
         self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1)) if dora else None
 
     def hook(self, module, args, out):
-        x = args[0].to(self.A.weight.dtype)
-        delta = self.B(self.A(self.dropout(x))) * self.scaling
+        x = self.dropout(args[0].to(self.A.weight.dtype))
+        lora = self.B(self.A(x))
         if self.magnitude is None:
-            return out + delta.to(out.dtype)
-        weight = module.weight.float() + self.scaling * (self.B.weight @ self.A.weight)
-        scale = self.magnitude / weight.norm(dim=1).detach()
-        bias = 0.0 if module.bias is None else module.bias.float()
-        # = scale * (W0 x + delta) + b, written so that at initialisation (scale 1, delta 0) it is exactly `out`
-        return (out.float() + (scale - 1) * (out.float() - bias) + scale * delta).to(out.dtype)
+            return out + (lora * self.scaling).to(out.dtype)
+        scale = self.magnitude / self.merged_weight(module).norm(dim=1).detach()
+        if self.training and self.dropout.p > 0:  # W0 sees the same dropped-out input as the low-rank path
+            base = F.linear(x, module.weight.to(x.dtype)).float()
+        else:  # no dropout: W0 x is the base output less its bias, no second matmul needed
+            base = out.float() - (0.0 if module.bias is None else module.bias.float())
+        # at initialisation scale is exactly 1 and lora exactly 0, so this is exactly `out`
+        return (out.float() + (scale - 1) * base + scale * lora * self.scaling).to(out.dtype)
+
+    def merged_weight(self, module) -> torch.Tensor:
+        """W0 + s B A (before DoRA's rescaling), in fp32."""
+        return module.weight.float() + self.scaling * (self.B.weight.float() @ self.A.weight.float())
 
 
 class Adapter(nn.Module):
-    """The trainable modules of one adapter, by site name, plus the hooks that wire them into the model."""
+    """The trainable modules of one adapter, by site name, plus the hooks that wire them into the model.
+    `config` is what adapter_config.json holds: PEFT's LoraConfig fields for LoRA and DoRA, ours for HeadMap."""
 
-    def __init__(self, config: dict):
+    def __init__(self, method: str, config: dict):
         super().__init__()
-        self.config = config
+        self.method, self.config = method, config
         self.sites = nn.ModuleDict()
         self._handles = []
 
@@ -81,14 +96,14 @@ class Adapter(nn.Module):
 
 def attach_headmap(model, circuit: dict[int, list[int]], rank: int = 32, scaling: float = 1.0,
                    variant: str = "mha") -> Adapter:
-    """One HeadMap per circuit layer. "mha": added to that layer's attention output (o_proj(x) + map(x_R));
+    """One HeadMap per circuit layer. "mha": added to that layer's attention output (o_proj(x) + s map(x_R));
     "hs": added to the layer's output hidden state, after the MLP residual."""
     if variant not in ("mha", "hs"):
         raise ValueError(f"unknown HeadMap variant {variant!r}; use mha or hs")
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    adapter = Adapter({"method": "headmap", "variant": variant, "rank": rank, "scaling": scaling,
-                       "heads": {str(k): v for k, v in circuit.items()}})
+    adapter = Adapter("headmap", {"method": "headmap", "variant": variant, "rank": rank, "scaling": scaling,
+                                  "heads": {str(k): v for k, v in sorted(circuit.items())}})
     attn = attention_modules(model)
     device = next(model.parameters()).device
     for layer, heads in sorted(circuit.items()):
@@ -111,8 +126,9 @@ def attach_headmap(model, circuit: dict[int, list[int]], rank: int = 32, scaling
 
 def attach_lora(model, rank: int = 32, alpha: float = 64, dropout: float = 0.05, dora: bool = False,
                 targets=LORA_TARGETS) -> Adapter:
-    adapter = Adapter({"method": "dora" if dora else "lora", "rank": rank, "alpha": alpha, "dropout": dropout,
-                       "targets": list(targets)})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
+              "target_modules": sorted(targets), "use_dora": dora, "bias": "none"}
+    adapter = Adapter("dora" if dora else "lora", config)
     device = next(model.parameters()).device
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
@@ -124,36 +140,124 @@ def attach_lora(model, rank: int = 32, alpha: float = 64, dropout: float = 0.05,
     return adapter
 
 
-def attach_from_config(model, config: dict) -> Adapter:
-    if config["method"] == "headmap":
-        circuit = {int(k): v for k, v in config["heads"].items()}
-        return attach_headmap(model, circuit, config["rank"], config["scaling"], config["variant"])
-    return attach_lora(model, config["rank"], config["alpha"], config["dropout"], config["method"] == "dora",
-                       config["targets"])
+# ---------------------------------------------------------------- files: adapter_config.json + adapter_model.safetensors
+
+# PEFT options that do not change what a trained LoRA computes (metadata, or how its weights were initialised)
+PEFT_INERT = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+              "auto_mapping", "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+              "megatron_core", "qalora_group_size"}
+PEFT_HONOURED = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_dora"}
 
 
-def save_adapter(adapter: Adapter, folder: str, extra: dict | None = None) -> None:
-    """adapter.safetensors + adapter_config.json, each written atomically."""
+def _peft_key(site: str, ours: str) -> str:
+    """Our state-dict key of a LoRA site -> PEFT's saved key (base_model.model.<module>.lora_A.weight ...)."""
+    part = {"A.weight": "lora_A.weight", "B.weight": "lora_B.weight", "magnitude": "lora_magnitude_vector"}[ours]
+    return f"base_model.model.{site.replace('/', '.')}.{part}"
+
+
+def _lora_arguments(config: dict) -> dict:
+    """attach_lora's arguments from a PEFT LoraConfig; any option that would change the computation is refused."""
+    if config["peft_type"] != "LORA":
+        raise ValueError(f"PEFT type {config['peft_type']} is not supported; only LORA (with or without DoRA)")
+    for key, value in config.items():
+        if key not in PEFT_INERT | PEFT_HONOURED and value not in (None, False, "none", {}, []):
+            raise ValueError(f"PEFT option {key}={value!r} is not supported here; load this adapter with PEFT")
+    if not isinstance(config.get("target_modules"), list):
+        raise ValueError(f"target_modules must be a list of module names, got {config.get('target_modules')!r}")
+    return dict(rank=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                dora=bool(config.get("use_dora")), targets=tuple(config["target_modules"]))
+
+
+def save_adapter(adapter: Adapter, folder: str) -> None:
+    """adapter_config.json + adapter_model.safetensors, each written atomically. LoRA and DoRA use PEFT's layout
+    and key names, so `PeftModel.from_pretrained(base, folder)` loads them."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+    tensors = {}
+    for key, value in adapter.state_dict().items():
+        site, ours = key[len("sites."):].split(".", 1)
+        name = key if adapter.method == "headmap" else _peft_key(site, ours)
+        tensors[name] = value.detach().cpu().contiguous()
     # written beside the target, then renamed over it: a crash leaves the old file, never half a new one
-    weights, config = os.path.join(folder, "adapter.safetensors"), os.path.join(folder, "adapter_config.json")
+    weights, config = os.path.join(folder, "adapter_model.safetensors"), os.path.join(folder, "adapter_config.json")
     save_file(tensors, weights + ".tmp")
     os.chmod(weights + ".tmp", 0o644)  # safetensors writes its files private; these are meant to be shared
     os.replace(weights + ".tmp", weights)
     with open(config + ".tmp", "w") as f:
-        json.dump({**adapter.config, **(extra or {})}, f, indent=1)
+        json.dump(adapter.config, f, indent=1)
     os.replace(config + ".tmp", config)
 
 
 def load_adapter(model, folder: str) -> Adapter:
-    """Attach the adapter saved in `folder` to `model` (its base model) and load its weights."""
+    """Attach the adapter saved in `folder` (by save_adapter, or a PEFT LoRA/DoRA folder) to `model`, its base model."""
     from safetensors.torch import load_file
     with open(os.path.join(folder, "adapter_config.json")) as f:
         config = json.load(f)
-    adapter = attach_from_config(model, config)
+    tensors = load_file(os.path.join(folder, "adapter_model.safetensors"), device=str(next(model.parameters()).device))
+    if config.get("method") == "headmap":
+        circuit = {int(k): v for k, v in config["heads"].items()}
+        adapter = attach_headmap(model, circuit, config["rank"], config["scaling"], config["variant"])
+    elif "peft_type" in config:
+        adapter = attach_lora(model, **_lora_arguments(config))
+        ours = {_peft_key(*key[len("sites."):].split(".", 1)): key for key in adapter.state_dict()}
+        tensors = {ours.get(k, k): v for k, v in tensors.items()}  # an unknown key stays, for load_state_dict to name
+    else:
+        raise ValueError("adapter_config.json is neither a HeadMap adapter nor a PEFT LoRA/DoRA adapter")
     adapter.config = config
-    adapter.load_state_dict(load_file(os.path.join(folder, "adapter.safetensors"),
-                                      device=str(next(model.parameters()).device)))
+    adapter.load_state_dict(tensors)
     return adapter
+
+
+# ---------------------------------------------------------------- merging into the base weights
+
+def merge_adapter(model, adapter: Adapter):
+    """Fold the adapter into the weights: returns a plain transformers model, with no hooks, that computes what the
+    model with the adapter computes (to float rounding). Merging sits beside the forward it undoes, as in PEFT.
+    - LoRA: W = W0 + s B A.  DoRA: W = m * (W0 + s B A) / ||W0 + s B A|| (per output row).
+    - HeadMap (MHA): the map is affine in the o_proj input, so o_proj's weight gains s W_up W_down on the retained
+      heads' columns and o_proj gains the bias s (W_up b_down + b_up). A model without o_proj biases is rebuilt with
+      its config's attention_bias switch on (q/k/v biases zero). HS adds after the MLP: it cannot be merged."""
+    with torch.no_grad():
+        if adapter.method == "headmap":
+            if adapter.config["variant"] != "mha":
+                raise ValueError("a HeadMap HS adapter cannot be merged: its map reads the heads' outputs but adds to "
+                                 "the layer's output after the MLP, which no weight of the layer computes")
+            merged = _with_o_proj_bias(model)
+            attn = attention_modules(merged)
+            for layer, hm in adapter.sites.items():
+                o_proj = attn[int(layer)].o_proj
+                up, down = hm.up.weight.double(), hm.down.weight.double()
+                o_proj.weight[:, hm.cols] += (hm.scaling * up @ down).to(o_proj.weight.dtype)
+                o_proj.bias += (hm.scaling * (up @ hm.down.bias.double() + hm.up.bias.double())).to(o_proj.bias.dtype)
+        else:
+            merged, modules = model, dict(model.named_modules())
+            for site, lora in adapter.sites.items():
+                module = modules[site.replace("/", ".")]
+                weight = lora.merged_weight(module)
+                if lora.magnitude is not None:
+                    weight = lora.magnitude[:, None] * weight / weight.norm(dim=1, keepdim=True)
+                module.weight.copy_(weight.to(module.weight.dtype))
+    adapter.remove()
+    return merged
+
+
+def _with_o_proj_bias(model):
+    """`model` itself if every o_proj has a bias, else a copy built with config.attention_bias = True."""
+    if all(m.o_proj.bias is not None for m in attention_modules(model)):
+        return model
+    if not hasattr(model.config, "attention_bias"):
+        raise ValueError(f"{model.config.model_type}: o_proj has no bias and the config has no attention_bias switch "
+                         "to add one, so HeadMap's bias cannot be merged; use the adapter with its hooks instead")
+    config = copy.deepcopy(model.config)
+    config.attention_bias = True
+    param = next(model.parameters())
+    merged = type(model)(config).to(device=param.device, dtype=param.dtype).eval()
+    missing, unexpected = merged.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or not all(k.endswith("_proj.bias") for k in missing) or \
+            any(m.o_proj.bias is None for m in attention_modules(merged)):
+        raise ValueError(f"{model.config.model_type}: attention_bias=True does not just add attention biases, so "
+                         "HeadMap cannot be merged into it; use the adapter with its hooks instead")
+    with torch.no_grad():
+        for key in missing:
+            merged.get_parameter(key).zero_()
+    return merged

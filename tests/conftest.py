@@ -12,7 +12,6 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SHARED_DATA = str(ROOT.parent / "shared" / "datasets")
 
 
 class TinyTokenizer:
@@ -53,7 +52,7 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def shared_data():
-    if not os.path.isdir(SHARED_DATA):
-        pytest.skip(f"{SHARED_DATA} is missing")
-    return SHARED_DATA
+def bundled_data():
+    """The datasets shipped in data/datasets: every real-data test runs on a fresh clone, no hub, no ../shared."""
+    from data.tasks import BUNDLED
+    return BUNDLED

@@ -24,20 +24,20 @@ def run(*args):
 
 @pytest.mark.parametrize("args,message", [
     (["--dataset", "nope"], "unknown dataset 'nope'"),
-    (["--dataset", "hellaswag"], "available splits: train_partial, validation_lossy"),
+    (["--dataset", "piqa", "--split", "test"], "available splits: train, validation"),
     (["--dataset", "boolq", "--limit", "0"], "--limit must be at least 1"),
     (["--dataset", "boolq", "--model", "/no/such/model.gguf"], "does not exist"),
     (["--dataset", "boolq", "--out", "/proc/nope/r.json"], "cannot write /proc/nope/r.json"),
     (["--dataset", "boolq", "--random-mask"], "--random-mask needs --mask"),
     (["--dataset", "boolq", "--mask", "/no/heads.json"], "does not exist; run locate.py first"),
 ])
-def test_evaluate_bad_input_is_one_line_and_exit_2(args, message, shared_data):
-    assert_usage_error(run("evaluate.py", "--data-dir", shared_data, *args), message)
+def test_evaluate_bad_input_is_one_line_and_exit_2(args, message):
+    assert_usage_error(run("evaluate.py", *args), message)
 
 
-def test_evaluate_writes_real_accuracy(smollm2, shared_data, tmp_path):
+def test_evaluate_writes_real_accuracy(smollm2, tmp_path):
     out = tmp_path / "r.json"
-    result = run("evaluate.py", "--dataset", "boolq,arc_easy", "--limit", "20", "--data-dir", shared_data,
+    result = run("evaluate.py", "--dataset", "boolq,arc_easy", "--limit", "20",
                  "--out", str(out), "--log-samples", "--no-progress")
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
@@ -48,14 +48,14 @@ def test_evaluate_writes_real_accuracy(smollm2, shared_data, tmp_path):
     assert "boolq" in result.stdout and "acc_norm" in result.stdout
 
 
-def test_evaluate_with_heads_masked(smollm2, shared_data, tmp_path):
+def test_evaluate_with_heads_masked(smollm2, tmp_path):
     heads = tmp_path / "heads.json"
     heads.write_text(json.dumps({"knowledge_circuit": {str(layer): {"retain_heads": [0, 4, 8]} for layer in range(30)}}))
     outs = {}
     for name, extra in [("none", []), ("circuit", ["--mask", str(heads)]),
                         ("random", ["--mask", str(heads), "--random-mask", "--seed", "3"])]:
         outs[name] = tmp_path / f"{name}.json"
-        result = run("evaluate.py", "--dataset", "arc_easy", "--limit", "8", "--data-dir", shared_data,
+        result = run("evaluate.py", "--dataset", "arc_easy", "--limit", "8",
                      "--out", str(outs[name]), "--log-samples", "--no-progress", *extra)
         assert result.returncode == 0, result.stderr
     data = {k: json.loads(v.read_text()) for k, v in outs.items()}
@@ -66,10 +66,10 @@ def test_evaluate_with_heads_masked(smollm2, shared_data, tmp_path):
     assert scores["none"] != scores["circuit"] and scores["circuit"] != scores["random"]
 
 
-def test_evaluate_rejects_heads_out_of_range(smollm2, shared_data, tmp_path):
+def test_evaluate_rejects_heads_out_of_range(smollm2, tmp_path):
     heads = tmp_path / "heads.json"
     heads.write_text(json.dumps({"knowledge_circuit": {"2": {"retain_heads": [9]}}}))
-    result = run("evaluate.py", "--dataset", "boolq", "--data-dir", shared_data, "--mask", str(heads))
+    result = run("evaluate.py", "--dataset", "boolq", "--mask", str(heads))
     assert_usage_error(result, "head(s) [9] out of range for 9 heads")
 
 
@@ -80,13 +80,13 @@ def test_evaluate_rejects_heads_out_of_range(smollm2, shared_data, tmp_path):
     (["--dataset", "boolq", "--samples", "0"], "--samples must be at least 1"),
     (["--dataset", "boolq", "--out", "/proc/nope/heads.json"], "cannot write /proc/nope/heads.json"),
 ])
-def test_locate_bad_input_is_one_line_and_exit_2(args, message, shared_data):
-    assert_usage_error(run("locate.py", "--data-dir", shared_data, "--pool", "10", *args), message)
+def test_locate_bad_input_is_one_line_and_exit_2(args, message):
+    assert_usage_error(run("locate.py", "--pool", "10", *args), message)
 
 
-def test_locate_end_to_end_on_the_real_model(smollm2, shared_data, tmp_path):
+def test_locate_end_to_end_on_the_real_model(smollm2, tmp_path):
     out = tmp_path / "heads.json"
-    result = run("locate.py", "--dataset", "arc_easy", "--data-dir", shared_data, "--pool", "30", "--samples", "2",
+    result = run("locate.py", "--dataset", "arc_easy", "--pool", "30", "--samples", "2",
                  "--validate-limit", "6", "--random-trials", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
@@ -114,29 +114,37 @@ def circuit_file(tmp_path, heads=(0, 4), dataset="boolq"):
     ("no heads", "HeadMap needs --heads"),
     ("accum", "must be a positive multiple of --grad-accum"),
 ])
-def test_finetune_refuses_bad_input_before_training(case, message, shared_data, tmp_path):
+def test_finetune_refuses_bad_input_before_training(case, message, tmp_path):
     args = {"missing": ["--heads", str(tmp_path / "none.json")],
             "not json": ["--heads", str(tmp_path / "bad.json")],
             "out of range": ["--heads", circuit_file(tmp_path, heads=(2, 9))],
             "no heads": ["--dataset", "boolq"],
             "accum": ["--method", "lora", "--dataset", "boolq", "--grad-accum", "3"]}[case]
     (tmp_path / "bad.json").write_text("{oops")
-    assert_usage_error(run("finetune.py", "--data-dir", shared_data, "--out", str(tmp_path / "run"), *args), message)
+    assert_usage_error(run("finetune.py", "--out", str(tmp_path / "run"), *args), message)
     assert not (tmp_path / "run" / "adapter.safetensors").exists()
 
 
-def test_finetune_then_evaluate_the_adapter(smollm2, shared_data, tmp_path):
+def test_finetune_then_evaluate_the_adapter_and_its_merged_checkpoint(smollm2, tmp_path):
     out = tmp_path / "run"
-    result = run("finetune.py", "--heads", circuit_file(tmp_path), "--data-dir", shared_data, "--train-limit", "40",
-                 "--batch-size", "8", "--grad-accum", "2", "--max-steps", "2", "--eval-every", "1",
-                 "--eval-limit", "12", "--out", str(out))
+    result = run("finetune.py", "--heads", circuit_file(tmp_path), "--train-limit", "40", "--batch-size", "8",
+                 "--grad-accum", "2", "--max-steps", "2", "--eval-every", "1", "--eval-limit", "12", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    config = json.loads((out / "adapter_config.json").read_text())
-    assert config["method"] == "headmap" and config["variant"] == "mha" and config["steps"] == 2
-    assert 0 < config["val_loss_before"] < 20 and 0 < config["best_val_loss"] < 20  # nats per token
-    assert config["trainable_parameters"] == 30 * (2 * 64 * 32 + 32 + 32 * 576 + 576)
+    record = json.loads((out / "training.json").read_text())
+    assert record["method"] == "headmap" and record["adapter"]["variant"] == "mha" and record["steps"] == 2
+    assert record["data"] == {"source": "bundled", "caveat": "the bundled BoolQ train split has empty passages: "
+                              "only prompts without the passage (--prompt paper) are faithful on it"}
+    assert 0 < record["val_loss_before"] < 20 and 0 < record["best_val_loss"] < 20  # nats per token
+    assert record["trainable_parameters"] == 30 * (2 * 64 * 32 + 32 + 32 * 576 + 576)
     assert len((out / "log.jsonl").read_text().splitlines()) == 2 and "trainable parameters" in result.stdout
-    scored = run("evaluate.py", "--dataset", "boolq", "--limit", "12", "--data-dir", shared_data,
-                 "--adapter", str(out), "--out", str(tmp_path / "r.json"), "--no-progress")
-    assert scored.returncode == 0, scored.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["results"]["boolq"]["acc"] == config["accuracy_after"]
+    merged = run("merge.py", "--adapter", str(out), "--out", str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr
+    scores = {}
+    for name, extra in [("adapter", ["--adapter", str(out)]), ("merged", ["--model", str(tmp_path / "merged")])]:
+        scored = run("evaluate.py", "--dataset", "boolq", "--limit", "12", "--out", str(tmp_path / f"{name}.json"),
+                     "--log-samples", "--no-progress", *extra)
+        assert scored.returncode == 0, scored.stderr
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["results"]["boolq"]
+    assert scores["adapter"]["acc"] == record["accuracy_after"] == scores["merged"]["acc"]
+    for a, m in zip(scores["adapter"]["samples"], scores["merged"]["samples"]):
+        assert a["scores"] == pytest.approx(m["scores"], abs=1e-3)

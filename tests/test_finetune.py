@@ -108,7 +108,7 @@ def test_save_load_round_trip(model, tmp_path):
     with torch.no_grad():
         tuned = model(x).logits
     save_adapter(adapter, str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in tmp_path.iterdir())  # readable like any output
     adapter.remove()
     with torch.no_grad():

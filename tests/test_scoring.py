@@ -39,9 +39,9 @@ def test_accuracy_and_length_normalisation():
 
 
 @pytest.mark.parametrize("name,style", [("arc_easy", "paper"), ("piqa", "harness"), ("winogrande", "harness")])
-def test_real_model_predictions_equal_one_forward_per_choice(smollm2, shared_data, name, style):
+def test_real_model_predictions_equal_one_forward_per_choice(smollm2, bundled_data, name, style):
     model, tok = smollm2
-    examples = load_examples(name, None, style, shared_data, limit=12 if style == "harness" else 30)
+    examples = load_examples(name, None, style, bundled_data, limit=12 if style == "harness" else 30)
     fast = score_examples(model, tok, examples, batch_size=8, progress=False)
     slow = choice_scores_one_by_one(model, tok, examples)
     assert flat(fast) == pytest.approx(flat(slow), abs=2e-3)
