@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data import (DATA_DIR_HELP, DATASETS, PROMPT_STYLES, accuracy, check_dataset, data_source, default_data_dir,
                   load_examples, score_examples)
 from data.files import write_json
-from data.scoring import pad_id_of, pad_right
+from data.scoring import length_groups, pad_id_of, pad_right
 from kernels.adapters import attach_headmap, attach_lora, save_adapter
 from kernels.circuit import check_circuit, random_circuit_like, read_circuit
 from kernels.model import DEFAULT_MODEL, SMOLLM2_HUB_ID, UsageError, load_model, run_script
@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA/DoRA dropout")
     p.add_argument("--lr", type=float, help="default: 1e-3 for HeadMap, 2e-4 for LoRA and DoRA")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
+    p.add_argument("--token-budget", type=int, default=4096, help="most padded tokens (rows x longest row) in one "
+                   "forward pass: bounds memory; a batch runs as length-sorted micro-batches within it")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
@@ -63,9 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto")
     p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.grad_accum < 1 or args.batch_size % args.grad_accum:
-        raise UsageError(f"--batch-size {args.batch_size} must be a positive multiple of --grad-accum {args.grad_accum}")
-    for name in ("rank", "epochs", "eval_every", "max_length"):
+    for name in ("batch_size", "token_budget", "rank", "epochs", "eval_every", "max_length"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.method == "headmap" and not args.heads:
@@ -90,30 +89,42 @@ def split_train_val(name, examples, args):
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
-def lm_loss(model, seqs, pad_id, device, autocast):
-    """Sum of next-token NLL over every real token of `seqs`, and the number of those tokens."""
+def lm_loss(model, seqs, pad_id):
+    """Sum of next-token NLL over every real token of `seqs` (right-padded into one pass), and their count."""
+    device = next(model.parameters()).device
     ids, mask = pad_right(seqs, pad_id, device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=ids, attention_mask=mask).logits
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        # no padding: no mask, so attention takes its plain causal path
+        logits = model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask).logits
     labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, reduction="sum")
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum")
     return nll, int((labels != -100).sum())
 
 
+def batch_loss(model, seqs, pad_id, token_budget, backward=False):
+    """Token-mean NLL of `seqs`, run as micro-batches without padding work. With backward=True each micro-batch's
+    share (its summed NLL / the whole batch's token count) is back-propagated at once, so the gradient is that of
+    one padded pass over the batch, to float summation order, in the memory of one micro-batch."""
+    n_tokens = sum(len(s) - 1 for s in seqs)
+    total = 0.0
+    seqs = sorted(seqs, key=len, reverse=True)
+    for group in length_groups([len(s) for s in seqs], token_budget):
+        group = [seqs[i] for i in group]
+        nll, _ = lm_loss(model, group, pad_id)
+        if backward:
+            (nll / n_tokens).backward()
+        total += nll.item()
+    return total / n_tokens
+
+
 @torch.no_grad()
-def validation_loss(model, seqs, pad_id, batch_size):
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(seqs), batch_size):
-        nll, n = lm_loss(model, seqs[start:start + batch_size], pad_id, device, device.type == "cuda")
-        total, count = total + nll.item(), count + n
-    return total / count
+def validation_loss(model, seqs, pad_id, token_budget):
+    return batch_loss(model, seqs, pad_id, token_budget)
 
 
 def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda step: None):
     """The loop: AdamW, linear warm-up and decay, clipping, validation every --eval-every steps, keep the best."""
     device = next(model.parameters()).device
-    autocast = device.type == "cuda"
     params = [p for p in adapter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_seqs) / args.batch_size)
@@ -136,20 +147,13 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
         step, best = ckpt["step"], ckpt["best"]
         print(f"resuming at step {step}")
     log = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w")
-    micro = args.batch_size // args.grad_accum
     bar = tqdm(total=total, initial=step, desc=f"training {adapter.method}")
     start_time = time.time()
     while step < total:
         epoch, index = divmod(step, steps_per_epoch)
         order = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
         batch = [train_seqs[i] for i in order[index * args.batch_size:(index + 1) * args.batch_size]]
-        n_tokens = sum(len(s) - 1 for s in batch)  # the loss is the mean over the whole batch's tokens
-        loss_sum = 0.0
-        for k in range(0, len(batch), micro):
-            nll, _ = lm_loss(model, batch[k:k + micro], pad_id, device, autocast)
-            (nll / n_tokens).backward()
-            loss_sum += nll.item()
-        loss = loss_sum / n_tokens
+        loss = batch_loss(model, batch, pad_id, args.token_budget, backward=True)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower --lr. The best adapter so far "
                                      f"(step {best['step']}) is in {args.out}")
@@ -162,7 +166,7 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
                  "seconds": round(time.time() - start_time, 3)}
         if step % args.eval_every == 0 or step == total:
             adapter.eval()  # no dropout while measuring
-            entry["val_loss"] = validation_loss(model, val_seqs, pad_id, args.batch_size)
+            entry["val_loss"] = validation_loss(model, val_seqs, pad_id, args.token_budget)
             adapter.train()
             if entry["val_loss"] < best["loss"]:
                 best = {"loss": entry["val_loss"], "step": step,
@@ -232,7 +236,7 @@ def main(argv=None):
     if not args.resume:  # the base model's numbers: the adapter starts as the identity
         before = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
                                                         desc="accuracy before"))["acc"]
-        val_loss_before = validation_loss(model, val_seqs, pad_id, args.batch_size)
+        val_loss_before = validation_loss(model, val_seqs, pad_id, args.token_budget)
     adapter.train()
     try:
         best, steps = train(model, adapter, tokenize(tokenizer, train_examples, args.max_length), val_seqs, pad_id,
@@ -248,7 +252,7 @@ def main(argv=None):
               "data": data_source(args.dataset, "train", args.data_dir),
               "val_loss_before": val_loss_before, "best_val_loss": best["loss"], "best_step": best["step"],
               "steps": steps, "trainable_parameters": trainable,
-              "hyper_parameters": {k: getattr(args, k) for k in ("lr", "batch_size", "grad_accum", "epochs", "warmup",
+              "hyper_parameters": {k: getattr(args, k) for k in ("lr", "batch_size", "token_budget", "epochs", "warmup",
                                    "max_steps", "max_length", "train_limit", "eval_every", "val_limit", "seed")},
               "accuracy_before": before, "accuracy_after": after, "eval_rows": len(eval_examples)}
     save_adapter(adapter, args.out)

@@ -79,6 +79,7 @@ class Samples:
     def __init__(self, tokenizer, examples, device):
         pairs = [encode_pair(tokenizer, ex.prompts[ex.gold], ex.continuations[ex.gold]) for ex in examples]
         self.ids, _ = pad_right([ctx + cont for ctx, cont in pairs], pad_id_of(tokenizer), device)
+        self.length = torch.tensor([len(ctx) + len(cont) for ctx, cont in pairs], device=device)
         # flat answer tokens, sample by sample: position predicting each one, and the token itself
         self.pos = torch.tensor([p for ctx, cont in pairs for p in range(len(ctx) - 1, len(ctx) - 1 + len(cont))],
                                 device=device)
@@ -125,16 +126,19 @@ def locate(model, samples, n, batch_size, state, on_layer_done):
 
     for layer in range(done):  # resume: replay the finished layers
         hidden = advance(hidden, layer)
+    # rows are (candidate head, sample) pairs, longest samples first: each batch is cut to its own longest row, so
+    # no layer runs on padding beyond it (right padding and a causal mask: cutting it off changes nothing)
+    by_length = torch.argsort(samples.length, descending=True, stable=True)
+    sample = by_length.repeat_interleave(heads)
+    cand = torch.arange(heads, device=device).repeat(n_samples)
     for layer in tqdm(range(done, layers), desc="locating", initial=done, total=layers):
-        # rows are (candidate head, sample) pairs; row r masks its own candidate in this layer
-        cand = torch.arange(heads, device=device).repeat_interleave(n_samples)
-        sample = torch.arange(n_samples, device=device).repeat(heads)
         loss = torch.zeros(heads, device=device)
         for start in range(0, len(cand), batch_size):
             c, s = cand[start:start + batch_size], sample[start:start + batch_size]
+            cut = int(samples.length[s].max())
             mask = torch.zeros(layers, len(c), heads, dtype=torch.bool, device=device)
-            mask[layer, torch.arange(len(c), device=device), c] = True
-            out = run_layers(model, hidden[s], layer, layers, mask, pe)
+            mask[layer, torch.arange(len(c), device=device), c] = True  # row r masks its own candidate
+            out = run_layers(model, hidden[s, :cut], layer, layers, mask, tuple(t[:, :cut] for t in pe))
             loss.index_add_(0, c, answer_loss(model, out, samples, s))
         order = sorted(range(heads), key=lambda h: (-loss[h].item(), h))  # ties: the lower head index wins
         circuit[layer] = sorted(order[:n])

@@ -1,4 +1,6 @@
 """Tokenisation, length-sorted batching and log-likelihood scoring of multiple-choice examples."""
+import copy
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -21,32 +23,63 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 @dataclass
-class Row:
-    """One sequence to run, and the answer spans to read out of it."""
+class Prompt:
+    """One context to run once, and the continuations to score after it."""
     ids: list[int]
-    spans: list[tuple[int, int, int, list[int]]]  # (example, choice, position predicting the first target, targets)
+    continuations: list[tuple[int, int, list[int]]]  # (example, choice, continuation token ids)
 
 
-def build_rows(tokenizer, examples: list[Example]) -> list[Row]:
-    """One row per example when all its choices share the prompt and are single tokens (all choices are
-    read from one forward pass of the prompt); otherwise one row per prompt + choice."""
-    rows = []
+def build_prompts(tokenizer, examples: list[Example]) -> list[Prompt]:
+    """One Prompt per distinct context of each example: one for most tasks, whose choices share the prompt, and
+    one per choice for WinoGrande's partial scoring."""
+    prompts = []
     for e, ex in enumerate(examples):
-        pairs = [encode_pair(tokenizer, p, c) for p, c in zip(ex.prompts, ex.continuations)]
-        shared = all(ctx == pairs[0][0] for ctx, _ in pairs)
-        if shared and all(len(cont) == 1 for _, cont in pairs):
-            ctx = pairs[0][0]
-            rows.append(Row(ctx, [(e, c, len(ctx) - 1, cont) for c, (_, cont) in enumerate(pairs)]))
-        else:
-            rows.extend(Row(ctx + cont, [(e, c, len(ctx) - 1, cont)]) for c, (ctx, cont) in enumerate(pairs))
-    return rows
+        mine: dict[tuple[int, ...], Prompt] = {}
+        for c, (context, continuation) in enumerate(zip(ex.prompts, ex.continuations)):
+            ctx, cont = encode_pair(tokenizer, context, continuation)
+            if tuple(ctx) not in mine:
+                mine[tuple(ctx)] = Prompt(ctx, [])
+                prompts.append(mine[tuple(ctx)])
+            mine[tuple(ctx)].continuations.append((e, c, cont))
+    return prompts
 
 
-def batches(rows: list[Row], batch_size: int):
-    """Longest first, so padding is small and an out-of-memory error shows up in the first batch."""
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
-    for start in range(0, len(order), batch_size):
-        yield [rows[i] for i in order[start:start + batch_size]]
+def prompt_batches(prompts: list[Prompt], batch_size: int):
+    """Prompts of the same token length together, so the prompt pass has no padding at all; longest first, so an
+    out-of-memory error shows up in the first batch."""
+    by_length: dict[int, list[Prompt]] = {}
+    for prompt in prompts:
+        by_length.setdefault(len(prompt.ids), []).append(prompt)
+    for length in sorted(by_length, reverse=True):
+        group = by_length[length]
+        for start in range(0, len(group), batch_size):
+            yield group[start:start + batch_size]
+
+
+# A forward pass costs about this many tokens' work on top of its tokens (launches, per-layer overhead): a padded
+# token is only worth saving when it costs more than starting another pass.
+PASS_OVERHEAD_TOKENS = 64
+
+
+def length_groups(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Split rows of the given lengths, sorted longest first, into consecutive groups, each run as one right-padded
+    pass: the split with the fewest padded tokens plus PASS_OVERHEAD_TOKENS per pass, among those whose padded size
+    (rows x longest row) fits `token_budget` (an exact dynamic programme; a row longer than the budget runs alone).
+    Returns lists of row indices (into `lengths`)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    cost, start = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for first in range(end - 1, -1, -1):  # the last group is order[first:end], as wide as its first row
+            size = (end - first) * lengths[order[first]]
+            if size > token_budget and first < end - 1:
+                break  # adding longer rows only grows it
+            if cost[first] + size + PASS_OVERHEAD_TOKENS < cost[end]:
+                cost[end], start[end] = cost[first] + size + PASS_OVERHEAD_TOKENS, first
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[start[end]:end])
+        end = start[end]
+    return groups[::-1]
 
 
 def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,49 +96,66 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
-def answer_logprobs(model, ids: torch.Tensor, attention_mask: torch.Tensor, batch: list[Row]) -> list[float]:
-    """log P(targets) for every span of the batch. The LM head runs only at the answer positions."""
-    hidden = model.base_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-    which_row, which_pos, targets, owner = [], [], [], []
-    for r, row in enumerate(batch):
-        for s, (_, _, first, tgt) in enumerate(row.spans):
-            which_row += [r] * len(tgt)
-            which_pos += range(first, first + len(tgt))
-            targets += tgt
-            owner += [(r, s)] * len(tgt)
-    logits = model.get_output_embeddings()(hidden[which_row, which_pos]).float()
-    token_lp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets, device=logits.device)[:, None])
-    sums: dict[tuple[int, int], float] = {}
-    for key, lp in zip(owner, token_lp[:, 0].tolist()):
-        sums[key] = sums.get(key, 0.0) + lp
-    return [sums[(r, s)] for r, row in enumerate(batch) for s in range(len(row.spans))]
+def _cache_name(model) -> str:
+    """The forward argument (and output field) that carries the key/value cache: `cache` in transformers >= 5.20,
+    `past_key_values` before it."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget: int) -> list[float]:
+    """log P(continuation | prompt) for every continuation of `batch` (equal-length prompts), in order.
+    The prompts run once; each continuation then runs against its prompt's key/value cache, so a prompt is never
+    recomputed per choice. Logits come from the model's own forward (its final norm, head and any logit transform);
+    the prompt pass keeps only its last position's (logits_to_keep=1). A continuation of one token needs no second
+    pass: the prompt's last logits score every such choice at once. Continuations run in groups of similar length
+    (length_groups, within `token_budget` padded tokens)."""
+    device = next(model.parameters()).device
+    rows = [(i, cont) for i, prompt in enumerate(batch) for _, _, cont in prompt.continuations]
+    long = [r for r, (_, cont) in enumerate(rows) if len(cont) > 1]
+    out = model(input_ids=torch.tensor([p.ids for p in batch], device=device), use_cache=bool(long), logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    scores = first[[i for i, _ in rows], [cont[0] for _, cont in rows]]
+    name = _cache_name(model)
+    for group in length_groups([len(rows[r][1]) - 1 for r in long], token_budget):
+        group = [long[g] for g in group]  # rows of similar continuation length: little padding in this pass
+        cache = copy.deepcopy(out[name]) if len(group) < len(long) else out[name]
+        cache.batch_select_indices(torch.tensor([rows[r][0] for r in group], device=device))  # one copy per row
+        ids, _ = pad_right([rows[r][1][:-1] for r in group], pad_id, device)  # right padding: after every real token
+        logits = model(input_ids=ids, **{name: cache}).logits
+        which = [k for k, r in enumerate(group) for _ in rows[r][1][1:]]
+        pos = [p for r in group for p in range(len(rows[r][1]) - 1)]
+        targets = torch.tensor([t for r in group for t in rows[r][1][1:]], device=device)
+        rest = torch.log_softmax(logits[which, pos].float(), dim=-1).gather(1, targets[:, None])[:, 0]
+        scores = scores.index_add(0, torch.tensor([group[k] for k in which], device=device), rest)
+    return scores.tolist()
 
 
 @torch.inference_mode()
-def score_examples(model, tokenizer, examples: list[Example], batch_size: int = 16,
-                   progress: bool = True, desc: str = "scoring") -> list[list[float]]:
-    """Summed log-likelihood of every choice of every example: scores[example][choice]."""
-    rows = build_rows(tokenizer, examples)
+def score_examples(model, tokenizer, examples: list[Example], batch_size: int = 16, progress: bool = True,
+                   desc: str = "scoring", token_budget: int = 4096) -> list[list[float]]:
+    """Summed log-likelihood of every choice of every example: scores[example][choice]. `batch_size` prompts run
+    together; their continuations in passes of at most `token_budget` padded tokens."""
+    prompts = build_prompts(tokenizer, examples)
     scores = [[math.nan] * len(ex.continuations) for ex in examples]
-    device = next(model.parameters()).device
     pad = pad_id_of(tokenizer)
-    with tqdm(total=len(rows), desc=desc, disable=not progress, leave=False) as bar:
-        for batch in batches(rows, batch_size):
-            ids, mask = pad_right([r.ids for r in batch], pad, device)
-            values = iter(answer_logprobs(model, ids, mask, batch))
-            for row in batch:
-                for e, c, _, _ in row.spans:
+    with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
+        for batch in prompt_batches(prompts, batch_size):
+            values = iter(continuation_logprobs(model, batch, pad, token_budget))
+            for prompt in batch:
+                for e, c, _ in prompt.continuations:
                     scores[e][c] = next(values)
             bar.update(len(batch))
     return scores
 
 
 def accuracy(examples: list[Example], scores: list[list[float]]) -> dict:
-    """acc: argmax of the log-likelihood; acc_norm: of the log-likelihood per character of the choice."""
+    """acc: argmax of the log-likelihood; acc_norm: of the log-likelihood per character of the choice, as
+    lm-evaluation-harness computes it (len of each of its choice strings; for WinoGrande's partial scoring those
+    are the option-filled contexts, not the scored continuation)."""
     def argmax(xs):
         return max(range(len(xs)), key=xs.__getitem__)
     pred = [argmax(s) for s in scores]
-    pred_norm = [argmax([v / max(1, len(c.strip())) for v, c in zip(s, ex.continuations)])
+    pred_norm = [argmax([v / max(1, len(c)) for v, c in zip(s, ex.choices)])
                  for s, ex in zip(scores, examples)]
     n = len(examples)
     return {"acc": sum(p == ex.gold for p, ex in zip(pred, examples)) / n,

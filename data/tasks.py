@@ -21,10 +21,11 @@ class Example:
     prompts: tuple[str, ...]        # one context per choice
     continuations: tuple[str, ...]  # the text scored after each context
     gold: int
+    choices: tuple[str, ...]        # what lm-evaluation-harness calls the choices: acc_norm divides by their lengths
 
     @classmethod
     def with_choices(cls, prompt: str, choices: list[str], gold: int) -> "Example":
-        return cls((prompt,) * len(choices), tuple(" " + c for c in choices), gold)
+        return cls((prompt,) * len(choices), tuple(" " + c for c in choices), gold, tuple(choices))
 
     @property
     def train_text(self) -> str:
@@ -223,8 +224,9 @@ def _harness_example(name: str, row: dict) -> Example:
         sentence = row["sentence"]
         blank = sentence.index("_")
         rest = " " + sentence[blank + 1:].strip()
-        options = [row["option1"], row["option2"]]
-        return Example(tuple(sentence[:blank] + o for o in options), (rest, rest), int(row["answer"]) - 1)
+        contexts = tuple(sentence[:blank] + o for o in (row["option1"], row["option2"]))
+        # the harness's choices are the option-filled contexts, so acc_norm divides by their lengths
+        return Example(contexts, (rest, rest), int(row["answer"]) - 1, contexts)
     raise AssertionError(name)
 
 

@@ -22,8 +22,6 @@ heads=experiments/circuits/$dataset.json
 run headmap_mha --heads $heads --method headmap --variant mha
 run headmap_hs --heads $heads --method headmap --variant hs
 run headmap_random --heads $heads --method headmap --variant mha --random-heads
-# PIQA's longest texts push a LoRA/DoRA step at 16 rows past this machine's 24 GiB (the OOM killer stopped one):
-# two micro-batches of 8 give the same token-mean gradient in half the activation memory
-accum=""; [ "$dataset" = piqa ] && accum="--grad-accum 2"
-run lora --method lora $accum
-run dora --method dora $accum
+# (PIQA's longest texts once pushed a LoRA/DoRA step of 16 padded rows past 24 GiB; --token-budget now bounds it)
+run lora --method lora
+run dora --method dora

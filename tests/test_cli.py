@@ -112,14 +112,14 @@ def circuit_file(tmp_path, heads=(0, 4), dataset="boolq"):
     ("not json", "is not valid JSON"),
     ("out of range", "head(s) [9] out of range for 9 heads"),
     ("no heads", "HeadMap needs --heads"),
-    ("accum", "must be a positive multiple of --grad-accum"),
+    ("budget", "--token-budget must be at least 1"),
 ])
 def test_finetune_refuses_bad_input_before_training(case, message, tmp_path):
     args = {"missing": ["--heads", str(tmp_path / "none.json")],
             "not json": ["--heads", str(tmp_path / "bad.json")],
             "out of range": ["--heads", circuit_file(tmp_path, heads=(2, 9))],
             "no heads": ["--dataset", "boolq"],
-            "accum": ["--method", "lora", "--dataset", "boolq", "--grad-accum", "3"]}[case]
+            "budget": ["--method", "lora", "--dataset", "boolq", "--token-budget", "0"]}[case]
     (tmp_path / "bad.json").write_text("{oops")
     assert_usage_error(run("finetune.py", "--out", str(tmp_path / "run"), *args), message)
     assert not (tmp_path / "run" / "adapter.safetensors").exists()
@@ -128,7 +128,7 @@ def test_finetune_refuses_bad_input_before_training(case, message, tmp_path):
 def test_finetune_then_evaluate_the_adapter_and_its_merged_checkpoint(smollm2, tmp_path):
     out = tmp_path / "run"
     result = run("finetune.py", "--heads", circuit_file(tmp_path), "--train-limit", "40", "--batch-size", "8",
-                 "--grad-accum", "2", "--max-steps", "2", "--eval-every", "1", "--eval-limit", "12", "--out", str(out))
+                 "--token-budget", "256", "--max-steps", "2", "--eval-every", "1", "--eval-limit", "12", "--out", str(out))
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "training.json").read_text())
     assert record["method"] == "headmap" and record["adapter"]["variant"] == "mha" and record["steps"] == 2

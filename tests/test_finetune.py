@@ -1,5 +1,6 @@
 """Adapters (HeadMap, LoRA, DoRA) and the training loop, against the base model and explicit formulas."""
 import argparse
+import math
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def model():
 
 
 def train_args(tmp_path, **kw):
-    base = dict(lr=1e-2, batch_size=4, grad_accum=1, epochs=50, warmup=2, max_steps=None, eval_every=5,
+    base = dict(lr=1e-2, batch_size=4, token_budget=4096, epochs=50, warmup=2, max_steps=None, eval_every=5,
                 seed=0, out=str(tmp_path), resume=False)
     return argparse.Namespace(**{**base, **kw})
 
@@ -95,7 +96,7 @@ def test_tiny_model_overfits_a_handful_of_examples(method, tmp_path):
     texts = ["Q: red? A: yes", "Q: sky? A: blue", "Q: 2+2? A: four", "Q: ice? A: cold"]
     seqs = [tok(t).input_ids + [1] for t in texts]
     adapter = attach(model, method)
-    first = finetune.validation_loss(model, seqs, 0, 4)
+    first = finetune.validation_loss(model, seqs, 0, 4096)
     best, steps = finetune.train(model, adapter, seqs, seqs, 0, train_args(tmp_path, lr=3e-2, epochs=100, max_steps=60))
     assert steps == 60 and best["loss"] < first / 2
 
@@ -150,4 +151,53 @@ def test_validation_loss_is_measured_without_dropout(tmp_path):
     adapter.train()
     best, _ = finetune.train(model, adapter, seqs, seqs, 0, train_args(tmp_path, lr=0.0, epochs=1, eval_every=1))
     adapter.eval()
-    assert best["loss"] == finetune.validation_loss(model, seqs, 0, 4)
+    assert best["loss"] == finetune.validation_loss(model, seqs, 0, 4096)
+
+
+def test_length_groups_are_the_cheapest_split_within_the_budget():
+    import itertools
+    from data.scoring import PASS_OVERHEAD_TOKENS, length_groups
+    lengths = [37, 5, 22, 23, 9, 40, 8, 21, 39, 6]
+    budget = 90
+    groups = [[lengths[i] for i in g] for g in length_groups(lengths, budget)]
+    assert sorted(n for g in groups for n in g) == sorted(lengths)
+    assert all(len(g) * max(g) <= budget for g in groups)
+
+    def cost(split):
+        return sum(len(g) * max(g) + PASS_OVERHEAD_TOKENS for g in split)
+    ordered = sorted(lengths, reverse=True)
+    best = math.inf
+    for cuts in itertools.product([0, 1], repeat=len(ordered) - 1):  # brute force: every split of the sorted rows
+        split, start = [], 0
+        for i, cut in enumerate(cuts + (1,)):
+            if cut:
+                split.append(ordered[start:i + 1])
+                start = i + 1
+        if all(len(g) * max(g) <= budget for g in split):
+            best = min(best, cost(split))
+    assert cost(groups) == best
+    assert length_groups([50], 10) == [[0]]  # a row over the budget still runs, alone
+
+
+@pytest.mark.parametrize("method", ["headmap-mha", "lora"])
+def test_micro_batched_gradient_equals_one_padded_pass(model, method):
+    from data.scoring import length_groups
+    tok = TinyTokenizer()
+    texts = ["a b c d e f g h i j k", "l m", "n o p q r s", "t u v w x y z a b c d e f g", "h i j", "k l m n o"]
+    seqs = [tok(t).input_ids + [1] for t in texts]
+    adapter = attach(model, method)
+    for p in adapter.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+
+    def grads():
+        out = [p.grad.clone() for p in adapter.parameters()]
+        adapter.zero_grad()
+        return out
+    nll, n = finetune.lm_loss(model, seqs, 0)  # one pass, right-padded to the longest row
+    (nll / n).backward()
+    padded = grads()
+    assert len(length_groups([len(s) for s in seqs], 20)) > 2
+    loss = finetune.batch_loss(model, seqs, 0, token_budget=20, backward=True)
+    assert loss == pytest.approx(nll.item() / n, rel=1e-6)
+    for a, b in zip(grads(), padded):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

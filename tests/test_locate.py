@@ -12,7 +12,8 @@ EXAMPLES = [
     Example.with_choices("Pick: (A) red (B) blue\nAnswer:", ["A", "B"], 1),
     Example.with_choices("Which is cold?", ["ice cream", "fire"], 0),               # multi-token answer
     Example.with_choices("Q: a longer question, padded against the rest?\nA:", ["x", "y"], 0),
-    Example(("Ann beat Bo because Ann", "Ann beat Bo because Bo"), (" was fast.", " was fast."), 1),
+    Example(("Ann beat Bo because Ann", "Ann beat Bo because Bo"), (" was fast.", " was fast."), 1,
+            ("Ann beat Bo because Ann", "Ann beat Bo because Bo")),
 ]
 
 
@@ -22,7 +23,7 @@ def brute_force(tiny):
     return locate_brute_force(model, tok, EXAMPLES, 2)
 
 
-@pytest.mark.parametrize("batch_size", [5, 64])
+@pytest.mark.parametrize("batch_size", [3, 5, 64])  # 3 and 5: batches cut to different widths
 def test_fast_locate_equals_brute_force(tiny, brute_force, batch_size):
     model, tok = tiny
     samples = locate.Samples(tok, EXAMPLES, "cpu")

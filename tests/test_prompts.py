@@ -51,7 +51,8 @@ HARNESS = {
     "arc_challenge": Example.with_choices("Question: Pick one.\nAnswer:", ["x", "y", "z"], 2),
     "openbookqa": Example.with_choices("The sun is", ["hot", "cold"], 0),
     "hellaswag": Example.with_choices("Baking: A man mixes flour. He", ["bakes it. Done.", "eats it."], 0),
-    "winogrande": Example(("Ann beat Bo because Ann", "Ann beat Bo because Bo"), (" was fast.", " was fast."), 0),
+    "winogrande": Example(("Ann beat Bo because Ann", "Ann beat Bo because Bo"), (" was fast.", " was fast."), 0,
+                          ("Ann beat Bo because Ann", "Ann beat Bo because Bo")),
 }
 
 

@@ -1,7 +1,7 @@
 """Batched scoring (one forward per example where possible) equals one stock forward pass per choice."""
 import pytest
 
-from data import accuracy, build_rows, load_examples, score_examples
+from data import accuracy, build_prompts, load_examples, score_examples
 from data.tasks import Example
 from tests.reference import choice_scores_one_by_one
 
@@ -9,7 +9,8 @@ TINY_EXAMPLES = [
     Example.with_choices("Pick: (A) red (B) blue\nAnswer:", ["A", "B"], 1),            # single-token choices
     Example.with_choices("Which is cold?", ["ice cream", "fire", "sun"], 0),            # multi-token choices
     Example.with_choices("Q: a much longer question here, padded against the rest?\nA:", ["x", "y", "z"], 2),  # fast
-    Example(("Ann beat Bo because Ann", "Ann beat Bo because Bo"), (" was fast.", " was fast."), 1),
+    Example(("Ann beat Bo because Ann", "Ann beat Bo because Bo"), (" was fast.", " was fast."), 1,
+            ("Ann beat Bo because Ann", "Ann beat Bo because Bo")),
 ]
 
 
@@ -17,10 +18,11 @@ def flat(scores):
     return [v for row in scores for v in row]
 
 
-def test_fast_path_is_taken_only_for_single_token_shared_prompts(tiny):
+def test_each_prompt_runs_once_for_all_its_choices(tiny):
     _, tok = tiny
-    rows = build_rows(tok, TINY_EXAMPLES)
-    assert [len(r.spans) for r in rows] == [2, 1, 1, 1, 3, 1, 1]
+    prompts = build_prompts(tok, TINY_EXAMPLES)  # WinoGrande's two option-filled contexts are two prompts
+    assert [len(p.continuations) for p in prompts] == [2, 3, 3, 1, 1]
+    assert [[len(cont) for _, _, cont in p.continuations] for p in prompts][:2] == [[1, 1], [8, 4, 3]]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
@@ -36,6 +38,22 @@ def test_accuracy_and_length_normalisation():
     metrics = accuracy(examples, [[-1.0, -2.0], [-3.0, -4.0]])
     assert metrics["predictions"] == [0, 0] and metrics["acc"] == 0.5
     assert metrics["predictions_norm"] == [1, 1] and metrics["acc_norm"] == 0.5  # -2/4 > -1/1 ; -4/2 > -3/1
+
+
+def test_winogrande_acc_norm_divides_by_the_option_filled_context_as_lm_eval_does():
+    from data.tasks import make_example
+    rows = [{"sentence": "Ann beat Bo because _ was fast.", "option1": "Annabelle", "option2": "Bo", "answer": "1"},
+            {"sentence": "The trophy didn't fit in the suitcase because _ was too big.", "option1": "the trophy",
+             "option2": "the suitcase", "answer": "2"}]
+    examples = [make_example("winogrande", row, "harness") for row in rows]
+    scores = [[-3.0, -2.5], [-12.0, -12.4]]
+    # by hand: the choices are "Ann beat Bo because Annabelle" (29 characters) and "... Bo" (22), so -3/29 = -0.1034
+    # beats -2.5/22 = -0.1136; then 56 and 58 characters: -12/56 = -0.2143 loses to -12.4/58 = -0.2138.
+    # Dividing by the shared continuation instead would leave acc_norm equal to acc.
+    assert [len(c) for ex in examples for c in ex.choices] == [29, 22, 56, 58]
+    metrics = accuracy(examples, scores)
+    assert metrics["predictions"] == [1, 0] and metrics["predictions_norm"] == [0, 1]
+    assert metrics["acc"] == 0.0 and metrics["acc_norm"] == 1.0
 
 
 @pytest.mark.parametrize("name,style", [("arc_easy", "paper"), ("piqa", "harness"), ("winogrande", "harness")])
