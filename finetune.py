@@ -17,59 +17,75 @@ import random
 import sys
 import time
 
-import torch
-from tqdm import tqdm
-
-from data import (DATA_DIR_HELP, DATASETS, PROMPT_STYLES, accuracy, check_dataset, data_source, default_data_dir,
-                  load_examples, score_examples)
-from data.files import write_json
-from data.scoring import length_groups, pad_id_of, pad_right
-from kernels.adapters import attach_headmap, attach_lora, save_adapter
-from kernels.circuit import check_circuit, random_circuit_like, read_circuit
-from kernels.model import DEFAULT_MODEL, SMOLLM2_HUB_ID, UsageError, load_model, run_script
+from data.tasks import DATA_DIR_HELP, DATASETS, PROMPT_STYLES, check_dataset, default_data_dir
+from kernels.model import DEFAULT_MODEL, HelpFormatter, UsageError, run_script
 
 HAS_TEST_SPLIT = ("arc_easy", "arc_challenge", "openbookqa")  # these validate on their validation split
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--heads", help="heads.json from locate.py (or the official .pt file); needed for HeadMap")
-    p.add_argument("--method", default="headmap", choices=("headmap", "lora", "dora"))
+    p.add_argument("--method", default="headmap", choices=("headmap", "lora", "dora"),
+                   help="the paper's HeadMap on a circuit, or a LoRA/DoRA baseline")
     p.add_argument("--variant", default="mha", choices=("mha", "hs"), help="HeadMap: add the map to the attention "
                    "output (mha) or to the layer's output hidden state (hs)")
     p.add_argument("--random-heads", action="store_true", help="HeadMap on random heads, as many per layer as --heads")
     p.add_argument("--dataset", help="default: the dataset of --heads")
     p.add_argument("--prompt", choices=PROMPT_STYLES, help="default: the prompt style of --heads, else paper")
     p.add_argument("--model", help="default: the model of --heads, else " + DEFAULT_MODEL)
-    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--force", action="store_true", help="use --model even where --heads recorded another model")
+    p.add_argument("--rank", type=int, default=32, help="r of HeadMap, LoRA and DoRA")
     p.add_argument("--scaling", type=float, default=1.0, help="HeadMap scaling factor")
     p.add_argument("--alpha", type=float, default=64, help="LoRA/DoRA alpha")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA/DoRA dropout")
     p.add_argument("--lr", type=float, help="default: 1e-3 for HeadMap, 2e-4 for LoRA and DoRA")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per optimizer step")
     p.add_argument("--token-budget", type=int, default=4096, help="most padded tokens (rows x longest row) in one "
                    "forward pass: bounds memory; a batch runs as length-sorted micro-batches within it")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--train-limit", type=int, help="train on the first N rows only")
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--val-limit", type=int, help="cap the held-out validation set at N rows (CPU runs)")
-    p.add_argument("--eval-limit", type=int, help="rows of the evaluation split for the final accuracy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/adapter", help="folder for adapter, config, log and checkpoint")
+    p.add_argument("--epochs", type=int, default=2, help="passes over the training rows")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then linear decay to 0")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: all epochs)")
+    p.add_argument("--max-length", type=int, default=512, help="cut training texts at this many tokens")
+    p.add_argument("--train-limit", type=int, help="train on the first N rows only (default: all)")
+    p.add_argument("--eval-every", type=int, default=200, help="measure the validation loss every N steps")
+    p.add_argument("--val-limit", type=int, help="cap the held-out validation set at N rows (default: all)")
+    p.add_argument("--eval-limit", type=int, help="rows of the evaluation split for the final accuracy "
+                   "(default: all)")
+    p.add_argument("--seed", type=int, default=0, help="data order, held-out rows, initialisation, dropout")
+    p.add_argument("--out", default="runs/adapter", help="folder for adapter, record, log and checkpoint")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
     p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    for name in ("batch_size", "token_budget", "rank", "epochs", "eval_every", "max_length"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("batch_size", "token_budget", "rank", "epochs", "eval_every", "max_length", "max_steps",
+                 "train_limit", "val_limit", "eval_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be at least 0, got {args.warmup}")
     if args.method == "headmap" and not args.heads:
         raise UsageError("HeadMap needs --heads heads.json (run locate.py first), or pass --method lora|dora")
+    if args.dataset:
+        check_dataset(args.dataset)
     return args
+
+
+if __name__ == "__main__":
+    run_script(parse_args)  # --help and bad arguments answer at once, before torch and transformers load
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data.files import read_json, settle, write_json  # noqa: E402
+from data.scoring import accuracy, length_groups, pad_id_of, pad_right, score_examples  # noqa: E402
+from data.tasks import data_source, load_examples  # noqa: E402
+from kernels.adapters import attach_headmap, attach_lora, save_adapter  # noqa: E402
+from kernels.circuit import check_circuit, random_circuit_like, read_circuit  # noqa: E402
+from kernels.model import SMOLLM2_HUB_ID, load_model  # noqa: E402
 
 
 def tokenize(tokenizer, examples, max_length):
@@ -147,7 +163,7 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
         step, best = ckpt["step"], ckpt["best"]
         print(f"resuming at step {step}")
     log = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w")
-    bar = tqdm(total=total, initial=step, desc=f"training {adapter.method}")
+    bar = tqdm(total=total, initial=step, desc=f"training {adapter.method}", disable=args.no_progress)
     start_time = time.time()
     while step < total:
         epoch, index = divmod(step, steps_per_epoch)
@@ -191,24 +207,28 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
 
 def main(argv=None):
     args = parse_args(argv)
-    circuit_file = None
+    meta = {}
     if args.heads:
         circuit = read_circuit(args.heads)
-        if not args.heads.endswith(".pt"):
-            with open(args.heads) as f:
-                circuit_file = json.load(f)
-    meta = circuit_file or {}
-    args.dataset = args.dataset or meta.get("dataset")
+        if args.heads.endswith(".json"):
+            meta = read_json(args.heads, "circuit file")
+    # a circuit found on another model is refused; on another dataset or prompt style it is a choice, and warned of
+    args.model = settle("model", args.model, {args.heads: meta.get("model")}, DEFAULT_MODEL, args.force)
+    args.dataset = settle("dataset", args.dataset, {args.heads: meta.get("dataset")}, None, strict=False)
+    args.prompt = settle("prompt", args.prompt, {args.heads: meta.get("prompt")}, "paper", strict=False)
     if not args.dataset:
         raise UsageError("pass --dataset (the circuit file does not name one)")
     check_dataset(args.dataset)
-    args.prompt = args.prompt or meta.get("prompt", "paper")
-    args.model = args.model or meta.get("model", DEFAULT_MODEL)
     args.lr = args.lr or (1e-3 if args.method == "headmap" else 2e-4)
 
     examples = load_examples(args.dataset, "train", args.prompt, args.data_dir, args.train_limit)
     train_examples, val_examples = split_train_val(args.dataset, examples, args)
     val_examples = val_examples[:args.val_limit]
+    steps = min(args.max_steps or 10 ** 12, math.ceil(len(train_examples) / args.batch_size) * args.epochs)
+    if args.warmup >= steps:
+        print(f"warning: --warmup {args.warmup} is not shorter than the run's {steps} steps, so the learning rate "
+              f"peaks at {args.lr * steps / max(1, args.warmup):.2e}, not --lr {args.lr:.2e}; pass a smaller --warmup",
+              file=sys.stderr)
     eval_examples = load_examples(args.dataset, None, args.prompt, args.data_dir, args.eval_limit)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     model.requires_grad_(False)
@@ -235,7 +255,7 @@ def main(argv=None):
     before = val_loss_before = None
     if not args.resume:  # the base model's numbers: the adapter starts as the identity
         before = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
-                                                        desc="accuracy before"))["acc"]
+                                                        not args.no_progress, "accuracy before"))["acc"]
         val_loss_before = validation_loss(model, val_seqs, pad_id, args.token_budget)
     adapter.train()
     try:
@@ -246,7 +266,7 @@ def main(argv=None):
         sys.exit(1)
     adapter.eval()
     after = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
-                                                   desc="accuracy after"))["acc"]
+                                                   not args.no_progress, "accuracy after"))["acc"]
     record = {"method": adapter.method, "adapter": adapter.config, "base_model": args.model,
               "dataset": args.dataset, "prompt": args.prompt,
               "data": data_source(args.dataset, "train", args.data_dir),
@@ -264,4 +284,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_script(main)
+    run_script(main, resumable=True)

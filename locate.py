@@ -20,49 +20,60 @@ import sys
 import time
 from contextlib import nullcontext
 
-import torch
-import transformers
-from tqdm import tqdm
-
-from data import (DATA_DIR_HELP, DATASETS, PROMPT_STYLES, accuracy, check_dataset, data_source, default_data_dir,
-                  load_examples, score_examples)
-from data.files import check_writable, write_json
-from data.scoring import encode_pair, pad_id_of, pad_right
-from kernels.circuit import circuit_mask, random_circuit_like
-from kernels.masking import attention_modules, mask_heads
-from kernels.model import DEFAULT_MODEL, UsageError, load_model, run_script
+from data.tasks import DATA_DIR_HELP, DATASETS, PROMPT_STYLES, check_dataset, default_data_dir
+from kernels.model import DEFAULT_MODEL, HelpFormatter, UsageError, run_script
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--dataset", required=True, help=", ".join(DATASETS))
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--split", default="train", help="where the samples come from (default train)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder or .gguf file")
+    p.add_argument("--split", default="train", help="where the samples come from")
     p.add_argument("--pool", type=int, help="draw the samples from the first N rows of the split (default: all)")
-    p.add_argument("--prompt", default="paper", choices=PROMPT_STYLES)
-    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--prompt", default="paper", choices=PROMPT_STYLES, help="prompt style")
+    p.add_argument("--samples", type=int, default=64, help="D: the samples each head is scored on")
     p.add_argument("--heads-per-layer", type=int, help="n (default: a quarter of the heads, 8 of 32)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (memory bound)")
-    p.add_argument("--out", default="heads.json")
+    p.add_argument("--out", default="heads.json", help="the circuit file; the heat map goes beside it (.svg)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random head sets of the validation")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.progress.json")
-    p.add_argument("--no-validate", action="store_true")
+    p.add_argument("--no-validate", action="store_true", help="skip the accuracy check with heads masked")
     p.add_argument("--validate-split", help="default: the dataset's evaluation split")
     p.add_argument("--validate-limit", type=int, default=500, help="rows of the validation split (0 = all)")
-    p.add_argument("--random-trials", type=int, default=5)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--random-trials", type=int, default=5, help="random head sets the circuit is compared with")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
     p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    for name in ("samples", "batch_size", "random_trials"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_dataset(args.dataset)
+    for name in ("samples", "batch_size", "random_trials", "pool"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.validate_limit < 0:
+        raise UsageError(f"--validate-limit must be at least 0 (0 = all rows), got {args.validate_limit}")
     return args
 
 
-def select_samples(model, tokenizer, examples, count, batch_size):
+if __name__ == "__main__":
+    run_script(parse_args)  # --help and bad arguments answer at once, before torch and transformers load
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data.files import check_writable, write_json  # noqa: E402
+from data.scoring import accuracy, encode_pair, pad_id_of, pad_right, score_examples  # noqa: E402
+from data.tasks import data_source, load_examples  # noqa: E402
+from kernels.circuit import circuit_mask, random_circuit_like  # noqa: E402
+from kernels.masking import attention_modules, mask_heads  # noqa: E402
+from kernels.model import load_model  # noqa: E402
+
+
+def select_samples(model, tokenizer, examples, count, batch_size, progress=True):
     """Indices of the `count` examples the unmasked model answers correctly with the lowest gold loss."""
-    scores = score_examples(model, tokenizer, examples, batch_size, desc="choosing samples")
+    scores = score_examples(model, tokenizer, examples, batch_size, progress, "choosing samples")
     correct = [i for i, p in enumerate(accuracy(examples, scores)["predictions"]) if p == examples[i].gold]
     if not correct:
         raise UsageError("the unmasked model answers no example of the pool correctly; try --prompt harness, "
@@ -109,7 +120,7 @@ def run_layers(model, hidden, first, last, mask, position_embeddings):
 
 
 @torch.inference_mode()
-def locate(model, samples, n, batch_size, state, on_layer_done):
+def locate(model, samples, n, batch_size, state, on_layer_done, progress=True):
     """Algorithm 1, from the layers `state` has not finished yet (it holds the circuit and loss rows so far)."""
     base = model.base_model
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
@@ -131,7 +142,7 @@ def locate(model, samples, n, batch_size, state, on_layer_done):
     by_length = torch.argsort(samples.length, descending=True, stable=True)
     sample = by_length.repeat_interleave(heads)
     cand = torch.arange(heads, device=device).repeat(n_samples)
-    for layer in tqdm(range(done, layers), desc="locating", initial=done, total=layers):
+    for layer in tqdm(range(done, layers), desc="locating", initial=done, total=layers, disable=not progress):
         loss = torch.zeros(heads, device=device)
         for start in range(0, len(cand), batch_size):
             c, s = cand[start:start + batch_size], sample[start:start + batch_size]
@@ -199,13 +210,13 @@ def print_heat_map(loss_matrix, circuit):
         print(f"L{layer:<3}" + "".join(cells))
 
 
-def validate(model, tokenizer, examples, circuit, trials, seed, batch_size):
+def validate(model, tokenizer, examples, circuit, trials, seed, batch_size, progress=True):
     """Accuracy with no mask, with the circuit masked, and with random heads of the same per-layer counts."""
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
 
     def acc(circ):
         with mask_heads(model, circuit_mask(circ, layers, heads)) if circ is not None else nullcontext():
-            return accuracy(examples, score_examples(model, tokenizer, examples, batch_size, desc="validating"))["acc"]
+            return accuracy(examples, score_examples(model, tokenizer, examples, batch_size, progress, "validating"))["acc"]
 
     g = torch.Generator().manual_seed(seed)
     random_accs = [acc(random_circuit_like(circuit, heads, g)) for _ in range(trials)]
@@ -252,7 +263,8 @@ def main(argv=None):
     else:
         if args.resume:
             print(f"--resume: no {progress_path} yet; starting from the first layer")
-        state["sample_indices"] = select_samples(model, tokenizer, examples, args.samples, args.batch_size)
+        state["sample_indices"] = select_samples(model, tokenizer, examples, args.samples, args.batch_size,
+                                                 not args.no_progress)
     chosen = [examples[i] for i in state["sample_indices"]]
     samples = Samples(tokenizer, chosen, next(model.parameters()).device)
 
@@ -262,7 +274,7 @@ def main(argv=None):
         state["seconds"] = time.time() - started
         write_json(progress_path, state)
 
-    circuit = locate(model, samples, n, args.batch_size, state, save_progress)
+    circuit = locate(model, samples, n, args.batch_size, state, save_progress, not args.no_progress)
     seconds = time.time() - started
     result = {"knowledge_circuit": {str(layer): {"retain_heads": h} for layer, h in circuit.items()},
               **settings, "layers": layers, "heads": heads, "sample_indices": state["sample_indices"],
@@ -272,7 +284,8 @@ def main(argv=None):
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     print_heat_map(state["loss_matrix"], circuit)
     if val_examples is not None:
-        v = validate(model, tokenizer, val_examples, circuit, args.random_trials, args.seed, args.batch_size)
+        v = validate(model, tokenizer, val_examples, circuit, args.random_trials, args.seed, args.batch_size,
+                     not args.no_progress)
         val_split = args.validate_split or spec.eval_split
         result["validation"] = {"split": val_split, "data": data_source(args.dataset, val_split, args.data_dir), **v}
         print(f"\naccuracy on {v['rows']} rows of {result['validation']['split']}: unmasked {v['unmasked']:.3f}, "
@@ -288,4 +301,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_script(main)
+    run_script(main, resumable=True)

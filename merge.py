@@ -15,17 +15,27 @@ import os
 import shutil
 import tempfile
 
-from kernels.model import DEFAULT_MODEL, UsageError, run_script
+from kernels.model import DEFAULT_MODEL, HelpFormatter, UsageError, run_script
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--adapter", required=True, help="a folder written by finetune.py, or a PEFT LoRA/DoRA folder")
     p.add_argument("--out", required=True, help="the folder to write (config, tokenizer, model.safetensors)")
     p.add_argument("--model", help="the base model (default: the one the adapter was trained on)")
     p.add_argument("--device", default="cpu", help="default cpu: merging is a few matrix products")
     p.add_argument("--dtype", default="fp32", help="dtype of the written weights (fp32, bf16, fp16)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+        raise UsageError(f"{args.adapter} has no adapter_config.json; pass a folder written by finetune.py")
+    return args
+
+
+if __name__ == "__main__":
+    run_script(parse_args)  # --help and bad arguments answer at once, before torch and transformers load
+
+from kernels.adapters import load_adapter, merge_adapter  # noqa: E402
+from kernels.model import load_model  # noqa: E402
 
 
 def base_model_of(folder: str) -> str | None:
@@ -42,12 +52,7 @@ def base_model_of(folder: str) -> str | None:
 
 def main(argv=None):
     args = parse_args(argv)
-    if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
-        raise UsageError(f"{args.adapter} has no adapter_config.json; pass a folder written by finetune.py")
     model_name = args.model or base_model_of(args.adapter) or DEFAULT_MODEL
-    from kernels.adapters import load_adapter, merge_adapter
-    from kernels.model import load_model
-
     model, tokenizer = load_model(model_name, args.device, args.dtype)
     try:
         adapter = load_adapter(model, args.adapter)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import DATASETS, accuracy, default_data_dir, load_examples, load_rows, score_examples  # noqa: E402
+from data.scoring import accuracy, score_examples  # noqa: E402
+from data.tasks import DATASETS, default_data_dir, load_examples, load_rows  # noqa: E402
 from kernels.model import DEFAULT_MODEL, load_model  # noqa: E402
 
 LM_EVAL_TASK = {"boolq": "boolq", "piqa": "piqa", "siqa": "social_iqa", "arc_easy": "arc_easy",

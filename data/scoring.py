@@ -57,7 +57,8 @@ def prompt_batches(prompts: list[Prompt], batch_size: int):
 
 
 # A forward pass costs about this many tokens' work on top of its tokens (launches, per-layer overhead): a padded
-# token is only worth saving when it costs more than starting another pass.
+# token is only worth saving when it costs more than starting another pass. Tuned on the 2-core CPU with
+# `bench/finetune.py --pass-overhead N` (16, 64, 256, 1024: 64 was fastest; BENCHMARKS.md).
 PASS_OVERHEAD_TOKENS = 64
 
 

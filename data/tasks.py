@@ -249,7 +249,7 @@ def load_examples(name: str, split: str | None = None, style: str = "paper", dat
     if limit is not None:
         rows = rows[:limit]
     if not rows:
-        raise UsageError(f"{name} split {split} is empty; pass another --split")
+        raise UsageError(f"{name} split {split} in {data_dir} has no rows; check the file or --data-dir")
     examples = []
     for i, row in enumerate(rows):
         try:

@@ -59,19 +59,31 @@ class LoRA(nn.Module):
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout)
         self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1)) if dora else None
+        self._norm, self._norm_key = None, None
 
     def hook(self, module, args, out):
         x = self.dropout(args[0].to(self.A.weight.dtype))
         lora = self.B(self.A(x))
         if self.magnitude is None:
             return out + (lora * self.scaling).to(out.dtype)
-        scale = self.magnitude / self.merged_weight(module).norm(dim=1).detach()
+        scale = self.magnitude / self.weight_norm(module)
         if self.training and self.dropout.p > 0:  # W0 sees the same dropped-out input as the low-rank path
             base = F.linear(x, module.weight.to(x.dtype)).float()
         else:  # no dropout: W0 x is the base output less its bias, no second matmul needed
             base = out.float() - (0.0 if module.bias is None else module.bias.float())
         # at initialisation scale is exactly 1 and lora exactly 0, so this is exactly `out`
         return (out.float() + (scale - 1) * base + scale * lora * self.scaling).to(out.dtype)
+
+    def weight_norm(self, module) -> torch.Tensor:
+        """||W0 + s B A|| per output row, detached (DoRA section 4.3). The weights change only when the optimizer
+        steps, so it is computed once per step, not once per micro-batch: it is kept until a version counter of
+        A, B or W0 moves (every in-place update moves it)."""
+        key = (self.A.weight._version, self.B.weight._version, module.weight._version)
+        stale = self._norm is not None and self._norm.is_inference() and not torch.is_inference_mode_enabled()
+        if key != self._norm_key or stale:  # an inference-mode tensor cannot take part in a backward pass
+            with torch.no_grad():
+                self._norm, self._norm_key = self.merged_weight(module).norm(dim=1), key
+        return self._norm
 
     def merged_weight(self, module) -> torch.Tensor:
         """W0 + s B A (before DoRA's rescaling), in fp32."""

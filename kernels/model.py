@@ -1,8 +1,11 @@
-"""Load a LLaMA-family causal LM by hub id, local folder or .gguf file.
+"""Load a causal LM by hub id, local folder or .gguf file; the scripts' error and interrupt handling.
 
 GGUF files are de-quantised by transformers, which is slow (about 14-20 s for SmolLM2-135M on two CPU
 cores), so the de-quantised weights are cached as safetensors under the user's cache folder.
+torch is imported inside the functions that need it: the scripts import this module before they parse their
+arguments, and --help should not wait for torch.
 """
+import argparse
 import hashlib
 import importlib.util
 import os
@@ -10,8 +13,6 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-
-import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -22,13 +23,23 @@ class UsageError(ValueError):
     """Bad input from the user: the scripts print it as one line and exit with code 2."""
 
 
-def run_script(main) -> None:
-    """Run a script's main(): bad input becomes one 'error: ...' line and exit code 2, never a traceback."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: each option's default shown, the description's line breaks kept."""
+
+
+def run_script(main, resumable: bool = False) -> None:
+    """Run a script's main(): bad input becomes one 'error: ...' line and exit code 2, never a traceback; Ctrl-C
+    one line (with the command that continues the run, for a resumable script) and exit code 130."""
     try:
         main()
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+        hint = f"; continue with: python {os.path.basename(sys.argv[0])} {' '.join(argv)}" if resumable else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
+        sys.exit(130)
 
 
 def resolve_model(name: str) -> tuple[str, str | None]:
@@ -42,6 +53,9 @@ def resolve_model(name: str) -> tuple[str, str | None]:
         if not os.path.isfile(name):
             raise UsageError(f"GGUF file {name} does not exist; pass an existing .gguf path")
         return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    # a hub id is "name" or "org/name"; anything else that names no folder is a path that does not exist
+    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise UsageError(f"model folder {name} does not exist; pass an existing folder, a .gguf file or a hub id")
     return name, None
 
 
@@ -59,6 +73,7 @@ def _gguf_cache_path(folder: str, gguf_file: str) -> Path:
 
 def _convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
     """De-quantise once and save as a plain safetensors checkpoint (written to a temp dir, then renamed)."""
+    import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,7 +93,8 @@ def _convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def pick_device(device: str) -> torch.device:
+def pick_device(device: str):
+    import torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -86,7 +102,8 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str, device):
+    import torch
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,

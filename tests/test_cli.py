@@ -26,10 +26,12 @@ def run(*args):
     (["--dataset", "nope"], "unknown dataset 'nope'"),
     (["--dataset", "piqa", "--split", "test"], "available splits: train, validation"),
     (["--dataset", "boolq", "--limit", "0"], "--limit must be at least 1"),
-    (["--dataset", "boolq", "--model", "/no/such/model.gguf"], "does not exist"),
+    (["--dataset", "boolq", "--model", "/no/such/model.gguf"], "GGUF file /no/such/model.gguf does not exist"),
     (["--dataset", "boolq", "--out", "/proc/nope/r.json"], "cannot write /proc/nope/r.json"),
     (["--dataset", "boolq", "--random-mask"], "--random-mask needs --mask"),
-    (["--dataset", "boolq", "--mask", "/no/heads.json"], "does not exist; run locate.py first"),
+    (["--dataset", "boolq", "--mask", "/no/heads.json"], "does not exist"),
+    (["--dataset", "boolq", "--model", "/no/such/model"], "model folder /no/such/model does not exist"),
+    (["--dataset", "boolq", "--adapter", "/no/adapter"], "/no/adapter has no adapter_config.json"),
 ])
 def test_evaluate_bad_input_is_one_line_and_exit_2(args, message):
     assert_usage_error(run("evaluate.py", *args), message)
@@ -45,12 +47,18 @@ def test_evaluate_writes_real_accuracy(smollm2, tmp_path):
         r = data["results"][name]
         assert r["n"] == 20 and 0.0 <= r["acc"] <= 1.0 and len(r["samples"]) == 20
         assert r["acc"] == sum(s["pred"] == s["gold"] for s in r["samples"]) / 20
-    assert "boolq" in result.stdout and "acc_norm" in result.stdout
+    assert "boolq" in result.stdout and "acc_norm" in result.stdout and "no adapter, no mask" in result.stdout
+    assert data["model"] == "smollm2-135m" and data["prompt"] == "paper" and data["limit"] == 20
+    assert data["dtype"] == "float32" and data["device"] == "cpu" and "torch" in data["versions"]
+    r = data["results"]["boolq"]
+    assert r["acc_stderr"] == pytest.approx((r["acc"] * (1 - r["acc"]) / 19) ** 0.5)
+    assert r["data"] == {"source": "bundled", "caveat": None}
 
 
 def test_evaluate_with_heads_masked(smollm2, tmp_path):
     heads = tmp_path / "heads.json"
-    heads.write_text(json.dumps({"knowledge_circuit": {str(layer): {"retain_heads": [0, 4, 8]} for layer in range(30)}}))
+    heads.write_text(json.dumps({"knowledge_circuit": {str(layer): {"retain_heads": [0, 4, 8]} for layer in range(30)},
+                                 "model": "smollm2-135m", "prompt": "harness"}))
     outs = {}
     for name, extra in [("none", []), ("circuit", ["--mask", str(heads)]),
                         ("random", ["--mask", str(heads), "--random-mask", "--seed", "3"])]:
@@ -58,12 +66,43 @@ def test_evaluate_with_heads_masked(smollm2, tmp_path):
         result = run("evaluate.py", "--dataset", "arc_easy", "--limit", "8",
                      "--out", str(outs[name]), "--log-samples", "--no-progress", *extra)
         assert result.returncode == 0, result.stderr
+        assert ("--prompt harness (from" in result.stderr) == bool(extra)  # the circuit's prompt style, said so
     data = {k: json.loads(v.read_text()) for k, v in outs.items()}
-    assert data["circuit"]["masked_heads"]["7"] == [0, 4, 8]
-    random_heads = data["random"]["masked_heads"]
-    assert all(len(v) == 3 for v in random_heads.values()) and random_heads != data["circuit"]["masked_heads"]
+    assert data["circuit"]["mask"]["heads"]["7"] == [0, 4, 8] and data["circuit"]["prompt"] == "harness"
+    random_heads = data["random"]["mask"]["heads"]
+    assert all(len(v) == 3 for v in random_heads.values()) and random_heads != data["circuit"]["mask"]["heads"]
     scores = {k: [s["scores"] for s in d["results"]["arc_easy"]["samples"]] for k, d in data.items()}
     assert scores["none"] != scores["circuit"] and scores["circuit"] != scores["random"]
+
+
+def test_a_circuit_of_another_model_is_refused_unless_forced(tmp_path):
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"knowledge_circuit": {"0": {"retain_heads": [1]}}, "model": "meta-llama/Llama-2-7b"}))
+    assert_usage_error(run("evaluate.py", "--dataset", "boolq", "--mask", str(heads), "--model", "smollm2-135m"),
+                       "--model smollm2-135m differs from meta-llama/Llama-2-7b recorded in")
+    assert_usage_error(run("finetune.py", "--heads", str(heads), "--model", "smollm2-135m", "--dataset", "boolq"),
+                       "pass --force to use it anyway")
+
+
+def test_help_answers_before_torch_is_imported():
+    for script in ("evaluate.py", "locate.py", "finetune.py"):
+        probe = (f"import runpy, sys; sys.argv = ['{script}', '--help']\n"
+                 f"try: runpy.run_path('{script}', run_name='__main__')\n"
+                 "except SystemExit: print('torch loaded:', 'torch' in sys.modules)")
+        result = run("-c", probe)
+        assert "default:" in result.stdout and "torch loaded: False" in result.stdout, result.stdout + result.stderr
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(monkeypatch, capsys):
+    from kernels.model import run_script
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr("sys.argv", ["locate.py", "--dataset", "piqa"])
+    with pytest.raises(SystemExit) as exit_:
+        run_script(interrupted, resumable=True)
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted; continue with: python locate.py --dataset piqa --resume"
 
 
 def test_evaluate_rejects_heads_out_of_range(smollm2, tmp_path):
@@ -100,10 +139,10 @@ def test_locate_end_to_end_on_the_real_model(smollm2, tmp_path):
     assert "circuit masked" in result.stdout
 
 
-def circuit_file(tmp_path, heads=(0, 4), dataset="boolq"):
+def circuit_file(tmp_path, heads=(0, 4), dataset="boolq", prompt="paper"):
     path = tmp_path / "heads.json"
     path.write_text(json.dumps({"knowledge_circuit": {str(layer): {"retain_heads": list(heads)} for layer in range(30)},
-                                "dataset": dataset, "prompt": "paper", "model": "smollm2-135m"}))
+                                "dataset": dataset, "prompt": prompt, "model": "smollm2-135m"}))
     return str(path)
 
 
@@ -113,13 +152,19 @@ def circuit_file(tmp_path, heads=(0, 4), dataset="boolq"):
     ("out of range", "head(s) [9] out of range for 9 heads"),
     ("no heads", "HeadMap needs --heads"),
     ("budget", "--token-budget must be at least 1"),
+    ("max steps", "--max-steps must be at least 1, got 0"),
+    ("val limit", "--val-limit must be at least 1, got 0"),
+    ("train limit", "--train-limit must be at least 1, got 0"),
 ])
 def test_finetune_refuses_bad_input_before_training(case, message, tmp_path):
     args = {"missing": ["--heads", str(tmp_path / "none.json")],
             "not json": ["--heads", str(tmp_path / "bad.json")],
             "out of range": ["--heads", circuit_file(tmp_path, heads=(2, 9))],
             "no heads": ["--dataset", "boolq"],
-            "budget": ["--method", "lora", "--dataset", "boolq", "--token-budget", "0"]}[case]
+            "budget": ["--method", "lora", "--dataset", "boolq", "--token-budget", "0"],
+            "max steps": ["--method", "lora", "--dataset", "boolq", "--max-steps", "0"],
+            "val limit": ["--method", "lora", "--dataset", "boolq", "--val-limit", "0"],
+            "train limit": ["--method", "lora", "--dataset", "boolq", "--train-limit", "0"]}[case]
     (tmp_path / "bad.json").write_text("{oops")
     assert_usage_error(run("finetune.py", "--out", str(tmp_path / "run"), *args), message)
     assert not (tmp_path / "run" / "adapter.safetensors").exists()
@@ -127,24 +172,52 @@ def test_finetune_refuses_bad_input_before_training(case, message, tmp_path):
 
 def test_finetune_then_evaluate_the_adapter_and_its_merged_checkpoint(smollm2, tmp_path):
     out = tmp_path / "run"
-    result = run("finetune.py", "--heads", circuit_file(tmp_path), "--train-limit", "40", "--batch-size", "8",
-                 "--token-budget", "256", "--max-steps", "2", "--eval-every", "1", "--eval-limit", "12", "--out", str(out))
+    result = run("finetune.py", "--heads", circuit_file(tmp_path, prompt="harness"), "--train-limit", "40",
+                 "--batch-size", "8", "--token-budget", "256", "--max-steps", "2", "--eval-every", "1",
+                 "--eval-limit", "12", "--out", str(out), "--no-progress")
     assert result.returncode == 0, result.stderr
+    assert "warning: --warmup 100 is not shorter than the run's 2 steps" in result.stderr
+    assert "--prompt harness (from" in result.stderr and "--model smollm2-135m (from" in result.stderr
     record = json.loads((out / "training.json").read_text())
     assert record["method"] == "headmap" and record["adapter"]["variant"] == "mha" and record["steps"] == 2
-    assert record["data"] == {"source": "bundled", "caveat": "the bundled BoolQ train split has empty passages: "
-                              "only prompts without the passage (--prompt paper) are faithful on it"}
+    assert record["prompt"] == "harness" and record["data"] == {
+        "source": "bundled", "caveat": "the bundled BoolQ train split has empty passages: only prompts without "
+                                       "the passage (--prompt paper) are faithful on it"}
     assert 0 < record["val_loss_before"] < 20 and 0 < record["best_val_loss"] < 20  # nats per token
     assert record["trainable_parameters"] == 30 * (2 * 64 * 32 + 32 + 32 * 576 + 576)
     assert len((out / "log.jsonl").read_text().splitlines()) == 2 and "trainable parameters" in result.stdout
     merged = run("merge.py", "--adapter", str(out), "--out", str(tmp_path / "merged"))
     assert merged.returncode == 0, merged.stderr
     scores = {}
-    for name, extra in [("adapter", ["--adapter", str(out)]), ("merged", ["--model", str(tmp_path / "merged")])]:
+    for name, extra in [("adapter", ["--adapter", str(out)]),  # prompt style and base model from training.json
+                        ("merged", ["--model", str(tmp_path / "merged"), "--prompt", "harness"])]:
         scored = run("evaluate.py", "--dataset", "boolq", "--limit", "12", "--out", str(tmp_path / f"{name}.json"),
                      "--log-samples", "--no-progress", *extra)
         assert scored.returncode == 0, scored.stderr
-        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["results"]["boolq"]
+        written = json.loads((tmp_path / f"{name}.json").read_text())
+        assert written["prompt"] == "harness"
+        scores[name] = written["results"]["boolq"]
+    assert "--prompt harness (from" in scored.stderr or name == "merged"
+    assert f"adapter {out}" in run("evaluate.py", "--dataset", "boolq", "--limit", "2", "--adapter", str(out),
+                                   "--no-progress").stdout
     assert scores["adapter"]["acc"] == record["accuracy_after"] == scores["merged"]["acc"]
     for a, m in zip(scores["adapter"]["samples"], scores["merged"]["samples"]):
         assert a["scores"] == pytest.approx(m["scores"], abs=1e-3)
+
+
+def test_an_adapter_of_another_base_model_is_refused(smollm2, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model, tokenizer = smollm2
+    other = tmp_path / "other"  # a different (tiny, random) base model with the same tokenizer
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    from kernels.adapters import attach_lora, save_adapter
+    adapter = attach_lora(model, rank=2)
+    save_adapter(adapter, str(tmp_path / "adapter"))
+    adapter.remove()
+    (tmp_path / "adapter" / "training.json").write_text(json.dumps({"base_model": "smollm2-135m", "prompt": "paper"}))
+    assert_usage_error(run("evaluate.py", "--dataset", "boolq", "--adapter", str(tmp_path / "adapter"), "--model",
+                           str(other)), "differs from smollm2-135m recorded in")
+    assert_usage_error(run("evaluate.py", "--dataset", "boolq", "--limit", "2", "--adapter", str(tmp_path / "adapter"),
+                           "--model", str(other), "--force"), "cannot load adapter from")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from data import DATASETS, data_source, load_examples, load_rows
+from data.tasks import DATASETS, data_source, load_examples, load_rows
 from data.files import write_json
 from kernels.model import UsageError
 

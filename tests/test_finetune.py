@@ -26,7 +26,7 @@ def model():
 
 def train_args(tmp_path, **kw):
     base = dict(lr=1e-2, batch_size=4, token_budget=4096, epochs=50, warmup=2, max_steps=None, eval_every=5,
-                seed=0, out=str(tmp_path), resume=False)
+                seed=0, out=str(tmp_path), resume=False, no_progress=True)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -74,6 +74,16 @@ def test_headmap_equals_its_formula(model):
     expected = attn.o_proj.weight @ x[..., None] + (hm.up.weight @ (hm.down.weight @ x_r[..., None] + hm.down.bias[:, None])
                                                      + hm.up.bias[:, None])
     torch.testing.assert_close(attn.o_proj(x), expected[..., 0], atol=1e-5, rtol=1e-5)
+
+
+def test_dora_trains_after_scoring_in_inference_mode(model):
+    adapter = attach(model, "dora")
+    x = torch.randint(0, 512, (2, 7))
+    with torch.inference_mode():  # as when finetune.py scores the base model before training
+        model(x)
+    adapter.train()
+    model(x).logits.sum().backward()
+    assert all(p.grad is not None for p in adapter.parameters())
 
 
 def test_dora_equals_its_formula(model):

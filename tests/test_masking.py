@@ -103,3 +103,24 @@ def test_circuit_errors(tmp_path):
         check_circuit({0: [1, 4]}, LAYERS, HEADS)
     with pytest.raises(UsageError, match="layer 3 is out of range"):
         check_circuit({3: [0]}, LAYERS, HEADS)
+
+
+def test_scoring_with_heads_masked_equals_one_hooked_forward_per_choice(model):
+    """The scoring path runs each prompt once and its choices against the key/value cache, through the masked
+    kernel (queries after cached keys); the reference runs the stock model once per choice, heads zeroed by hooks."""
+    from data.scoring import score_examples
+    from tests.reference import choice_scores_one_by_one
+    from tests.conftest import TinyTokenizer
+    from tests.test_scoring import TINY_EXAMPLES, flat
+    mask = torch.zeros(LAYERS, HEADS, dtype=torch.bool)
+    mask[0, 1] = mask[1, 0] = mask[1, 3] = mask[2, 2] = True
+    with mask_heads(model, mask):
+        fast = score_examples(model, TinyTokenizer(), TINY_EXAMPLES, batch_size=2, progress=False, token_budget=8)
+    handles = zeroed_o_proj_inputs(model, mask)
+    try:
+        slow = choice_scores_one_by_one(model, TinyTokenizer(), TINY_EXAMPLES)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert flat(fast) == pytest.approx(flat(slow), abs=1e-4)
+    assert flat(fast) != pytest.approx(flat(choice_scores_one_by_one(model, TinyTokenizer(), TINY_EXAMPLES)), abs=1e-3)

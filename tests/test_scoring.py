@@ -1,8 +1,8 @@
 """Batched scoring (one forward per example where possible) equals one stock forward pass per choice."""
 import pytest
 
-from data import accuracy, build_prompts, load_examples, score_examples
-from data.tasks import Example
+from data.scoring import accuracy, build_prompts, score_examples
+from data.tasks import Example, load_examples
 from tests.reference import choice_scores_one_by_one
 
 TINY_EXAMPLES = [
