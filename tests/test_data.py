@@ -78,7 +78,7 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(UsageError, match="row 0 is malformed.*sol2"):
         load_examples("piqa", data_dir=str(tmp_path))
     _write(tmp_path, "piqa", "validation", [])
-    with pytest.raises(UsageError, match="is empty"):
+    with pytest.raises(UsageError, match="validation in .* has no rows"):
         load_examples("piqa", data_dir=str(tmp_path))
     _write(tmp_path, "piqa", "validation", [{"goal": "g", "sol1": "a", "sol2": "b", "label": 7}])
     with pytest.raises(UsageError, match="out of range"):
