@@ -123,7 +123,6 @@ def batch_loss(model, seqs, pad_id, token_budget, backward=False):
     one padded pass over the batch, to float summation order, in the memory of one micro-batch."""
     n_tokens = sum(len(s) - 1 for s in seqs)
     total = 0.0
-    seqs = sorted(seqs, key=len, reverse=True)
     for group in length_groups([len(s) for s in seqs], token_budget):
         group = [seqs[i] for i in group]
         nll, _ = lm_loss(model, group, pad_id)
@@ -138,13 +137,18 @@ def validation_loss(model, seqs, pad_id, token_budget):
     return batch_loss(model, seqs, pad_id, token_budget)
 
 
+def total_steps(n_rows, args):
+    """Optimizer steps of the run: every epoch's batches, unless --max-steps stops it sooner."""
+    return min(args.max_steps or 10 ** 12, math.ceil(n_rows / args.batch_size) * args.epochs)
+
+
 def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda step: None):
     """The loop: AdamW, linear warm-up and decay, clipping, validation every --eval-every steps, keep the best."""
     device = next(model.parameters()).device
     params = [p for p in adapter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_seqs) / args.batch_size)
-    total = min(args.max_steps or 10 ** 12, steps_per_epoch * args.epochs)
+    total = total_steps(len(train_seqs), args)
 
     def lr_factor(step):
         return step / max(1, args.warmup) if step < args.warmup else max(0.0, (total - step) / max(1, total - args.warmup))
@@ -224,7 +228,7 @@ def main(argv=None):
     examples = load_examples(args.dataset, "train", args.prompt, args.data_dir, args.train_limit)
     train_examples, val_examples = split_train_val(args.dataset, examples, args)
     val_examples = val_examples[:args.val_limit]
-    steps = min(args.max_steps or 10 ** 12, math.ceil(len(train_examples) / args.batch_size) * args.epochs)
+    steps = total_steps(len(train_examples), args)
     if args.warmup >= steps:
         print(f"warning: --warmup {args.warmup} is not shorter than the run's {steps} steps, so the learning rate "
               f"peaks at {args.lr * steps / max(1, args.warmup):.2e}, not --lr {args.lr:.2e}; pass a smaller --warmup",
