@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=512, help="cut training texts at this many tokens")
     p.add_argument("--train-limit", type=int, help="train on the first N rows only (default: all)")
     p.add_argument("--eval-every", type=int, default=200, help="measure the validation loss every N steps")
+    p.add_argument("--checkpoint-every", type=int, default=20, help="save what --resume needs every N steps")
     p.add_argument("--val-limit", type=int, help="cap the held-out validation set at N rows (default: all)")
     p.add_argument("--eval-limit", type=int, help="rows of the evaluation split for the final accuracy "
                    "(default: all)")
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    for name in ("batch_size", "token_budget", "rank", "epochs", "eval_every", "max_length", "max_steps",
+    for name in ("batch_size", "token_budget", "rank", "epochs", "eval_every", "checkpoint_every", "max_length", "max_steps",
                  "train_limit", "val_limit", "eval_limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -80,12 +81,13 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.files import read_json, settle, write_json  # noqa: E402
+from data.files import atomic, read_json, settle, write_json  # noqa: E402
 from data.scoring import accuracy, length_groups, pad_id_of, pad_right, score_examples  # noqa: E402
 from data.tasks import data_source, load_examples  # noqa: E402
 from kernels.adapters import attach_headmap, attach_lora, save_adapter  # noqa: E402
 from kernels.circuit import check_circuit, random_circuit_like, read_circuit  # noqa: E402
 from kernels.model import SMOLLM2_HUB_ID, load_model  # noqa: E402
+from plot import curves  # noqa: E402
 
 
 def tokenize(tokenizer, examples, max_length):
@@ -112,8 +114,10 @@ def lm_loss(model, seqs, pad_id):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         # no padding: no mask, so attention takes its plain causal path
         logits = model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask).logits
-    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum")
+    # position t predicts token t+1; the last position predicts nothing. Labelling it -100 instead of slicing the
+    # logits spares the backward pass a zero-filled copy of the whole [rows, length, vocab] logits tensor.
+    labels = torch.nn.functional.pad(ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100), (0, 1), value=-100)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
     return nll, int((labels != -100).sum())
 
 
@@ -155,7 +159,7 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    step, best = 0, {"loss": math.inf, "step": 0, "state": None}
+    step, best, elapsed = 0, {"loss": math.inf, "step": 0, "state": None}, 0.0
     if args.resume and not os.path.exists(ckpt_path):
         print(f"--resume: no checkpoint in {args.out} yet; starting at step 0")
     if args.resume and os.path.exists(ckpt_path):
@@ -164,11 +168,18 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         torch.set_rng_state(ckpt["rng"])
-        step, best = ckpt["step"], ckpt["best"]
+        step, best, elapsed = ckpt["step"], ckpt["best"], ckpt["seconds"]
         print(f"resuming at step {step}")
-    log = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w")
+    log_path = os.path.join(args.out, "log.jsonl")
+    kept = []  # on resume, the log up to the checkpoint: the steps after it are run again
+    if step and os.path.exists(log_path):
+        with open(log_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with atomic(log_path) as tmp, open(tmp, "w") as f:
+        f.writelines(kept)
+    log = open(log_path, "a")
     bar = tqdm(total=total, initial=step, desc=f"training {adapter.method}", disable=args.no_progress)
-    start_time = time.time()
+    start_time = time.time() - elapsed  # the log's seconds run on across resumes
     while step < total:
         epoch, index = divmod(step, steps_per_epoch)
         order = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
@@ -184,7 +195,8 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
         step += 1
         entry = {"step": step, "loss": loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm,
                  "seconds": round(time.time() - start_time, 3)}
-        if step % args.eval_every == 0 or step == total:
+        validate = step % args.eval_every == 0 or step == total
+        if validate:
             adapter.eval()  # no dropout while measuring
             entry["val_loss"] = validation_loss(model, val_seqs, pad_id, args.token_budget)
             adapter.train()
@@ -192,11 +204,11 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
                 best = {"loss": entry["val_loss"], "step": step,
                         "state": {k: v.detach().clone() for k, v in adapter.state_dict().items()}}
                 save_adapter(adapter, args.out)
-            tmp = ckpt_path + ".tmp"
-            torch.save({"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                        "best": best}, tmp)
-            os.replace(tmp, ckpt_path)
+        if validate or step % args.checkpoint_every == 0:
+            with atomic(ckpt_path) as tmp:
+                torch.save({"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                            "best": best, "seconds": entry["seconds"]}, tmp)
         log.write(json.dumps(entry) + "\n")
         log.flush()
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{entry['lr']:.2e}")
@@ -245,7 +257,11 @@ def main(argv=None):
             circuit = random_circuit_like(circuit, heads, torch.Generator().manual_seed(args.seed))
         adapter = attach_headmap(model, circuit, args.rank, args.scaling, args.variant)
     else:
-        adapter = attach_lora(model, args.rank, args.alpha, args.dropout, dora=args.method == "dora")
+        try:
+            adapter = attach_lora(model, args.rank, args.alpha, args.dropout, dora=args.method == "dora")
+        except ValueError as err:
+            raise UsageError(f"cannot attach {args.method}: {err}") from None
+        print(f"{args.method} targets: {', '.join(adapter.config['target_modules'])}")
         # PEFT's AutoPeftModel loads the base from here; the default GGUF is the hub model, de-quantised
         adapter.config["base_model_name_or_path"] = SMOLLM2_HUB_ID if args.model == DEFAULT_MODEL else args.model
     trainable = sum(p.numel() for p in adapter.parameters())
@@ -256,11 +272,14 @@ def main(argv=None):
     pad_id = pad_id_of(tokenizer)
     adapter.eval()  # modules start in training mode: no dropout while scoring
     val_seqs = tokenize(tokenizer, val_examples, args.max_length)
-    before = val_loss_before = None
-    if not args.resume:  # the base model's numbers: the adapter starts as the identity
+    before_path = os.path.join(args.out, "before.json")  # the base model's numbers: the adapter starts as identity
+    if args.resume and os.path.exists(before_path):
+        before, val_loss_before = (read_json(before_path, "record")[k] for k in ("accuracy", "val_loss"))
+    else:
         before = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
                                                         not args.no_progress, "accuracy before"))["acc"]
         val_loss_before = validation_loss(model, val_seqs, pad_id, args.token_budget)
+        write_json(before_path, {"accuracy": before, "val_loss": val_loss_before})
     adapter.train()
     try:
         best, steps = train(model, adapter, tokenize(tokenizer, train_examples, args.max_length), val_seqs, pad_id,
@@ -272,7 +291,7 @@ def main(argv=None):
     after = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
                                                    not args.no_progress, "accuracy after"))["acc"]
     record = {"method": adapter.method, "adapter": adapter.config, "base_model": args.model,
-              "dataset": args.dataset, "prompt": args.prompt,
+              "dataset": args.dataset, "prompt": args.prompt, "random_heads": args.random_heads,
               "data": data_source(args.dataset, "train", args.data_dir),
               "val_loss_before": val_loss_before, "best_val_loss": best["loss"], "best_step": best["step"],
               "steps": steps, "trainable_parameters": trainable,
@@ -281,8 +300,8 @@ def main(argv=None):
               "accuracy_before": before, "accuracy_after": after, "eval_rows": len(eval_examples)}
     save_adapter(adapter, args.out)
     write_json(os.path.join(args.out, "training.json"), record)
-    was = "" if before is None else f"{before:.3f} -> "
-    print(f"accuracy on {len(eval_examples)} rows of {DATASETS[args.dataset].eval_split}: {was}{after:.3f} "
+    curves([args.out], os.path.join(args.out, "curves.svg"), title=f"{adapter.method} on {args.dataset}")
+    print(f"accuracy on {len(eval_examples)} rows of {DATASETS[args.dataset].eval_split}: {before:.3f} -> {after:.3f} "
           f"(best validation loss {best['loss']:.4f} at step {best['step']}); adapter in {args.out}")
     return record
 

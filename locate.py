@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 from data.tasks import DATA_DIR_HELP, DATASETS, PROMPT_STYLES, check_dataset, default_data_dir
 from kernels.model import DEFAULT_MODEL, HelpFormatter, UsageError, run_script
@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=64, help="D: the samples each head is scored on")
     p.add_argument("--heads-per-layer", type=int, help="n (default: a quarter of the heads, 8 of 32)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (memory bound)")
-    p.add_argument("--out", default="heads.json", help="the circuit file; the heat map goes beside it (.svg)")
+    p.add_argument("--out", default="heads.json", help="the circuit file; the heat map goes beside it (.svg; plot.py draws PNG/PDF)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random head sets of the validation")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.progress.json")
     p.add_argument("--no-validate", action="store_true", help="skip the accuracy check with heads masked")
@@ -67,8 +67,9 @@ from data.files import check_writable, write_json  # noqa: E402
 from data.scoring import accuracy, encode_pair, pad_id_of, pad_right, score_examples  # noqa: E402
 from data.tasks import data_source, load_examples  # noqa: E402
 from kernels.circuit import circuit_mask, random_circuit_like  # noqa: E402
-from kernels.masking import attention_modules, mask_heads  # noqa: E402
+from kernels.masking import UnsupportedModel, check_maskable, mask_heads  # noqa: E402
 from kernels.model import load_model  # noqa: E402
+from plot import heat_map  # noqa: E402
 
 
 def select_samples(model, tokenizer, examples, count, batch_size, progress=True):
@@ -99,41 +100,106 @@ class Samples:
         self.first = torch.cumsum(self.count, 0) - self.count
 
 
+class StandIn(torch.nn.Module):
+    """Takes a decoder layer's place in the model's own forward: returns `kept`, the layer's known output, or
+    with kept=None passes its input through. Other attributes (attention_type, ...) read as the layer's own."""
+
+    def __init__(self, layer, kept):
+        super().__init__()
+        self.kept = kept
+        self.__dict__["layer"] = layer  # not a submodule: the stand-in owns no weights
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.kept is None else self.kept
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["layer"], name)
+
+
+@contextmanager
+def only_layers(model, first, last, kept=None):
+    """Inside, the model's own forward runs decoder layers first..last-1 only: the layers below return `kept`
+    (layer first-1's output on these rows), the layers from `last` on pass their input through. Every layer that
+    runs gets what the model's forward gives it (masks and rotary embeddings per layer type, sliding windows),
+    and the logits get every final transform the model applies (logit scaling, soft-capping)."""
+    layers = model.base_model.layers
+    real = list(layers)
+    for i, layer in enumerate(real):
+        if i < first or i >= last:
+            layers[i] = StandIn(layer, kept if i < first else None)
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(real):
+            layers[i] = layer
+
+
+def layer_output(model, layer, run):
+    """What decoder layer `layer` returns while `run()` drives the model."""
+    got = []
+    handle = model.base_model.layers[layer].register_forward_hook(lambda m, a, out: got.append(out))
+    try:
+        run()
+    finally:
+        handle.remove()
+    out = got[-1]
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_layers(model, ids, kept, first, last, mask):
+    """Output of decoder layer last-1 on rows `ids`: layers first..last-1 run with heads ablated by `mask`
+    (layers, rows, heads); kept is layer first-1's output on these rows (None for first = 0: the embeddings)."""
+    with mask_heads(model, mask), only_layers(model, first, last, kept):  # stand-ins hide layers: mask first
+        # logits_to_keep=1: the LM head runs on one position; the answers' logits come from final_logits
+        return layer_output(model, last - 1, lambda: model(input_ids=ids, logits_to_keep=1))
+
+
+def final_logits(model, states):
+    """Logits of the model for last-layer hidden states (n, d), through the model's own forward: every decoder
+    layer stands in for them, so its final norm, LM head and logit transforms run on these n positions only."""
+    with only_layers(model, model.config.num_hidden_layers, model.config.num_hidden_layers, states[None]):
+        ids = torch.zeros(1, len(states), dtype=torch.long, device=states.device)
+        return model(input_ids=ids, logits_to_keep=0).logits[0].float()
+
+
 def answer_loss(model, hidden, samples, sample_of_row):
-    """Summed NLL of the gold answer of each row of `hidden`; the LM head runs at answer positions only."""
+    """Summed NLL of the gold answer of each row of `hidden` (last-layer states); logits at answer positions only."""
     count = samples.count[sample_of_row]
     row = torch.arange(len(sample_of_row), device=hidden.device).repeat_interleave(count)
     within = torch.arange(len(row), device=hidden.device) - (torch.cumsum(count, 0) - count).repeat_interleave(count)
     flat = samples.first[sample_of_row].repeat_interleave(count) + within
-    logits = model.get_output_embeddings()(model.base_model.norm(hidden[row, samples.pos[flat]])).float()
+    logits = final_logits(model, hidden[row, samples.pos[flat]])
     nll = -torch.log_softmax(logits, dim=-1).gather(1, samples.targets[flat][:, None])[:, 0]
     return torch.zeros(len(sample_of_row), device=hidden.device).index_add_(0, row, nll)
 
 
-def run_layers(model, hidden, first, last, mask, position_embeddings):
-    """Decoder layers first..last-1 on `hidden`, heads ablated by `mask` (layers, rows, heads)."""
-    with mask_heads(model, mask):
-        for layer in model.base_model.layers[first:last]:
-            out = layer(hidden, attention_mask=None, position_embeddings=position_embeddings)
-            hidden = out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
-    return hidden
+def check_locatable(model):
+    """Refuse, before any compute, a model whose heads cannot be masked exactly or whose forward locate cannot
+    drive layer by layer."""
+    check_maskable(model)
+    layers = getattr(model.base_model, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) != model.config.num_hidden_layers:
+        raise UnsupportedModel(f"{type(model).__name__}: its base model keeps no `layers` list of its "
+                               f"{model.config.num_hidden_layers} decoder layers, which locate drives one by one")
 
 
 @torch.inference_mode()
 def locate(model, samples, n, batch_size, state, on_layer_done, progress=True):
     """Algorithm 1, from the layers `state` has not finished yet (it holds the circuit and loss rows so far)."""
-    base = model.base_model
+    check_locatable(model)
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
-    n_samples, width = samples.ids.shape
+    n_samples = len(samples.ids)
     device = samples.ids.device
-    hidden = base.embed_tokens(samples.ids)
-    pe = base.rotary_emb(hidden, torch.arange(width, device=device)[None])  # (1, width, d): every row shares it
+    hidden = None  # the kept output of the layers below the current one (None: below layer 0)
     circuit = {int(k): v for k, v in state["circuit"].items()}
     done = len(state["loss_matrix"])
 
     def advance(hidden, layer):  # the kept input of the next layer: `layer` run once with its circuit heads masked
         mask = circuit_mask({layer: circuit[layer]}, layers, heads)[:, None].expand(layers, n_samples, heads)
-        return run_layers(model, hidden, layer, layer + 1, mask, pe)
+        return run_layers(model, samples.ids, hidden, layer, layer + 1, mask)
 
     for layer in range(done):  # resume: replay the finished layers
         hidden = advance(hidden, layer)
@@ -149,7 +215,8 @@ def locate(model, samples, n, batch_size, state, on_layer_done, progress=True):
             cut = int(samples.length[s].max())
             mask = torch.zeros(layers, len(c), heads, dtype=torch.bool, device=device)
             mask[layer, torch.arange(len(c), device=device), c] = True  # row r masks its own candidate
-            out = run_layers(model, hidden[s, :cut], layer, layers, mask, tuple(t[:, :cut] for t in pe))
+            out = run_layers(model, samples.ids[s, :cut], None if hidden is None else hidden[s, :cut], layer,
+                             layers, mask)
             loss.index_add_(0, c, answer_loss(model, out, samples, s))
         order = sorted(range(heads), key=lambda h: (-loss[h].item(), h))  # ties: the lower head index wins
         circuit[layer] = sorted(order[:n])
@@ -162,41 +229,14 @@ def locate(model, samples, n, batch_size, state, on_layer_done, progress=True):
 
 @torch.inference_mode()
 def unmasked_loss(model, samples):
-    hidden = model.base_model(input_ids=samples.ids).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[torch.arange(len(samples.ids)).repeat_interleave(
-        samples.count.cpu()).to(hidden.device), samples.pos]).float()
+    layers = model.config.num_hidden_layers
+    hidden = layer_output(model, layers - 1, lambda: model(input_ids=samples.ids, logits_to_keep=1))
+    rows = torch.arange(len(samples.ids), device=hidden.device).repeat_interleave(samples.count)
+    logits = final_logits(model, hidden[rows, samples.pos])
     return -torch.log_softmax(logits, -1).gather(1, samples.targets[:, None]).sum().item()
 
 
 # ---------------------------------------------------------------- reporting
-
-def heat_map_svg(loss_matrix, circuit, path):
-    """Loss of each masked head, scaled per layer (each layer's scores share the circuit below it); the chosen
-    heads are outlined. Written by hand: no plotting dependency."""
-    cell, left, top = 18, 60, 30
-    layers, heads = len(loss_matrix), len(loss_matrix[0])
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + heads * cell + 20}" '
-             f'height="{top + layers * cell + 40}" font-family="sans-serif" font-size="10">',
-             f'<text x="{left}" y="14">loss with the head masked (darker = higher, per layer); outlined: circuit</text>']
-    for h in range(heads):
-        parts.append(f'<text x="{left + h * cell + 4}" y="{top - 4}">{h}</text>')
-    for layer, row in enumerate(loss_matrix):
-        lo, hi = min(row), max(row)
-        y = top + layer * cell
-        parts.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">L{layer}</text>')
-        for h, v in enumerate(row):
-            t = (v - lo) / (hi - lo) if hi > lo else 0.0
-            shade = int(245 - 200 * t)
-            chosen = h in circuit.get(layer, [])
-            stroke = 'stroke="#d00" stroke-width="2"' if chosen else 'stroke="#fff"'
-            parts.append(f'<rect x="{left + h * cell}" y="{y}" width="{cell}" height="{cell}" '
-                         f'fill="rgb({shade},{shade},255)" {stroke}><title>L{layer} H{h}: {v:.3f}</title></rect>')
-    parts.append(f'<text x="{left}" y="{top + layers * cell + 20}">x: head, y: layer</text></svg>')
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(parts))
-    os.replace(tmp, path)
-
 
 def print_heat_map(loss_matrix, circuit):
     shades = " .:-=+*#%@"
@@ -240,13 +280,9 @@ def main(argv=None):
     n = args.heads_per_layer if args.heads_per_layer is not None else max(1, round(heads / 4))
     if not 1 <= n < heads:
         raise UsageError(f"--heads-per-layer must be in 1..{heads - 1} for a model with {heads} heads, got {n}")
-    missing = [a for a in ("embed_tokens", "rotary_emb", "layers", "norm") if not hasattr(model.base_model, a)]
-    if missing:  # locate runs these modules itself
-        raise UsageError(f"cannot locate heads in {args.model}: its base model has no {', '.join(missing)}; "
-                         "locate supports LLaMA-family decoders")
     try:
-        attention_modules(model)
-    except ValueError as err:
+        check_locatable(model)
+    except UnsupportedModel as err:
         raise UsageError(f"cannot locate heads in {args.model}: {err}") from None
 
     settings = {"model": args.model, "dataset": args.dataset, "split": args.split, "pool": args.pool,
@@ -293,7 +329,7 @@ def main(argv=None):
               f"+- {v['random_masked_std']:.3f} ({args.random_trials} draws)")
     write_json(args.out, result)
     svg = os.path.splitext(args.out)[0] + ".svg"
-    heat_map_svg(state["loss_matrix"], circuit, svg)
+    heat_map(result, svg)
     if os.path.exists(progress_path):
         os.remove(progress_path)
     print(f"located {sum(map(len, circuit.values()))} heads in {seconds:.1f} s; wrote {args.out} and {svg}")

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 import finetune  # noqa: E402
 from data import scoring  # noqa: E402
-from data.scoring import length_groups, pad_id_of  # noqa: E402
+from data.scoring import length_groups, pad_id_of, pad_right  # noqa: E402
 from data.tasks import default_data_dir, load_examples  # noqa: E402
 from kernels.adapters import attach_headmap, attach_lora  # noqa: E402
 from kernels.circuit import read_circuit  # noqa: E402
@@ -58,8 +58,14 @@ ATTACH = {"headmap-mha": lambda: attach_headmap(model, circuit, 32, 1.0, "mha"),
           "lora": lambda: attach_lora(model, 32, 64, 0.05), "dora": lambda: attach_lora(model, 32, 64, 0.05, dora=True)}
 
 
-def padded_step(batch):  # the old loop: one right-padded pass over the whole batch
-    nll, n = finetune.lm_loss(model, batch, pad)
+def padded_step(batch):
+    """The loop before 2026-11-25: one right-padded pass over the whole batch, the shifted logits sliced."""
+    ids, mask = pad_right(batch, pad, device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum")
+    n = int((labels != -100).sum())
     (nll / n).backward()
     return nll.item() / n
 

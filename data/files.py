@@ -3,21 +3,30 @@ import json
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 
 
-def write_json(path: str, obj) -> None:
-    """Write JSON atomically: a crash mid-write leaves the previous file, never half a file."""
+@contextmanager
+def atomic(path: str):
+    """A temporary path beside `path` (same extension) that replaces `path` when the block finishes: a crash
+    mid-write leaves the previous file, never half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
+        yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes the file private; an output file should read like any other
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
+
+
+def write_json(path: str, obj) -> None:
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def check_writable(path: str) -> None:

@@ -7,9 +7,12 @@ Sections whose outputs are missing are skipped.
 import itertools
 import json
 import statistics
+import sys
 from pathlib import Path
 
 here = Path(__file__).resolve().parent
+sys.path.insert(0, str(here.parent))
+import plot  # noqa: E402
 METHODS = {"headmap_mha": ("HeadMap (MHA)", "located"), "headmap_hs": ("HeadMap (HS)", "located"),
            "headmap_random": ("HeadMap (MHA)", "random"), "lora": ("LoRA", "-"), "dora": ("DoRA", "-")}
 
@@ -41,8 +44,8 @@ def circuits():
     if not found:
         return {}
     print("### Knowledge circuits: accuracy with heads masked (harness prompts)\n")
-    print("| dataset | samples | heads masked | locate time | eval rows | no mask | circuit masked "
-          "| random heads masked: mean ± sd (min–max) of 5 draws | circuit drop / random drop |")
+    print("| circuit | samples | heads masked | locate time | eval rows | no mask | circuit masked "
+          "| random heads masked: mean ± sd (min–max), draws | circuit drop / random drop |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, c in found.items():
         v = c["validation"]
@@ -52,7 +55,7 @@ def circuits():
         print(f"| {name} | {len(c['sample_indices'])} | {heads} of {c['layers'] * c['heads']} | "
               f"{c['seconds'] / 60:.0f} min | {v['rows']} ({v['split']}) | {v['unmasked']:.3f} | "
               f"{v['circuit_masked']:.3f} | {v['random_masked_mean']:.3f} ± {v['random_masked_std']:.3f} "
-              f"({min(v['random_masked']):.3f}–{max(v['random_masked']):.3f}) | {ratio} |")
+              f"({min(v['random_masked']):.3f}–{max(v['random_masked']):.3f}), {len(v['random_masked'])} | {ratio} |")
     print()
     return found
 
@@ -113,8 +116,61 @@ def finetune():
         print(f"| {dataset} | {method} | {heads} | {c['trainable_parameters']:,} | {s:.1f} | "
               f"{base} → {c['best_val_loss']:.3f} | {c['eval_rows']} | {before} | {c['accuracy_after']:.3f} |")
     print()
+    for dataset in sorted({d for d, _, _, _ in runs}):
+        mine = [(run, log) for d, run, _, log in runs if d == dataset]
+        draw_curves(mine, here / "finetune" / f"{dataset}_curves.svg", f"{dataset}, 20 steps")
+
+
+def draw_curves(runs, figure, title):
+    """One figure of the (run name, log path) runs: training loss (thin) and validation loss (dots)."""
+    plot.curves([str(log.with_name(log.name.replace(".log.jsonl", ".json"))) for _, log in runs], str(figure),
+                labels=[" ".join(METHODS[name]).replace(" -", "") for name, _ in runs],
+                title=f"{title}: training loss (thin) and validation loss (dots)")
+    print(f"Loss curves: [{figure.relative_to(here.parent)}]({figure.relative_to(here.parent)})\n")
+
+
+def full_protocol():
+    """The full-protocol runs (full_protocol.sh): one table per dataset, seeds pooled, and the loss curves."""
+    runs = {}  # (dataset, run name) -> [(config, log path)] over seeds
+    for path in sorted((here / "full").glob("*.json")):
+        c = load(path)
+        name = path.stem[len(c["dataset"]) + 1:].rsplit("_s", 1)[0]
+        runs.setdefault((c["dataset"], name), []).append((c, path.with_suffix(".log.jsonl")))
+    for dataset in sorted({d for d, _ in runs}):
+        names = [n for n in METHODS if (dataset, n) in runs]
+        first = runs[dataset, names[0]][0][0]
+        steps, rows = first["steps"], first["eval_rows"]
+        print(f"### {dataset}: full protocol ({steps} steps at batch 16, paper prompts, accuracy on all {rows} "
+              f"rows of the test split)\n")
+        print("| method | heads | seeds | trainable parameters | s / step | best validation loss | test accuracy "
+              "(mean ± sd over seeds) | standard error of one run | accuracy before |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        accs = {}
+        for name in names:
+            done = runs[dataset, name]
+            accs[name] = [c["accuracy_after"] for c, _ in done]
+            method, heads = METHODS[name]
+            mean = statistics.mean(accs[name])
+            sd = f" ± {statistics.stdev(accs[name]):.3f}" if len(done) > 1 else ""
+            se = (mean * (1 - mean) / (rows - 1)) ** 0.5
+            seeds = ", ".join(str(c["hyper_parameters"]["seed"]) for c, _ in done)
+            val = statistics.mean(c["best_val_loss"] for c, _ in done)
+            s_step = statistics.mean(seconds_per_step(log) for _, log in done)
+            print(f"| {method} | {heads} | {seeds} | {done[0][0]['trainable_parameters']:,} | {s_step:.1f} | "
+                  f"{val:.3f} | {mean:.3f}{sd} | {se:.3f} | {done[0][0]['accuracy_before']:.3f} |")
+        print()
+        for a, b in (("headmap_mha", "lora"), ("headmap_mha", "dora"), ("headmap_mha", "headmap_random")):
+            if a in accs and b in accs:
+                diff = statistics.mean(accs[a]) - statistics.mean(accs[b])
+                spread = max((statistics.stdev(accs[n]) for n in (a, b) if len(accs[n]) > 1), default=float("nan"))
+                print(f"- {METHODS[a][0]} ({METHODS[a][1]}) minus {METHODS[b][0]} ({METHODS[b][1]}): {diff:+.3f} "
+                      f"accuracy; largest seed sd of the two {spread:.3f}")
+        print()
+        seed0 = [(n, log) for n in names for c, log in runs[dataset, n] if c["hyper_parameters"]["seed"] == 0]
+        draw_curves(seed0, here / "full" / f"{dataset}_curves.svg", f"{dataset}, full protocol, seed 0")
 
 
 zero_shot()
 overlap(circuits())
 finetune()
+full_protocol()

@@ -1,4 +1,4 @@
-"""Trainable adapters for a frozen LLaMA-family model: HeadMap (the paper's method), LoRA and DoRA.
+"""Trainable adapters for a frozen Hugging Face decoder: HeadMap (the paper's method), LoRA and DoRA.
 
 All three attach through forward hooks, so the model's modules and forward methods stay untouched, and
 `adapter.remove()` gives the base model back. Each starts as the identity: the model's logits are unchanged
@@ -21,6 +21,7 @@ from torch import nn
 from kernels.masking import attention_modules
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("up_proj",)}
 
 
 class HeadMap(nn.Module):
@@ -136,19 +137,33 @@ def attach_headmap(model, circuit: dict[int, list[int]], rank: int = 32, scaling
     return adapter
 
 
+def lora_targets(model, targets=LORA_TARGETS) -> list[str]:
+    """The projection names of `model` to adapt: `targets` where the model has them, and a fused projection in
+    place of the separate ones it fuses (Phi-3's qkv_proj for q/k/v_proj, gate_up_proj for up_proj), as PEFT
+    targets them."""
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    found = set(targets) & names
+    for fused, parts in FUSED_PROJECTIONS.items():
+        if fused in names and any(p in targets and p not in names for p in parts):
+            found.add(fused)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has none of the LoRA targets {', '.join(sorted(targets))} "
+                         f"(nor a fused {' or '.join(FUSED_PROJECTIONS)}); its linear layers are {', '.join(sorted(names))}")
+    return sorted(found)
+
+
 def attach_lora(model, rank: int = 32, alpha: float = 64, dropout: float = 0.05, dora: bool = False,
                 targets=LORA_TARGETS) -> Adapter:
+    found = lora_targets(model, targets)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
-              "target_modules": sorted(targets), "use_dora": dora, "bias": "none"}
+              "target_modules": found, "use_dora": dora, "bias": "none"}
     adapter = Adapter("dora" if dora else "lora", config)
     device = next(model.parameters()).device
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in found:
             lora = LoRA(module, rank, alpha, dropout, dora).to(device)
             adapter.sites[name.replace(".", "/")] = lora
             adapter._handles.append(module.register_forward_hook(lora.hook))
-    if not adapter.sites:
-        raise ValueError(f"no nn.Linear named {', '.join(targets)} in {type(model).__name__}")
     return adapter
 
 

@@ -20,19 +20,32 @@ def choice_scores_one_by_one(model, tokenizer, examples) -> list[list[float]]:
     return scores
 
 
-def ablate_with_hooks(model, heads_by_layer: dict[int, list[int]]):
+def o_proj_of(layer):
+    """The output projection of a decoder layer's attention, found by name (no kernels/ code involved)."""
+    return next(m for name, m in layer.named_modules() if name.endswith("o_proj"))
+
+
+def ablate_with_hooks(model, mask):
     """Independent of kernels/: the stock model, with forward pre-hooks that zero the masked heads' columns of
-    each o_proj input. Returns the hook handles (remove them when done)."""
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    head_dim = getattr(model.config, "head_dim", None) or head_dim
+    each o_proj input. `mask` is {layer: [heads]} or a bool tensor (layers, heads) or (layers, batch, heads).
+    Returns the hook handles (remove them when done)."""
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    if isinstance(mask, dict):
+        dense = torch.zeros(layers, heads, dtype=torch.bool)
+        for layer, hs in mask.items():
+            dense[layer, hs] = True
+        mask = dense
     handles = []
-    for layer, heads in heads_by_layer.items():
-        def zero(module, args, heads=heads):
-            x = args[0].clone()
-            for h in heads:
-                x[..., h * head_dim:(h + 1) * head_dim] = 0
-            return (x,)
-        handles.append(model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(zero))
+    for i, layer in enumerate(model.base_model.layers):
+        o_proj = o_proj_of(layer)
+        head_dim = o_proj.in_features // heads
+
+        def zero(module, args, rows=mask[i], head_dim=head_dim):
+            x = args[0]
+            rows = rows.expand(x.shape[0], heads) if rows.dim() == 1 else rows  # (batch, heads)
+            keep = (~rows.to(x.device)).repeat_interleave(head_dim, dim=-1)[:, None, :]
+            return (x * keep,)
+        handles.append(o_proj.register_forward_pre_hook(zero))
     return handles
 
 

@@ -1,5 +1,6 @@
 """Adapters (HeadMap, LoRA, DoRA) and the training loop, against the base model and explicit formulas."""
 import argparse
+import json
 import math
 
 import pytest
@@ -26,7 +27,7 @@ def model():
 
 def train_args(tmp_path, **kw):
     base = dict(lr=1e-2, batch_size=4, token_budget=4096, epochs=50, warmup=2, max_steps=None, eval_every=5,
-                seed=0, out=str(tmp_path), resume=False, no_progress=True)
+                checkpoint_every=1000, seed=0, out=str(tmp_path), resume=False, no_progress=True)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -141,15 +142,18 @@ def test_resume_gives_the_same_adapter(tmp_path):
         def on_step(step):
             if step == stop_at:
                 raise KeyboardInterrupt
-        args = train_args(out, batch_size=2, epochs=3, eval_every=3, resume=resume)
+        args = train_args(out, batch_size=2, epochs=3, eval_every=4, checkpoint_every=3, resume=resume)
         finetune.train(model, adapter, seqs, seqs[:2], 0, args, on_step)
         return {k: v.clone() for k, v in adapter.state_dict().items()}, [p.clone() for p in adapter.parameters()]
 
     _, full = run(tmp_path / "full")
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", stop_at=4)  # the checkpoint of step 3 survives
+    for stop_at in (5, 7):  # the checkpoints of step 4 (a validation) and step 6 (--checkpoint-every 3) survive
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "cut", stop_at=stop_at, resume=stop_at > 5)
     _, resumed = run(tmp_path / "cut", resume=True)
     assert all(torch.equal(a, b) for a, b in zip(full, resumed))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 10))  # each resume runs again, and logs once, the steps after its checkpoint
 
 
 def test_validation_loss_is_measured_without_dropout(tmp_path):

@@ -8,6 +8,7 @@ from kernels.circuit import check_circuit, circuit_mask, random_circuit_like, re
 from kernels.masking import mask_heads
 from kernels.model import UsageError
 from tests.conftest import tiny_llama
+from tests.reference import ablate_with_hooks
 
 LAYERS, HEADS, HEAD_DIM = 3, 4, 16
 
@@ -15,17 +16,6 @@ LAYERS, HEADS, HEAD_DIM = 3, 4, 16
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(layers=LAYERS, heads=HEADS, kv_heads=2, head_dim=HEAD_DIM, seed=1)
-
-
-def zeroed_o_proj_inputs(model, mask):
-    """Reference ablation: zero the masked heads' columns of each o_proj input with forward pre-hooks."""
-    def hook_for(layer):
-        def hook(module, args):
-            rows = mask[layer] if mask.dim() == 3 else mask[layer].expand(args[0].shape[0], HEADS)  # (batch, heads)
-            keep = (~rows).repeat_interleave(HEAD_DIM, dim=-1)[:, None, :]  # (batch, 1, heads * head_dim)
-            return (args[0] * keep,)
-        return hook
-    return [layer.self_attn.o_proj.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(model.model.layers)]
 
 
 @torch.no_grad()
@@ -44,7 +34,7 @@ def test_masking_equals_zeroing_o_proj_input_columns(model, per_row):
     g = torch.Generator().manual_seed(5)
     x = torch.randint(0, 512, (3, 19), generator=g)
     mask = torch.rand((LAYERS, 3, HEADS) if per_row else (LAYERS, HEADS), generator=g) < 0.4
-    hooks = zeroed_o_proj_inputs(model, mask)
+    hooks = ablate_with_hooks(model, mask)
     try:
         expected = model(x).logits
     finally:
@@ -116,7 +106,7 @@ def test_scoring_with_heads_masked_equals_one_hooked_forward_per_choice(model):
     mask[0, 1] = mask[1, 0] = mask[1, 3] = mask[2, 2] = True
     with mask_heads(model, mask):
         fast = score_examples(model, TinyTokenizer(), TINY_EXAMPLES, batch_size=2, progress=False, token_budget=8)
-    handles = zeroed_o_proj_inputs(model, mask)
+    handles = ablate_with_hooks(model, mask)
     try:
         slow = choice_scores_one_by_one(model, TinyTokenizer(), TINY_EXAMPLES)
     finally:
