@@ -87,13 +87,12 @@ def check_maskable(model) -> None:
         return lambda o_proj, args: read.__setitem__(layer, args[0])
 
     hooks = {m.layer_idx: m.o_proj.register_forward_pre_hook(reads(m.layer_idx)) for m in modules}
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
     for m in modules:
         m.headmap_probe = []
-        m.head_mask = torch.zeros(model.config.num_attention_heads, dtype=torch.bool, device=device)
     try:
-        model(input_ids=torch.arange(1, 9, device=device)[None] % model.config.vocab_size)
+        nothing = torch.zeros(model.config.num_hidden_layers, model.config.num_attention_heads, dtype=torch.bool)
+        with registered(model, modules, nothing):
+            model(input_ids=torch.arange(1, 9, device=device)[None] % model.config.vocab_size)
         for m in modules:
             if len(m.headmap_probe) != 1:
                 raise UnsupportedModel(f"{arch}: the attention of layer {m.layer_idx} calls the attention interface "
@@ -107,9 +106,24 @@ def check_maskable(model) -> None:
     finally:
         for m in modules:
             hooks[m.layer_idx].remove()
-            del m.head_mask, m.headmap_probe
-        model.set_attn_implementation(previous)
+            del m.headmap_probe
     model.headmap_maskable = True
+
+
+@contextmanager
+def registered(model, modules, mask):
+    """The masked attention switched on, each attention module holding its layer's slice of `mask`."""
+    device = next(model.parameters()).device
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    for m in modules:
+        m.head_mask = mask[m.layer_idx].to(device)
+    try:
+        yield model
+    finally:
+        for m in modules:
+            del m.head_mask
+        model.set_attn_implementation(previous)
 
 
 @contextmanager
@@ -122,14 +136,5 @@ def mask_heads(model, mask: torch.Tensor):
         raise ValueError(f"head mask must be a bool tensor of shape ({layers}, {heads}) or ({layers}, batch, "
                          f"{heads}); got {mask.dtype} {tuple(mask.shape)}")
     check_maskable(model)
-    device = next(model.parameters()).device
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
-    for m in modules:
-        m.head_mask = mask[m.layer_idx].to(device)
-    try:
+    with registered(model, modules, mask):
         yield model
-    finally:
-        for m in modules:
-            del m.head_mask
-        model.set_attn_implementation(previous)
