@@ -2,6 +2,8 @@
 
     python evaluate.py --dataset arc_easy --limit 200
     python evaluate.py --dataset all --prompt harness --out results.json
+    torchrun --nproc_per_node 8 evaluate.py --dataset all        # prompt batches split over 8 GPUs
+    python evaluate.py --dataset boolq --device-map auto        # a model larger than one GPU
     python evaluate.py --dataset boolq --adapter runs/adapter     # base model and prompt style from the adapter
 
 With --adapter or --mask, the base model and the prompt style default to what the adapter's training.json (or
@@ -28,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--model", help=f"hub id, local folder or .gguf file (default: the adapter's or circuit's base "
                    f"model, else {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--device-map", help="spread the model over several devices (accelerate): auto, balanced, "
+                   "sequential, or a JSON map {module name: device}, as a file or a string; overrides --device")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
     p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
     p.add_argument("--mask", help="heads.json (or the official .pt circuit file): score with those heads ablated")
@@ -61,13 +65,14 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from data import distributed  # noqa: E402
 from data.files import check_writable, read_json, settle, write_json  # noqa: E402
 from data.scoring import accuracy, score_examples  # noqa: E402
 from data.tasks import data_source, load_examples  # noqa: E402
 from kernels.adapters import load_adapter  # noqa: E402
 from kernels.circuit import check_circuit, circuit_mask, random_circuit_like, read_circuit  # noqa: E402
 from kernels.masking import mask_heads  # noqa: E402
-from kernels.model import load_model  # noqa: E402
+from kernels.model import load_model, pick_device  # noqa: E402
 
 
 def recorded_settings(args) -> tuple[dict, dict]:
@@ -99,11 +104,12 @@ def main(argv=None) -> dict:
     examples = {n: load_examples(n, args.split, args.prompt, args.data_dir, args.limit) for n in names}
 
     circuit = read_circuit(args.mask) if args.mask else None
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    distributed.start(pick_device(args.device))
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
     param = next(model.parameters())
     results = {"model": args.model, "prompt": args.prompt, "adapter": args.adapter, "mask": None,
                "split": args.split, "limit": args.limit, "dtype": str(param.dtype).replace("torch.", ""),
-               "device": str(param.device), "data_dir": args.data_dir,
+               "device": str(param.device), "device_map": args.device_map, "data_dir": args.data_dir,
                "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                             "transformers": transformers.__version__},
                "results": {}}
@@ -146,7 +152,7 @@ def main(argv=None) -> dict:
     print(f"{'dataset':<15}{'split':<12}{'n':>6}{'acc':>8}{'± stderr':>10}{'acc_norm':>10}")
     for name, r in results["results"].items():
         print(f"{name:<15}{r['split']:<12}{r['n']:>6}{r['acc']:>8.3f}{r['acc_stderr']:>10.3f}{r['acc_norm']:>10.3f}")
-    if args.out:
+    if args.out and distributed.rank() == 0:  # under torchrun every rank holds every score; rank 0 writes them
         write_json(args.out, results)
         print(f"wrote {args.out}")
     return results

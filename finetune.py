@@ -3,6 +3,7 @@
     python finetune.py --heads heads.json                       # HeadMap, MHA variant, the dataset of heads.json
     python finetune.py --heads heads.json --variant hs
     python finetune.py --method lora --dataset boolq            # baselines need no circuit
+    torchrun --nproc_per_node 8 finetune.py --heads heads.json  # data parallel: the batch of 16 split over 8 GPUs
 
 Per PROTOCOL.md: train split, text = prompt + " " + gold answer + EOS, loss over every token, cut at 512 tokens,
 batch 16, 2 epochs, AdamW without weight decay, linear decay after 100 warm-up steps, gradient clipping at 1.0,
@@ -81,12 +82,13 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from data import distributed  # noqa: E402
 from data.files import atomic, read_json, settle, write_json  # noqa: E402
 from data.scoring import accuracy, length_groups, pad_id_of, pad_right, score_examples  # noqa: E402
 from data.tasks import data_source, load_examples  # noqa: E402
 from kernels.adapters import attach_headmap, attach_lora, save_adapter  # noqa: E402
 from kernels.circuit import check_circuit, random_circuit_like, read_circuit  # noqa: E402
-from kernels.model import SMOLLM2_HUB_ID, load_model  # noqa: E402
+from kernels.model import SMOLLM2_HUB_ID, load_model, pick_device  # noqa: E402
 from plot import curves  # noqa: E402
 
 
@@ -124,16 +126,33 @@ def lm_loss(model, seqs, pad_id):
 def batch_loss(model, seqs, pad_id, token_budget, backward=False):
     """Token-mean NLL of `seqs`, run as micro-batches without padding work. With backward=True each micro-batch's
     share (its summed NLL / the whole batch's token count) is back-propagated at once, so the gradient is that of
-    one padded pass over the batch, to float summation order, in the memory of one micro-batch."""
+    one padded pass over the batch, to float summation order, in the memory of one micro-batch.
+    Under torchrun each rank runs every world()-th row by length (an even share of the tokens) and the summed NLL
+    is all-reduced; each rank's gradient is its rows' share, summed over ranks by all_reduce_grads."""
+    # the whole batch's token count: every rank holds every row, so none needs the others' counts sent
     n_tokens = sum(len(s) - 1 for s in seqs)
+    mine = distributed.mine(sorted(seqs, key=len, reverse=True))
     total = 0.0
-    for group in length_groups([len(s) for s in seqs], token_budget):
-        group = [seqs[i] for i in group]
+    for group in length_groups([len(s) for s in mine], token_budget):
+        group = [mine[i] for i in group]
         nll, _ = lm_loss(model, group, pad_id)
         if backward:
             (nll / n_tokens).backward()
         total += nll.item()
-    return total / n_tokens
+    return distributed.all_sum(torch.tensor([total], dtype=torch.float64, device=model.device)).item() / n_tokens
+
+
+def all_reduce_grads(params):
+    """Sum the ranks' adapter gradients into every rank's: the gradient of the whole batch's token mean, so every
+    rank takes the same optimizer step. An all-reduce of the adapter's gradients rather than
+    DistributedDataParallel: the adapter is hooks on a frozen model, not a module DDP wraps, and the ranks run
+    different numbers of micro-batch backward passes per step, which DDP's per-backward reduction does not allow.
+    One flat tensor: one collective per step."""
+    if distributed.world() == 1:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    for p, g in zip(params, distributed.all_sum(flat).split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
 
 
 @torch.no_grad()
@@ -148,7 +167,6 @@ def total_steps(n_rows, args):
 
 def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda step: None):
     """The loop: AdamW, linear warm-up and decay, clipping, validation every --eval-every steps, keep the best."""
-    device = next(model.parameters()).device
     params = [p for p in adapter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_seqs) / args.batch_size)
@@ -157,27 +175,38 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
     def lr_factor(step):
         return step / max(1, args.warmup) if step < args.warmup else max(0.0, (total - step) / max(1, total - args.warmup))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    main_rank = distributed.rank() == 0  # under torchrun only rank 0 reads the checkpoint, logs, writes
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     step, best, elapsed = 0, {"loss": math.inf, "step": 0, "state": None}, 0.0
     if args.resume and not os.path.exists(ckpt_path):
         print(f"--resume: no checkpoint in {args.out} yet; starting at step 0")
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ckpt = None
+    if args.resume and main_rank and os.path.exists(ckpt_path):
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a truncated or foreign file: say which, and how to start over
+            raise UsageError(f"cannot read checkpoint {ckpt_path} ({type(err).__name__}: {err}); delete it to "
+                             "start over") from None
+    ckpt = distributed.from_rank0(ckpt)
+    if ckpt is not None:
         adapter.load_state_dict(ckpt["adapter"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         torch.set_rng_state(ckpt["rng"])
         step, best, elapsed = ckpt["step"], ckpt["best"], ckpt["seconds"]
         print(f"resuming at step {step}")
+    if not main_rank:  # dropout masks: a stream of each rank's own (rank 0's is the one-process run's)
+        torch.manual_seed(hash((args.seed, distributed.rank(), step)))
     log_path = os.path.join(args.out, "log.jsonl")
     kept = []  # on resume, the log up to the checkpoint: the steps after it are run again
-    if step and os.path.exists(log_path):
+    if main_rank and step and os.path.exists(log_path):
         with open(log_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with atomic(log_path) as tmp, open(tmp, "w") as f:
-        f.writelines(kept)
-    log = open(log_path, "a")
+    if main_rank:
+        with atomic(log_path) as tmp, open(tmp, "w") as f:
+            f.writelines(kept)
+    log = open(log_path if main_rank else os.devnull, "a")
     bar = tqdm(total=total, initial=step, desc=f"training {adapter.method}", disable=args.no_progress)
     start_time = time.time() - elapsed  # the log's seconds run on across resumes
     while step < total:
@@ -188,6 +217,7 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower --lr. The best adapter so far "
                                      f"(step {best['step']}) is in {args.out}")
+        all_reduce_grads(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -203,8 +233,9 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
             if entry["val_loss"] < best["loss"]:
                 best = {"loss": entry["val_loss"], "step": step,
                         "state": {k: v.detach().clone() for k, v in adapter.state_dict().items()}}
-                save_adapter(adapter, args.out)
-        if validate or step % args.checkpoint_every == 0:
+                if main_rank:
+                    save_adapter(adapter, args.out)
+        if main_rank and (validate or step % args.checkpoint_every == 0):
             with atomic(ckpt_path) as tmp:
                 torch.save({"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
                             "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step,
@@ -246,6 +277,7 @@ def main(argv=None):
               f"peaks at {args.lr * steps / max(1, args.warmup):.2e}, not --lr {args.lr:.2e}; pass a smaller --warmup",
               file=sys.stderr)
     eval_examples = load_examples(args.dataset, None, args.prompt, args.data_dir, args.eval_limit)
+    distributed.start(pick_device(args.device))
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     model.requires_grad_(False)
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
@@ -273,13 +305,18 @@ def main(argv=None):
     adapter.eval()  # modules start in training mode: no dropout while scoring
     val_seqs = tokenize(tokenizer, val_examples, args.max_length)
     before_path = os.path.join(args.out, "before.json")  # the base model's numbers: the adapter starts as identity
-    if args.resume and os.path.exists(before_path):
-        before, val_loss_before = (read_json(before_path, "record")[k] for k in ("accuracy", "val_loss"))
+    recorded = None
+    if args.resume and distributed.rank() == 0 and os.path.exists(before_path):
+        recorded = read_json(before_path, "record")
+    recorded = distributed.from_rank0(recorded)
+    if recorded is not None:
+        before, val_loss_before = recorded["accuracy"], recorded["val_loss"]
     else:
         before = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
                                                         not args.no_progress, "accuracy before"))["acc"]
         val_loss_before = validation_loss(model, val_seqs, pad_id, args.token_budget)
-        write_json(before_path, {"accuracy": before, "val_loss": val_loss_before})
+        if distributed.rank() == 0:
+            write_json(before_path, {"accuracy": before, "val_loss": val_loss_before})
     adapter.train()
     try:
         best, steps = train(model, adapter, tokenize(tokenizer, train_examples, args.max_length), val_seqs, pad_id,
@@ -297,10 +334,12 @@ def main(argv=None):
               "steps": steps, "trainable_parameters": trainable,
               "hyper_parameters": {k: getattr(args, k) for k in ("lr", "batch_size", "token_budget", "epochs", "warmup",
                                    "max_steps", "max_length", "train_limit", "eval_every", "val_limit", "seed")},
-              "accuracy_before": before, "accuracy_after": after, "eval_rows": len(eval_examples)}
-    save_adapter(adapter, args.out)
-    write_json(os.path.join(args.out, "training.json"), record)
-    curves([args.out], os.path.join(args.out, "curves.svg"), title=f"{adapter.method} on {args.dataset}")
+              "processes": distributed.world(), "accuracy_before": before, "accuracy_after": after,
+              "eval_rows": len(eval_examples)}
+    if distributed.rank() == 0:
+        save_adapter(adapter, args.out)
+        write_json(os.path.join(args.out, "training.json"), record)
+        curves([args.out], os.path.join(args.out, "curves.svg"), title=f"{adapter.method} on {args.dataset}")
     print(f"accuracy on {len(eval_examples)} rows of {DATASETS[args.dataset].eval_split}: {before:.3f} -> {after:.3f} "
           f"(best validation loss {best['loss']:.4f} at step {best['step']}); adapter in {args.out}")
     return record

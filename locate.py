@@ -1,6 +1,7 @@
 """Locate a task's knowledge circuit: layer-conditioned locating (HeadMap, Algorithm 1).
 
     python locate.py --dataset boolq --out heads.json
+    torchrun --nproc_per_node 8 locate.py --dataset boolq      # each layer's candidate rows split over 8 GPUs
 
 For each layer l in order, with the heads already chosen in the layers below masked, every head h of layer l
 is masked in turn and scored by the summed loss of the gold answers of D; the n heads whose masking hurts most
@@ -14,6 +15,7 @@ head masks (kernels/attention.py); the LM head runs only at the answer positions
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -42,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--validate-limit", type=int, default=500, help="rows of the validation split (0 = all)")
     p.add_argument("--random-trials", type=int, default=5, help="random head sets the circuit is compared with")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--device-map", help="spread the model over several devices (accelerate): auto, balanced, "
+                   "sequential, or a JSON map {module name: device}, as a file or a string; overrides --device")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
     p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -63,12 +67,13 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from data import distributed  # noqa: E402
 from data.files import check_writable, write_json  # noqa: E402
 from data.scoring import accuracy, encode_pair, pad_id_of, pad_right, score_examples  # noqa: E402
 from data.tasks import data_source, load_examples  # noqa: E402
 from kernels.circuit import circuit_mask, random_circuit_like  # noqa: E402
 from kernels.masking import UnsupportedModel, check_maskable, mask_heads  # noqa: E402
-from kernels.model import load_model  # noqa: E402
+from kernels.model import load_model, pick_device  # noqa: E402
 from plot import heat_map  # noqa: E402
 
 
@@ -146,7 +151,8 @@ def layer_output(model, layer, run):
     finally:
         handle.remove()
     out = got[-1]
-    return out[0] if isinstance(out, tuple) else out
+    # on the device of the model's inputs: with a device map, the layers sit on several devices
+    return (out[0] if isinstance(out, tuple) else out).to(model.device)
 
 
 def run_layers(model, ids, kept, first, last, mask):
@@ -208,16 +214,24 @@ def locate(model, samples, n, batch_size, state, on_layer_done, progress=True):
     by_length = torch.argsort(samples.length, descending=True, stable=True)
     sample = by_length.repeat_interleave(heads)
     cand = torch.arange(heads, device=device).repeat(n_samples)
+    # batches of equal size, at most batch_size rows, as many as a multiple of the ranks (torchrun), which take
+    # turns along them: each rank gets an equal share of the rows
+    world = distributed.world()
+    n_batches = math.ceil(len(cand) / batch_size / world) * world
+    bounds = [len(cand) * b // n_batches for b in range(n_batches + 1)]
     for layer in tqdm(range(done, layers), desc="locating", initial=done, total=layers, disable=not progress):
-        loss = torch.zeros(heads, device=device)
-        for start in range(0, len(cand), batch_size):
-            c, s = cand[start:start + batch_size], sample[start:start + batch_size]
+        loss = torch.zeros(n_batches, heads, device=device)  # one row per batch, summed over the ranks below
+        for b in distributed.mine(range(n_batches)):
+            c, s = cand[bounds[b]:bounds[b + 1]], sample[bounds[b]:bounds[b + 1]]
+            if not len(c):
+                continue
             cut = int(samples.length[s].max())
             mask = torch.zeros(layers, len(c), heads, dtype=torch.bool, device=device)
             mask[layer, torch.arange(len(c), device=device), c] = True  # row r masks its own candidate
             out = run_layers(model, samples.ids[s, :cut], None if hidden is None else hidden[s, :cut], layer,
                              layers, mask)
-            loss.index_add_(0, c, answer_loss(model, out, samples, s))
+            loss[b].index_add_(0, c, answer_loss(model, out, samples, s))
+        loss = distributed.all_sum(loss).sum(0)
         order = sorted(range(heads), key=lambda h: (-loss[h].item(), h))  # ties: the lower head index wins
         circuit[layer] = sorted(order[:n])
         state["circuit"][str(layer)] = circuit[layer]
@@ -275,7 +289,8 @@ def main(argv=None):
     examples = load_examples(args.dataset, args.split, args.prompt, args.data_dir, args.pool)
     val_examples = None if args.no_validate else load_examples(
         args.dataset, args.validate_split, args.prompt, args.data_dir, args.validate_limit or None)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    distributed.start(pick_device(args.device))
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     n = args.heads_per_layer if args.heads_per_layer is not None else max(1, round(heads / 4))
     if not 1 <= n < heads:
@@ -288,9 +303,12 @@ def main(argv=None):
     settings = {"model": args.model, "dataset": args.dataset, "split": args.split, "pool": args.pool,
                 "prompt": args.prompt, "samples": args.samples, "heads_per_layer": n}
     state = {"settings": settings, "circuit": {}, "loss_matrix": [], "seconds": 0.0}
-    if args.resume and os.path.exists(progress_path):
+    saved = None
+    if args.resume and distributed.rank() == 0 and os.path.exists(progress_path):
         with open(progress_path) as f:
             saved = json.load(f)
+    saved = distributed.from_rank0(saved)  # under torchrun, only rank 0 reads and writes files
+    if saved is not None:
         if saved["settings"] != settings:
             raise UsageError(f"{progress_path} was made with other settings ({saved['settings']}); "
                              "drop --resume or use the same options")
@@ -308,7 +326,8 @@ def main(argv=None):
 
     def save_progress(state):
         state["seconds"] = time.time() - started
-        write_json(progress_path, state)
+        if distributed.rank() == 0:
+            write_json(progress_path, state)
 
     circuit = locate(model, samples, n, args.batch_size, state, save_progress, not args.no_progress)
     seconds = time.time() - started
@@ -327,11 +346,12 @@ def main(argv=None):
         print(f"\naccuracy on {v['rows']} rows of {result['validation']['split']}: unmasked {v['unmasked']:.3f}, "
               f"circuit masked {v['circuit_masked']:.3f}, random heads masked {v['random_masked_mean']:.3f} "
               f"+- {v['random_masked_std']:.3f} ({args.random_trials} draws)")
-    write_json(args.out, result)
     svg = os.path.splitext(args.out)[0] + ".svg"
-    heat_map(result, svg)
-    if os.path.exists(progress_path):
-        os.remove(progress_path)
+    if distributed.rank() == 0:
+        write_json(args.out, result)
+        heat_map(result, svg)
+        if os.path.exists(progress_path):
+            os.remove(progress_path)
     print(f"located {sum(map(len, circuit.values()))} heads in {seconds:.1f} s; wrote {args.out} and {svg}")
     return result
 

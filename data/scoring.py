@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from data import distributed
 from data.tasks import Example
 
 
@@ -135,17 +136,25 @@ def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget:
 def score_examples(model, tokenizer, examples: list[Example], batch_size: int = 16, progress: bool = True,
                    desc: str = "scoring", token_budget: int = 4096) -> list[list[float]]:
     """Summed log-likelihood of every choice of every example: scores[example][choice]. `batch_size` prompts run
-    together; their continuations in passes of at most `token_budget` padded tokens."""
+    together; their continuations in passes of at most `token_budget` padded tokens. Under torchrun the ranks take
+    turns along the batches and every rank gets all the scores; a batch is the same whichever rank runs it, so the
+    scores equal one process's bit for bit."""
     prompts = build_prompts(tokenizer, examples)
-    scores = [[math.nan] * len(ex.continuations) for ex in examples]
+    batches = list(prompt_batches(prompts, batch_size))
     pad = pad_id_of(tokenizer)
-    with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
-        for batch in prompt_batches(prompts, batch_size):
-            values = iter(continuation_logprobs(model, batch, pad, token_budget))
-            for prompt in batch:
-                for e, c, _ in prompt.continuations:
-                    scores[e][c] = next(values)
-            bar.update(len(batch))
+    values = {}  # batch index -> its continuations' scores, in order
+    with tqdm(total=sum(map(len, distributed.mine(batches))), desc=desc, disable=not progress, leave=False) as bar:
+        for b in distributed.mine(range(len(batches))):
+            values[b] = continuation_logprobs(model, batches[b], pad, token_budget)
+            bar.update(len(batches[b]))
+    for part in distributed.all_gather(values):  # with one process: values itself
+        values.update(part)
+    scores = [[math.nan] * len(ex.continuations) for ex in examples]
+    for b, batch in enumerate(batches):
+        got = iter(values[b])
+        for prompt in batch:
+            for e, c, _ in prompt.continuations:
+                scores[e][c] = next(got)
     return scores
 
 

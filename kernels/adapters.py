@@ -118,11 +118,10 @@ def attach_headmap(model, circuit: dict[int, list[int]], rank: int = 32, scaling
     adapter = Adapter("headmap", {"method": "headmap", "variant": variant, "rank": rank, "scaling": scaling,
                                   "heads": {str(k): v for k, v in sorted(circuit.items())}})
     attn = attention_modules(model)
-    device = next(model.parameters()).device
     for layer, heads in sorted(circuit.items()):
-        hm = HeadMap(heads, head_dim, cfg.hidden_size, rank, scaling).to(device)
-        adapter.sites[str(layer)] = hm
         o_proj = attn[layer].o_proj
+        hm = HeadMap(heads, head_dim, cfg.hidden_size, rank, scaling).to(o_proj.weight.device)  # device maps too
+        adapter.sites[str(layer)] = hm
         if variant == "mha":
             adapter._handles.append(o_proj.register_forward_hook(lambda m, args, out, hm=hm: out + hm(args[0])))
         else:
@@ -158,10 +157,9 @@ def attach_lora(model, rank: int = 32, alpha: float = 64, dropout: float = 0.05,
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
               "target_modules": found, "use_dora": dora, "bias": "none"}
     adapter = Adapter("dora" if dora else "lora", config)
-    device = next(model.parameters()).device
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in found:
-            lora = LoRA(module, rank, alpha, dropout, dora).to(device)
+            lora = LoRA(module, rank, alpha, dropout, dora).to(module.weight.device)
             adapter.sites[name.replace(".", "/")] = lora
             adapter._handles.append(module.register_forward_hook(lora.hook))
     return adapter

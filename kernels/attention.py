@@ -18,6 +18,7 @@ runs the Triton kernel through Triton's interpreter (how the tests check the ker
 Inference only: the kernel has no backward pass. Fine-tuning masks no heads and uses the model's stock attention.
 """
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -149,18 +150,19 @@ def masked_attention_triton(q, k, v, head_mask=None, scale=None, attn_mask=None,
     cfg = _launch_config(head_dim)
     grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * n_heads)
     scale = head_dim ** -0.5 if scale is None else scale
-    _masked_attention_kernel[grid](
-        q, k, v, out, head_mask, attn,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        head_mask.stride(0), head_mask.stride(1), *attn.stride(),
-        n_heads, n_heads // n_kv, q_len, k_len, scale * 1.4426950408889634, float(softcap or 0.0),
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        # Triton's interpreter multiplies bf16 tiles wrongly (numpy has no bf16), so there the tiles are
-        # widened to fp32 after loading; on a GPU tl.dot runs on bf16 tensor cores.
-        DOT_FP32=INTERPRET and q.dtype == torch.bfloat16, HAS_MASK=attn_mask is not None, SOFTCAP=bool(softcap),
-        **cfg)
+    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():  # Triton launches on the current GPU
+        _masked_attention_kernel[grid](
+            q, k, v, out, head_mask, attn,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            head_mask.stride(0), head_mask.stride(1), *attn.stride(),
+            n_heads, n_heads // n_kv, q_len, k_len, scale * 1.4426950408889634, float(softcap or 0.0),
+            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            # Triton's interpreter multiplies bf16 tiles wrongly (numpy has no bf16), so there the tiles are
+            # widened to fp32 after loading; on a GPU tl.dot runs on bf16 tensor cores.
+            DOT_FP32=INTERPRET and q.dtype == torch.bfloat16, HAS_MASK=attn_mask is not None, SOFTCAP=bool(softcap),
+            **cfg)
     return out
 
 

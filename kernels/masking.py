@@ -113,11 +113,10 @@ def check_maskable(model) -> None:
 @contextmanager
 def registered(model, modules, mask):
     """The masked attention switched on, each attention module holding its layer's slice of `mask`."""
-    device = next(model.parameters()).device
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
-    for m in modules:
-        m.head_mask = mask[m.layer_idx].to(device)
+    for m in modules:  # on the layer's own device: with a device map, the layers of one model sit on several
+        m.head_mask = mask[m.layer_idx].to(m.o_proj.weight.device)
     try:
         yield model
     finally:

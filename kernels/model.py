@@ -8,6 +8,7 @@ arguments, and --help should not wait for torch.
 import argparse
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -88,18 +89,23 @@ def _convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))  # save_model handles the tied embedding
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process (a torchrun rank) converted it first
+            if not (target / "model.safetensors").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pick_device(device: str):
+    """The torch device for --device; under torchrun, auto and cuda mean this process's GPU (LOCAL_RANK)."""
     import torch
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
-    return torch.device(device)
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cpu" if device == "auto" else device)
 
 
 def pick_dtype(dtype: str, device):
@@ -113,10 +119,29 @@ def pick_dtype(dtype: str, device):
     return table[dtype]
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto"):
-    """Return (model, tokenizer), the model in eval mode on the chosen device and dtype."""
+def parse_device_map(value: str | None):
+    """--device-map: None, accelerate's auto/balanced/sequential, or a JSON file or string {module name: device}."""
+    if value is None or value in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return value
+    try:
+        if os.path.isfile(value):
+            with open(value) as f:
+                return json.load(f)
+        return json.loads(value)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"--device-map {value!r} is neither auto, balanced, sequential nor a JSON map of module "
+                         f"names to devices ({err})") from None
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", device_map: str | None = None):
+    """Return (model, tokenizer), the model in eval mode on the chosen device and dtype. A device map (accelerate)
+    spreads the layers over several devices instead: a model larger than one GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = parse_device_map(device_map)
+    if placement is not None and os.environ.get("WORLD_SIZE", "1") != "1":
+        raise UsageError("--device-map spreads one model over this machine's GPUs, and torchrun starts one process "
+                         "per GPU; use one or the other")
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     folder, gguf_file = resolve_model(name)
@@ -128,8 +153,18 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         folder = str(cached)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=placement)
     except OSError as err:
         hint = "" if os.path.isdir(folder) else " (offline? pass a local folder or a .gguf path)"
         raise UsageError(f"cannot load model {name!r}{hint}: {str(err).splitlines()[0]}") from None
-    return model.to(dev).eval(), tokenizer
+    except (ValueError, RuntimeError) as err:  # a device map with an unknown device, or more than fits
+        if placement is None:
+            raise
+        raise UsageError(f"--device-map does not fit {name!r}: {str(err).splitlines()[0]}") from None
+    if isinstance(placement, dict):  # transformers leaves parameters a map does not name where they are: refuse
+        missed = [n for n, _ in model.named_parameters()
+                  if not any(k == "" or n == k or n.startswith(k + ".") for k in placement)]
+        if missed:
+            raise UsageError(f"--device-map gives no device for {missed[0]} (and {len(missed) - 1} more parameters); "
+                             "name every module of the model, or use auto")
+    return (model if placement is not None else model.to(dev)).eval(), tokenizer

@@ -32,6 +32,7 @@ def run(*args):
     (["--dataset", "boolq", "--mask", "/no/heads.json"], "does not exist"),
     (["--dataset", "boolq", "--model", "/no/such/model"], "model folder /no/such/model does not exist"),
     (["--dataset", "boolq", "--adapter", "/no/adapter"], "/no/adapter has no adapter_config.json"),
+    (["--dataset", "boolq", "--device-map", "{gpu0"], "--device-map '{gpu0' is neither auto, balanced, sequential"),
 ])
 def test_evaluate_bad_input_is_one_line_and_exit_2(args, message):
     assert_usage_error(run("evaluate.py", *args), message)
@@ -118,6 +119,9 @@ def test_evaluate_rejects_heads_out_of_range(smollm2, tmp_path):
     (["--dataset", "boolq", "--heads-per-layer", "0"], "--heads-per-layer must be in 1..8"),
     (["--dataset", "boolq", "--samples", "0"], "--samples must be at least 1"),
     (["--dataset", "boolq", "--out", "/proc/nope/heads.json"], "cannot write /proc/nope/heads.json"),
+    (["--dataset", "boolq", "--device-map", '{"model.embed_tokens": "cpu"}'],
+     "--device-map gives no device for model.layers.0."),
+    (["--dataset", "boolq", "--device-map", '{"": "gpu7"}'], "--device-map does not fit"),
 ])
 def test_locate_bad_input_is_one_line_and_exit_2(args, message):
     assert_usage_error(run("locate.py", "--pool", "10", *args), message)

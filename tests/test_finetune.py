@@ -129,28 +129,32 @@ def test_save_load_round_trip(model, tmp_path):
         assert torch.equal(model(x).logits, tuned)
 
 
-def test_resume_gives_the_same_adapter(tmp_path):
+def train_tiny_lora(out, dropout, stop_at=None, **kw):
+    """finetune.train for LoRA on a tiny LLaMA and five short texts, raising KeyboardInterrupt after step `stop_at`;
+    returns the adapter's parameters. `kw` are train_args' (resume, batch size, checkpoint interval, ...)."""
     tok = TinyTokenizer()
     seqs = [tok(t).input_ids + [1] for t in ["a b c", "d e f g", "h i", "j k l m n", "o p q"]]
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, seed=3).requires_grad_(False)
+    torch.manual_seed(0)
+    adapter = attach_lora(model, rank=4, alpha=8, dropout=dropout)
+    adapter.train()
 
-    def run(out, stop_at=None, resume=False):
-        model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, seed=3).requires_grad_(False)
-        torch.manual_seed(0)
-        adapter = attach_lora(model, rank=4, alpha=8, dropout=0.1)  # dropout: the RNG state must resume too
-        adapter.train()
+    def on_step(step):
+        if step == stop_at:
+            raise KeyboardInterrupt
+    finetune.train(model, adapter, seqs, seqs[:2], 0, train_args(out, epochs=3, eval_every=4, **kw), on_step)
+    return [p.clone() for p in adapter.parameters()]
 
-        def on_step(step):
-            if step == stop_at:
-                raise KeyboardInterrupt
-        args = train_args(out, batch_size=2, epochs=3, eval_every=4, checkpoint_every=3, resume=resume)
-        finetune.train(model, adapter, seqs, seqs[:2], 0, args, on_step)
-        return {k: v.clone() for k, v in adapter.state_dict().items()}, [p.clone() for p in adapter.parameters()]
 
-    _, full = run(tmp_path / "full")
+def test_resume_gives_the_same_adapter(tmp_path):
+    def run(out, stop_at=None, resume=False):  # dropout: the RNG state must resume too
+        return train_tiny_lora(out, 0.1, stop_at, batch_size=2, checkpoint_every=3, resume=resume)
+
+    full = run(tmp_path / "full")
     for stop_at in (5, 7):  # the checkpoints of step 4 (a validation) and step 6 (--checkpoint-every 3) survive
         with pytest.raises(KeyboardInterrupt):
             run(tmp_path / "cut", stop_at=stop_at, resume=stop_at > 5)
-    _, resumed = run(tmp_path / "cut", resume=True)
+    resumed = run(tmp_path / "cut", resume=True)
     assert all(torch.equal(a, b) for a, b in zip(full, resumed))
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 10))  # each resume runs again, and logs once, the steps after its checkpoint
