@@ -72,7 +72,7 @@ from data.files import check_writable, write_json  # noqa: E402
 from data.scoring import accuracy, encode_pair, pad_id_of, pad_right, score_examples  # noqa: E402
 from data.tasks import data_source, load_examples  # noqa: E402
 from kernels.circuit import circuit_mask, random_circuit_like  # noqa: E402
-from kernels.masking import UnsupportedModel, check_maskable, mask_heads  # noqa: E402
+from kernels.masking import UnsupportedModel, check_maskable, decoder_layers, mask_heads  # noqa: E402
 from kernels.model import load_model, pick_device  # noqa: E402
 from plot import heat_map  # noqa: E402
 
@@ -107,15 +107,17 @@ class Samples:
 
 class StandIn(torch.nn.Module):
     """Takes a decoder layer's place in the model's own forward: returns `kept`, the layer's known output, or
-    with kept=None passes its input through. Other attributes (attention_type, ...) read as the layer's own."""
+    with kept=None passes its input through; as a tuple padded with None where the layer returns a tuple
+    (`width` entries). Other attributes (attention_type, ...) read as the layer's own."""
 
-    def __init__(self, layer, kept):
+    def __init__(self, layer, kept, width):
         super().__init__()
-        self.kept = kept
+        self.kept, self.width = kept, width
         self.__dict__["layer"] = layer  # not a submodule: the stand-in owns no weights
 
     def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states if self.kept is None else self.kept
+        out = hidden_states if self.kept is None else self.kept
+        return out if self.width is None else (out,) + (None,) * (self.width - 1)
 
     def __getattr__(self, name):
         try:
@@ -130,11 +132,12 @@ def only_layers(model, first, last, kept=None):
     (layer first-1's output on these rows), the layers from `last` on pass their input through. Every layer that
     runs gets what the model's forward gives it (masks and rotary embeddings per layer type, sliding windows),
     and the logits get every final transform the model applies (logit scaling, soft-capping)."""
-    layers = model.base_model.layers
+    check_locatable(model)
+    layers, widths = decoder_layers(model), model.__dict__["headmap_layer_widths"]
     real = list(layers)
     for i, layer in enumerate(real):
         if i < first or i >= last:
-            layers[i] = StandIn(layer, kept if i < first else None)
+            layers[i] = StandIn(layer, kept if i < first else None, widths[i])
     try:
         yield
     finally:
@@ -145,7 +148,7 @@ def only_layers(model, first, last, kept=None):
 def layer_output(model, layer, run):
     """What decoder layer `layer` returns while `run()` drives the model."""
     got = []
-    handle = model.base_model.layers[layer].register_forward_hook(lambda m, a, out: got.append(out))
+    handle = decoder_layers(model)[layer].register_forward_hook(lambda m, a, out: got.append(out))
     try:
         run()
     finally:
@@ -182,14 +185,25 @@ def answer_loss(model, hidden, samples, sample_of_row):
     return torch.zeros(len(sample_of_row), device=hidden.device).index_add_(0, row, nll)
 
 
+@torch.inference_mode()
 def check_locatable(model):
-    """Refuse, before any compute, a model whose heads cannot be masked exactly or whose forward locate cannot
-    drive layer by layer."""
+    """Refuse, before any compute, a model whose heads cannot be masked exactly, or whose decoder layers locate
+    cannot drive one by one: one 8-token probe records what each layer returns (a tensor, or a tuple whose other
+    entries must be None: a layer that hands more than the hidden state to the next cannot stand in)."""
+    if "headmap_layer_widths" in model.__dict__:
+        return
     check_maskable(model)
-    layers = getattr(model.base_model, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) != model.config.num_hidden_layers:
-        raise UnsupportedModel(f"{type(model).__name__}: its base model keeps no `layers` list of its "
-                               f"{model.config.num_hidden_layers} decoder layers, which locate drives one by one")
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out)) for layer in decoder_layers(model)]
+    try:
+        model(input_ids=torch.arange(1, 9, device=model.device)[None] % model.config.vocab_size)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if any(isinstance(out, tuple) and any(x is not None for x in out[1:]) for out in outputs):
+        raise UnsupportedModel(f"{type(model).__name__}: its decoder layers hand more than the hidden state to the "
+                               "next layer, which locate's layer-by-layer advance cannot keep")
+    model.__dict__["headmap_layer_widths"] = [len(out) if isinstance(out, tuple) else None for out in outputs]
 
 
 @torch.inference_mode()

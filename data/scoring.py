@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from data import distributed
 from data.tasks import Example
+from kernels.masking import UnsupportedModel
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -104,6 +105,11 @@ def _cache_name(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+# layer kinds whose cache a continuation pass extends exactly: keys and values (and a sparse-attention indexer's
+# keys), never a recurrent state (tests/test_architectures.py checks every type against one forward per choice)
+ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention", "indexed_attention"}
+
+
 def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget: int) -> list[float]:
     """log P(continuation | prompt) for every continuation of `batch` (equal-length prompts), in order.
     The prompts run once; each continuation then runs against its prompt's key/value cache, so a prompt is never
@@ -118,10 +124,22 @@ def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget:
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     scores = first[[i for i, _ in rows], [cont[0] for _, cont in rows]]
     name = _cache_name(model)
+    prompt_cache = out.get(name, out.get("past_key_values"))  # older models return it as past_key_values
+    if long and prompt_cache is None:
+        raise UnsupportedModel(f"{type(model).__name__} returns no key/value cache, which scoring a multi-token "
+                               "answer after its prompt needs (is it a decoder?)")
+    kinds = set(getattr(model.config.get_text_config(), "layer_types", None) or []) - ATTENTION_LAYERS
+    if long and (kinds or any(hasattr(layer, "recurrent_states") for layer in getattr(prompt_cache, "layers", []))):
+        what = ", ".join(sorted(kinds)) or "state-space"
+        raise UnsupportedModel(f"{type(model).__name__} caches a recurrent state ({what} layers), and continuing it "
+                               "over a multi-token answer is not exact for every such model in transformers; score "
+                               "one-token answers (--prompt paper on ARC, OpenBookQA) instead")
     for group in length_groups([len(rows[r][1]) - 1 for r in long], token_budget):
         group = [long[g] for g in group]  # rows of similar continuation length: little padding in this pass
-        cache = copy.deepcopy(out[name]) if len(group) < len(long) else out[name]
-        cache.batch_select_indices(torch.tensor([rows[r][0] for r in group], device=device))  # one copy per row
+        cache = copy.deepcopy(prompt_cache) if len(group) < len(long) else prompt_cache
+        # one copy of its prompt's cache per row; reorder_cache (beam search's) selects every state a layer keeps,
+        # the recurrent state of hybrid layers too, where batch_select_indices misses some (transformers 5.24)
+        cache.reorder_cache(torch.tensor([rows[r][0] for r in group], device=device))
         ids, _ = pad_right([rows[r][1][:-1] for r in group], pad_id, device)  # right padding: after every real token
         logits = model(input_ids=ids, **{name: cache}).logits
         which = [k for k, r in enumerate(group) for _ in rows[r][1][1:]]

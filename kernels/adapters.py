@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.masking import attention_modules
+from kernels.masking import UnsupportedModel, attention_modules, decoder_layers
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("up_proj",)}
@@ -114,13 +114,13 @@ def attach_headmap(model, circuit: dict[int, list[int]], rank: int = 32, scaling
     if variant not in ("mha", "hs"):
         raise ValueError(f"unknown HeadMap variant {variant!r}; use mha or hs")
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     adapter = Adapter("headmap", {"method": "headmap", "variant": variant, "rank": rank, "scaling": scaling,
                                   "heads": {str(k): v for k, v in sorted(circuit.items())}})
     attn = attention_modules(model)
     for layer, heads in sorted(circuit.items()):
         o_proj = attn[layer].o_proj
-        hm = HeadMap(heads, head_dim, cfg.hidden_size, rank, scaling).to(o_proj.weight.device)  # device maps too
+        head_dim = o_proj.in_features // cfg.num_attention_heads  # per layer: Gemma 4's global layers are wider
+        hm = HeadMap(heads, head_dim, o_proj.out_features, rank, scaling).to(o_proj.weight.device)  # device maps too
         adapter.sites[str(layer)] = hm
         if variant == "mha":
             adapter._handles.append(o_proj.register_forward_hook(lambda m, args, out, hm=hm: out + hm(args[0])))
@@ -131,8 +131,12 @@ def attach_headmap(model, circuit: dict[int, list[int]], rank: int = 32, scaling
 
             def add_to_output(m, args, out, hm=hm, stash=stash):
                 delta = hm(stash.pop("x"))
-                return (out[0] + delta, *out[1:]) if isinstance(out, tuple) else out + delta
-            adapter._handles.append(model.base_model.layers[layer].register_forward_hook(add_to_output))
+                hidden = out[0] if isinstance(out, tuple) else out
+                if hidden.shape != delta.shape:  # e.g. several residual streams (hyper-connections)
+                    raise UnsupportedModel(f"{type(m).__name__} outputs a hidden state of shape {tuple(hidden.shape)}, "
+                                           f"not o_proj's {tuple(delta.shape)}; the HS variant cannot add to it")
+                return (hidden + delta, *out[1:]) if isinstance(out, tuple) else hidden + delta
+            adapter._handles.append(decoder_layers(model)[layer].register_forward_hook(add_to_output))
     return adapter
 
 

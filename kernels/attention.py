@@ -44,12 +44,14 @@ def masked_attention_reference(q, k, v, head_mask=None, scale=None, attn_mask=No
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scores = (q.float() @ k.float().transpose(-1, -2)) * scale
         scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~attn_mask, float("-inf"))
-        out = (torch.softmax(scores, -1) @ v.float()).to(q.dtype)
+        # a query that sees no key (a padded row under a window) gets zeros, as from SDPA and the kernel, not NaN:
+        # later layers read it as a masked key, and a NaN there would spread through the zero weight
+        out = (torch.softmax(scores, -1).nan_to_num(0.0) @ v.float()).to(q.dtype)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=True)
     if head_mask is not None:
         out = out.masked_fill(head_mask.to(torch.bool)[:, :, None, None], 0.0)
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).contiguous()  # (B, S, H, D) in memory, as the kernel writes it: callers .view() it
 
 
 if triton is not None:

@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kernels.attention import masked_attention
+from kernels.model import UsageError
 
 ATTENTION_NAME = "headmap_masked"
 # arguments attention modules pass that do not change what softmax attention computes
@@ -29,8 +30,9 @@ BENIGN = {"position_ids", "cache_position", "use_cache", "output_attentions", "r
 FEATURES = {"s_aux": "attention sinks", "sinks": "attention sinks", "lambda_full": "differential attention"}
 
 
-class UnsupportedModel(ValueError):
-    """The model's attention does something head masking cannot reproduce exactly."""
+class UnsupportedModel(UsageError):
+    """The model does something head masking (or scoring) cannot reproduce exactly: the scripts print it as one
+    line and exit with code 2."""
 
 
 def headmap_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
@@ -64,11 +66,29 @@ AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 def attention_modules(model) -> list:
     """The self-attention module of every layer, in layer order."""
+    layers = getattr(model.config, "num_hidden_layers", None)
+    if layers is None:
+        raise UnsupportedModel(f"{type(model).__name__}: its config names no num_hidden_layers (a multimodal "
+                               "wrapper?); head masking needs a decoder's config: load its text model")
     found = [m for m in model.modules() if hasattr(m, "o_proj") and isinstance(getattr(m, "layer_idx", None), int)]
-    if len(found) != model.config.num_hidden_layers:
+    if len(found) != layers:
         raise UnsupportedModel(f"{type(model).__name__}: found {len(found)} attention modules with o_proj and "
-                               f"layer_idx for {model.config.num_hidden_layers} layers; head masking needs one per layer")
+                               f"layer_idx for {layers} layers; head masking needs one per layer")
     return sorted(found, key=lambda m: m.layer_idx)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's list of decoder layers, wherever the model keeps it: the ModuleList whose i-th entry holds
+    layer i's attention module. Found once per model (locate swaps stand-ins into the list later)."""
+    if "headmap_decoder_layers" in model.__dict__:
+        return model.__dict__["headmap_decoder_layers"]
+    attention = attention_modules(model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == len(attention) and all(
+                any(sub is a for sub in layer.modules()) for layer, a in zip(m, attention)):
+            model.__dict__["headmap_decoder_layers"] = m  # not a submodule: no second path to its weights
+            return m
+    raise UnsupportedModel(f"{type(model).__name__}: no list of decoder layers holds its attention modules in order")
 
 
 @torch.no_grad()
@@ -95,9 +115,10 @@ def check_maskable(model) -> None:
             model(input_ids=torch.arange(1, 9, device=device)[None] % model.config.vocab_size)
         for m in modules:
             if len(m.headmap_probe) != 1:
+                kind = "linear or recurrent attention" if not m.headmap_probe else "differential or custom attention"
                 raise UnsupportedModel(f"{arch}: the attention of layer {m.layer_idx} calls the attention interface "
-                                       f"{len(m.headmap_probe)} times per forward (differential or custom attention); "
-                                       "head masking is not supported on it")
+                                       f"{len(m.headmap_probe)} times per forward ({kind}); head masking is not "
+                                       "supported on it")
             out, got = m.headmap_probe[0], read.get(m.layer_idx)
             if got is None or got.numel() != out.numel() or not torch.equal(got, out.reshape(got.shape)):
                 raise UnsupportedModel(f"{arch}: o_proj of layer {m.layer_idx} does not read the attention output as "

@@ -36,7 +36,8 @@ def ablate_with_hooks(model, mask):
             dense[layer, hs] = True
         mask = dense
     handles = []
-    for i, layer in enumerate(model.base_model.layers):
+    decoder = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers)
+    for i, layer in enumerate(decoder):
         o_proj = o_proj_of(layer)
         head_dim = o_proj.in_features // heads
 
