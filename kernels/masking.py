@@ -98,6 +98,7 @@ def check_maskable(model) -> None:
     attention once and that o_proj reads exactly what it returned. Done once per model."""
     if getattr(model, "headmap_maskable", False):
         return
+    decoder_layers(model)  # one attention module per decoder layer (LongCat-Flash has two): a head is (layer, h)
     modules = attention_modules(model)
     arch = type(model).__name__
     device = next(model.parameters()).device

@@ -15,10 +15,13 @@ SIZE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_l
             n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
             qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1, shared_expert_intermediate_size=32,
             partial_rotary_factor=0.5, rotary_dim=8, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
 PER_TYPE = {"zaya": dict(num_experts_per_tok=1),  # what a type's own validation insists on
             # hybrids: an attention layer within the 2 layers
             "jamba": dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=1, expert_layer_period=2),
             "bamba": dict(attn_layer_indices=[1]),
+            "longcat_flash": dict(num_layers=2, zero_expert_num=2),
             "falcon_h1": dict(mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=16, mamba_chunk_size=16)}
 # features forced on where a config has them, at sizes where getting them wrong shows
 FORCED = dict(sliding_window=WINDOW, use_sliding_window=True, attn_logit_softcapping=2.0,
@@ -42,7 +45,7 @@ def tiny_config(model_type: str):
     fields = text.to_dict()  # not hasattr: a per-layer config (Gemma 4) raises on reading a global head_dim
     overrides = {k: v for k, v in {**SIZE, **PER_TYPE.get(model_type, {})}.items() if settable(text, k)}
     overrides.update({k: v for k, v in FORCED.items() if settable(text, k) and (
-        fields[k] not in (None, False) or k == "use_sliding_window")})
+        fields.get(k, getattr(text, k, None)) not in (None, False) or k == "use_sliding_window")})
     if fields.get("kv_lora_rank"):  # multi-head latent attention: as many key/value heads as query heads, and
         overrides["num_key_value_heads"] = SIZE["num_attention_heads"]  # the rotary part is its head_dim
         overrides["head_dim"] = SIZE["qk_rope_head_dim"]
@@ -53,7 +56,13 @@ def tiny_config(model_type: str):
         overrides["layer_types"] = [kinds[i % len(kinds)] for i in range(overrides["num_hidden_layers"])]
     if text is default:
         return AutoConfig.for_model(model_type, **overrides)
-    return AutoConfig.for_model(model_type, text_config={**text.to_dict(), **overrides})
+    wrapper = {"text_config": {**text.to_dict(), **overrides}}
+    vision = getattr(default, "vision_config", None)
+    if vision is not None:  # a multimodal wrapper builds its vision tower too: the smallest that still works
+        wrapper["vision_config"] = {**vision.to_dict(), **{k: v for k, v in VISION.items() if settable(vision, k)}}
+        if settable(default, "mm_tokens_per_image"):
+            wrapper["mm_tokens_per_image"] = (VISION["image_size"] // VISION["patch_size"]) ** 2
+    return AutoConfig.for_model(model_type, **wrapper)
 
 
 def tiny_model(model_type: str, seed: int = 0):

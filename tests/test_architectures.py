@@ -34,6 +34,7 @@ NORM_BEFORE_O, LINEAR = "does not read the attention output", "linear or recurre
 FLOAT_MASK, LAYER_STATE, HS_SHAPE = "float32 attention mask", "hand more than the hidden state", "the HS variant cannot add"
 NO_O_PROJ, NO_LORA_TARGET = "head masking needs", "has none of the LoRA targets"
 RECURRENT_CACHE, NO_CACHE = "caches a recurrent state", "no key/value cache"
+NO_LAYER_LIST, POSITION_BIAS = "no list of decoder layers", "'position_bias'"
 EXPECTED = {
     "afmoe": (E, NORM_BEFORE_O, NORM_BEFORE_O, E, E),
     "apertus": ALL,
@@ -93,7 +94,7 @@ EXPECTED = {
     "fuyu": (E, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, NO_LORA_TARGET),
     "gemma": ALL,
     "gemma2": ALL,
-    "gemma3": "cannot build",  # ValueError
+    "gemma3": (E, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, E),
     "gemma3_text": ALL,
     "gemma3n": "cannot build",  # ValueError
     "gemma3n_text": "cannot build",  # ValueError
@@ -109,7 +110,7 @@ EXPECTED = {
     "glm4_moe": ALL,
     "glm4_moe_lite": ALL,
     "glm_moe_dsa": (E, INDICES, INDICES, E, E),
-    "got_ocr2": "cannot build",  # ValueError
+    "got_ocr2": (E, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, E),
     "gpt-sw3": (E, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, NO_LORA_TARGET),
     "gpt2": (E, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, NO_LORA_TARGET),
     "gpt_bigcode": (E, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, NO_LORA_TARGET),
@@ -131,9 +132,9 @@ EXPECTED = {
     "hy_v3": ALL,
     "hy_v4": (E, INDICES, INDICES, HS_SHAPE, E),
     "hyperclovax": ALL,
-    "inkling2_loop_text": "cannot build",  # KeyError
-    "inkling2_text": "cannot build",  # KeyError
-    "inkling_text": "cannot build",  # KeyError
+    "inkling2_loop_text": "cannot build",  # ValueError
+    "inkling2_text": "cannot build",  # ValueError
+    "inkling_text": (RECURRENT_CACHE, POSITION_BIAS, POSITION_BIAS, E, E),
     "internlm3": ALL,
     "iquestcoder": ALL,
     "jais2": ALL,
@@ -149,7 +150,7 @@ EXPECTED = {
     "llama": ALL,
     "llama4": ALL,
     "llama4_text": ALL,
-    "longcat_flash": "cannot build",  # ValueError
+    "longcat_flash": (E, NO_LAYER_LIST, NO_LAYER_LIST, NO_LAYER_LIST, E),
     "mamba": (RECURRENT_CACHE, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, NO_LORA_TARGET),
     "mamba2": "cannot build",  # StrictDataclassClassValidationError
     "marian": "cannot build",  # ValueError
@@ -202,7 +203,7 @@ EXPECTED = {
     "qwen3_next": (RECURRENT_CACHE, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, E),
     "qwen4_exp": "cannot build",  # TypeError
     "qwen4_exp_text": "cannot build",  # TypeError
-    "recurrent_gemma": "cannot build",  # KeyError
+    "recurrent_gemma": "stock model fails",  # ValueError
     "reformer": "cannot build",  # AssertionError
     "rembert": (NO_CACHE, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, NO_LORA_TARGET),
     "roberta": (NO_CACHE, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, NO_LORA_TARGET),
