@@ -71,7 +71,7 @@ from data.scoring import accuracy, score_examples  # noqa: E402
 from data.tasks import data_source, load_examples  # noqa: E402
 from kernels.adapters import load_adapter  # noqa: E402
 from kernels.circuit import check_circuit, circuit_mask, random_circuit_like, read_circuit  # noqa: E402
-from kernels.masking import mask_heads  # noqa: E402
+from kernels.masking import layers_and_heads, mask_heads  # noqa: E402
 from kernels.model import load_model, pick_device  # noqa: E402
 
 
@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
                              f"{str(err).strip().splitlines()[0]}); pass its base model with --model") from None
     mask = None
     if circuit is not None:
-        layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+        layers, heads = layers_and_heads(model)
         check_circuit(circuit, layers, heads, args.mask)
         if args.random_mask:
             circuit = random_circuit_like(circuit, heads, torch.Generator().manual_seed(args.seed))

@@ -88,6 +88,7 @@ from data.scoring import accuracy, length_groups, pad_id_of, pad_right, score_ex
 from data.tasks import data_source, load_examples  # noqa: E402
 from kernels.adapters import attach_headmap, attach_lora, save_adapter  # noqa: E402
 from kernels.circuit import check_circuit, random_circuit_like, read_circuit  # noqa: E402
+from kernels.masking import layers_and_heads  # noqa: E402
 from kernels.model import SMOLLM2_HUB_ID, load_model, pick_device  # noqa: E402
 from plot import curves  # noqa: E402
 
@@ -280,7 +281,7 @@ def main(argv=None):
     distributed.start(pick_device(args.device))
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     model.requires_grad_(False)
-    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    layers, heads = layers_and_heads(model)
 
     torch.manual_seed(args.seed)  # adapter initialisation and dropout
     if args.method == "headmap":

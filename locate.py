@@ -72,7 +72,7 @@ from data.files import check_writable, write_json  # noqa: E402
 from data.scoring import accuracy, encode_pair, pad_id_of, pad_right, score_examples  # noqa: E402
 from data.tasks import data_source, load_examples  # noqa: E402
 from kernels.circuit import circuit_mask, random_circuit_like  # noqa: E402
-from kernels.masking import UnsupportedModel, check_maskable, decoder_layers, mask_heads  # noqa: E402
+from kernels.masking import UnsupportedModel, check_maskable, decoder_layers, layers_and_heads, mask_heads  # noqa: E402
 from kernels.model import load_model, pick_device  # noqa: E402
 from plot import heat_map  # noqa: E402
 
@@ -169,7 +169,8 @@ def run_layers(model, ids, kept, first, last, mask):
 def final_logits(model, states):
     """Logits of the model for last-layer hidden states (n, d), through the model's own forward: every decoder
     layer stands in for them, so its final norm, LM head and logit transforms run on these n positions only."""
-    with only_layers(model, model.config.num_hidden_layers, model.config.num_hidden_layers, states[None]):
+    layers, _ = layers_and_heads(model)
+    with only_layers(model, layers, layers, states[None]):
         ids = torch.zeros(1, len(states), dtype=torch.long, device=states.device)
         return model(input_ids=ids, logits_to_keep=0).logits[0].float()
 
@@ -196,13 +197,18 @@ def check_locatable(model):
     outputs = []
     hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out)) for layer in decoder_layers(model)]
     try:
-        model(input_ids=torch.arange(1, 9, device=model.device)[None] % model.config.vocab_size)
+        model(input_ids=torch.arange(1, 9, device=model.device)[None] % model.config.get_text_config().vocab_size)
     finally:
         for hook in hooks:
             hook.remove()
     if any(isinstance(out, tuple) and any(x is not None for x in out[1:]) for out in outputs):
         raise UnsupportedModel(f"{type(model).__name__}: its decoder layers hand more than the hidden state to the "
                                "next layer, which locate's layer-by-layer advance cannot keep")
+    shapes = {tuple((out[0] if isinstance(out, tuple) else out).shape) for out in outputs}
+    if shapes != {(1, 8, model.config.get_text_config().hidden_size)}:  # Gemma 3n's AltUp stacks 4 streams
+        raise UnsupportedModel(f"{type(model).__name__}: its decoder layers pass hidden states of shape "
+                               f"{sorted(shapes)} to the next, not (batch, tokens, width), which locate's "
+                               "layer-by-layer advance cannot keep")
     model.__dict__["headmap_layer_widths"] = [len(out) if isinstance(out, tuple) else None for out in outputs]
 
 
@@ -210,7 +216,7 @@ def check_locatable(model):
 def locate(model, samples, n, batch_size, state, on_layer_done, progress=True):
     """Algorithm 1, from the layers `state` has not finished yet (it holds the circuit and loss rows so far)."""
     check_locatable(model)
-    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    layers, heads = layers_and_heads(model)
     n_samples = len(samples.ids)
     device = samples.ids.device
     hidden = None  # the kept output of the layers below the current one (None: below layer 0)
@@ -257,7 +263,7 @@ def locate(model, samples, n, batch_size, state, on_layer_done, progress=True):
 
 @torch.inference_mode()
 def unmasked_loss(model, samples):
-    layers = model.config.num_hidden_layers
+    layers, _ = layers_and_heads(model)
     hidden = layer_output(model, layers - 1, lambda: model(input_ids=samples.ids, logits_to_keep=1))
     rows = torch.arange(len(samples.ids), device=hidden.device).repeat_interleave(samples.count)
     logits = final_logits(model, hidden[rows, samples.pos])
@@ -280,7 +286,7 @@ def print_heat_map(loss_matrix, circuit):
 
 def validate(model, tokenizer, examples, circuit, trials, seed, batch_size, progress=True):
     """Accuracy with no mask, with the circuit masked, and with random heads of the same per-layer counts."""
-    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    layers, heads = layers_and_heads(model)
 
     def acc(circ):
         with mask_heads(model, circuit_mask(circ, layers, heads)) if circ is not None else nullcontext():
@@ -305,7 +311,7 @@ def main(argv=None):
         args.dataset, args.validate_split, args.prompt, args.data_dir, args.validate_limit or None)
     distributed.start(pick_device(args.device))
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
-    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    layers, heads = layers_and_heads(model)
     n = args.heads_per_layer if args.heads_per_layer is not None else max(1, round(heads / 4))
     if not 1 <= n < heads:
         raise UsageError(f"--heads-per-layer must be in 1..{heads - 1} for a model with {heads} heads, got {n}")

@@ -129,11 +129,13 @@ def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget:
         raise UnsupportedModel(f"{type(model).__name__} returns no key/value cache, which scoring a multi-token "
                                "answer after its prompt needs (is it a decoder?)")
     kinds = set(getattr(model.config.get_text_config(), "layer_types", None) or []) - ATTENTION_LAYERS
-    if long and (kinds or any(hasattr(layer, "recurrent_states") for layer in getattr(prompt_cache, "layers", []))):
-        what = ", ".join(sorted(kinds)) or "state-space"
+    recurrent = any(hasattr(layer, "recurrent_states") for layer in getattr(prompt_cache, "layers", []))
+    if long and (kinds or recurrent or not hasattr(prompt_cache, "reorder_cache")):  # xLSTM's own cache class
+        what = ", ".join(sorted(kinds)) or ("state-space" if recurrent else type(prompt_cache).__name__)
         raise UnsupportedModel(f"{type(model).__name__} caches a recurrent state ({what} layers), and continuing it "
                                "over a multi-token answer is not exact for every such model in transformers; score "
                                "one-token answers (--prompt paper on ARC, OpenBookQA) instead")
+    windows = [layer.sliding_window for layer in getattr(prompt_cache, "layers", []) if getattr(layer, "is_sliding", 0)]
     for group in length_groups([len(rows[r][1]) - 1 for r in long], token_budget):
         group = [long[g] for g in group]  # rows of similar continuation length: little padding in this pass
         cache = copy.deepcopy(prompt_cache) if len(group) < len(long) else prompt_cache
@@ -141,13 +143,40 @@ def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget:
         # the recurrent state of hybrid layers too, where batch_select_indices misses some (transformers 5.24)
         cache.reorder_cache(torch.tensor([rows[r][0] for r in group], device=device))
         ids, _ = pad_right([rows[r][1][:-1] for r in group], pad_id, device)  # right padding: after every real token
-        logits = model(input_ids=ids, **{name: cache}).logits
+        try:
+            logits = model(input_ids=ids, **{name: cache}).logits
+        except torch.OutOfMemoryError:
+            raise
+        except (AssertionError, RuntimeError) as err:  # the stock model's own limits: ProphetNet, CPM-Ant
+            raise UnsupportedModel(f"{type(model).__name__} cannot continue its own key/value cache over a "
+                                   f"{ids.shape[1]}-token answer ({type(err).__name__}: {err}); score one-token "
+                                   "answers (--prompt paper on ARC, OpenBookQA) instead") from err
         which = [k for k, r in enumerate(group) for _ in rows[r][1][1:]]
         pos = [p for r in group for p in range(len(rows[r][1]) - 1)]
         targets = torch.tensor([t for r in group for t in rows[r][1][1:]], device=device)
         rest = torch.log_softmax(logits[which, pos].float(), dim=-1).gather(1, targets[:, None])[:, 0]
         scores = scores.index_add(0, torch.tensor([group[k] for k in which], device=device), rest)
+    if long and windows and len(batch[0].ids) > min(windows):
+        check_window_cache(model, batch, [rows[r] for r in long], scores[long])
     return scores.tolist()
+
+
+def check_window_cache(model, batch: list[Prompt], rows: list[tuple[int, list[int]]], cached: torch.Tensor):
+    """A sliding-window cache keeps only the window's last keys. That is exact only if the model's own forward
+    applies the same window, which Moshi's does not (and a check on one batch can pass by chance): so a batch whose
+    prompts are longer than the window has its multi-token answers scored again by one full forward of prompt +
+    answer, and a mismatch refuses the model. Prompts rarely outgrow real windows (4,096 tokens and up)."""
+    length = len(batch[0].ids)
+    ids, attention = pad_right([batch[i].ids + cont[:-1] for i, cont in rows], 0, cached.device)
+    logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits.float(), dim=-1)
+    full = torch.stack([logprobs[k, torch.arange(length - 1, length - 1 + len(cont)), cont].sum()
+                        for k, (_, cont) in enumerate(rows)])
+    tolerance = (1e-3 if logprobs.dtype == model.dtype else 1e-1) * full.abs().clamp(min=1.0)
+    if ((full - cached).abs() > tolerance).any():
+        worst = (full - cached).abs().argmax()
+        raise UnsupportedModel(f"{type(model).__name__}: continuing its sliding-window cache after a {length}-token "
+                               f"prompt scores an answer {cached[worst]:.4f}, its full forward {full[worst]:.4f}: the "
+                               "model does not apply the window its cache keeps; shorten the prompts below the window")
 
 
 @torch.inference_mode()

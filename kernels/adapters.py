@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.masking import UnsupportedModel, attention_modules, decoder_layers
+from kernels.masking import UnsupportedModel, attention_modules, decoder_layers, layers_and_heads
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("up_proj",)}
@@ -113,13 +113,16 @@ def attach_headmap(model, circuit: dict[int, list[int]], rank: int = 32, scaling
     "hs": added to the layer's output hidden state, after the MLP residual."""
     if variant not in ("mha", "hs"):
         raise ValueError(f"unknown HeadMap variant {variant!r}; use mha or hs")
-    cfg = model.config
+    _, heads_per_layer = layers_and_heads(model)
     adapter = Adapter("headmap", {"method": "headmap", "variant": variant, "rank": rank, "scaling": scaling,
                                   "heads": {str(k): v for k, v in sorted(circuit.items())}})
     attn = attention_modules(model)
     for layer, heads in sorted(circuit.items()):
         o_proj = attn[layer].o_proj
-        head_dim = o_proj.in_features // cfg.num_attention_heads  # per layer: Gemma 4's global layers are wider
+        if not isinstance(o_proj, nn.Linear):  # HeadMap reads its width and merges into its weight
+            raise UnsupportedModel(f"{type(model).__name__}: its o_proj is a {type(o_proj).__name__}, not a linear "
+                                   "layer, which HeadMap needs to attach to and merge into")
+        head_dim = o_proj.in_features // heads_per_layer  # per layer: Gemma 4's global layers are wider
         hm = HeadMap(heads, head_dim, o_proj.out_features, rank, scaling).to(o_proj.weight.device)  # device maps too
         adapter.sites[str(layer)] = hm
         if variant == "mha":

@@ -26,7 +26,7 @@ from kernels.model import UsageError
 ATTENTION_NAME = "headmap_masked"
 # arguments attention modules pass that do not change what softmax attention computes
 BENIGN = {"position_ids", "cache_position", "use_cache", "output_attentions", "return_dict", "layer_idx",
-          "past_key_values", "cache", "position_embeddings", "dropout", "is_causal"}
+          "past_key_values", "cache", "position_embeddings", "dropout", "is_causal", "logits_to_keep"}
 FEATURES = {"s_aux": "attention sinks", "sinks": "attention sinks", "lambda_full": "differential attention"}
 
 
@@ -64,12 +64,19 @@ AttentionInterface.register(ATTENTION_NAME, headmap_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
+def layers_and_heads(model) -> tuple[int, int]:
+    """The decoder's layer count and query heads per layer: a multimodal wrapper's (Gemma 3 4B and up, Gemma 4)
+    from its text config, which is how AutoModelForCausalLM loads those checkpoints."""
+    config = model.config.get_text_config()
+    return getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
+
+
 def attention_modules(model) -> list:
     """The self-attention module of every layer, in layer order."""
-    layers = getattr(model.config, "num_hidden_layers", None)
+    layers, _ = layers_and_heads(model)
     if layers is None:
-        raise UnsupportedModel(f"{type(model).__name__}: its config names no num_hidden_layers (a multimodal "
-                               "wrapper?); head masking needs a decoder's config: load its text model")
+        raise UnsupportedModel(f"{type(model).__name__}: its text config names no num_hidden_layers; head masking "
+                               "needs a decoder")
     found = [m for m in model.modules() if hasattr(m, "o_proj") and isinstance(getattr(m, "layer_idx", None), int)]
     if len(found) != layers:
         raise UnsupportedModel(f"{type(model).__name__}: found {len(found)} attention modules with o_proj and "
@@ -111,9 +118,9 @@ def check_maskable(model) -> None:
     for m in modules:
         m.headmap_probe = []
     try:
-        nothing = torch.zeros(model.config.num_hidden_layers, model.config.num_attention_heads, dtype=torch.bool)
+        nothing = torch.zeros(layers_and_heads(model), dtype=torch.bool)
         with registered(model, modules, nothing):
-            model(input_ids=torch.arange(1, 9, device=device)[None] % model.config.vocab_size)
+            model(input_ids=torch.arange(1, 9, device=device)[None] % model.config.get_text_config().vocab_size)
         for m in modules:
             if len(m.headmap_probe) != 1:
                 kind = "linear or recurrent attention" if not m.headmap_probe else "differential or custom attention"
@@ -138,7 +145,7 @@ def registered(model, modules, mask):
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     for m in modules:  # on the layer's own device: with a device map, the layers of one model sit on several
-        m.head_mask = mask[m.layer_idx].to(m.o_proj.weight.device)
+        m.head_mask = mask[m.layer_idx].to(next(m.o_proj.parameters()).device)  # a gated o_proj has no .weight
     try:
         yield model
     finally:
@@ -152,7 +159,7 @@ def mask_heads(model, mask: torch.Tensor):
     """Run `model` with heads ablated: mask[l, h] (same head set for every sequence) or mask[l, b, h] (one head
     set per sequence of the batch), True = that head's output is zero."""
     modules = attention_modules(model)
-    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    layers, heads = layers_and_heads(model)
     if mask.dtype != torch.bool or mask.dim() not in (2, 3) or mask.shape[0] != layers or mask.shape[-1] != heads:
         raise ValueError(f"head mask must be a bool tensor of shape ({layers}, {heads}) or ({layers}, batch, "
                          f"{heads}); got {mask.dtype} {tuple(mask.shape)}")

@@ -29,7 +29,8 @@ def ablate_with_hooks(model, mask):
     """Independent of kernels/: the stock model, with forward pre-hooks that zero the masked heads' columns of
     each o_proj input. `mask` is {layer: [heads]} or a bool tensor (layers, heads) or (layers, batch, heads).
     Returns the hook handles (remove them when done)."""
-    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    config = model.config.get_text_config()  # a multimodal wrapper: its decoder's
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
     if isinstance(mask, dict):
         dense = torch.zeros(layers, heads, dtype=torch.bool)
         for layer, hs in mask.items():
@@ -39,10 +40,10 @@ def ablate_with_hooks(model, mask):
     decoder = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers)
     for i, layer in enumerate(decoder):
         o_proj = o_proj_of(layer)
-        head_dim = o_proj.in_features // heads
 
-        def zero(module, args, rows=mask[i], head_dim=head_dim):
+        def zero(module, args, rows=mask[i]):
             x = args[0]
+            head_dim = x.shape[-1] // heads  # from the input: not every o_proj is an nn.Linear (Moshi's)
             rows = rows.expand(x.shape[0], heads) if rows.dim() == 1 else rows  # (batch, heads)
             keep = (~rows.to(x.device)).repeat_interleave(head_dim, dim=-1)[:, None, :]
             return (x * keep,)
@@ -55,7 +56,8 @@ def locate_brute_force(model, tokenizer, examples, n):
     """Algorithm 1 the naive way: for every candidate of every layer, one full forward pass of the stock model
     over all samples (right-padded), with the circuit so far and the candidate zeroed by hooks."""
     from data.scoring import pad_right
-    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    config = model.config.get_text_config()  # a multimodal wrapper: its decoder's
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
     device = next(model.parameters()).device
     pairs = [encode_pair(tokenizer, ex.prompts[ex.gold], ex.continuations[ex.gold]) for ex in examples]
     ids, attention = pad_right([ctx + cont for ctx, cont in pairs], 0, device)
