@@ -171,7 +171,7 @@ def check_window_cache(model, batch: list[Prompt], rows: list[tuple[int, list[in
     logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits.float(), dim=-1)
     full = torch.stack([logprobs[k, torch.arange(length - 1, length - 1 + len(cont)), cont].sum()
                         for k, (_, cont) in enumerate(rows)])
-    tolerance = (1e-3 if logprobs.dtype == model.dtype else 1e-1) * full.abs().clamp(min=1.0)
+    tolerance = (1e-3 if model.dtype == torch.float32 else 1e-1) * full.abs().clamp(min=1.0)  # bf16: kernels differ
     if ((full - cached).abs() > tolerance).any():
         worst = (full - cached).abs().argmax()
         raise UnsupportedModel(f"{type(model).__name__}: continuing its sliding-window cache after a {length}-token "
