@@ -23,14 +23,16 @@ locate_d64() {
 # whole validation split, the best adapter kept; paper prompts for training and for the accuracy on the whole
 # test split. ARC-Challenge uses ARC-Easy's circuit: SmolLM2 is at chance on ARC-Challenge (harness acc 0.235 on
 # 200 rows, RESULTS.md section 1), so there are no answers it gets right to locate a circuit from.
-finetune_run() {  # dataset, name, seed, then finetune.py arguments
+finetune_run() {  # dataset, name, seed, then finetune.py arguments; a name harness_* trains on harness prompts
   local dataset=$1 name=$2 seed=$3; shift 3
-  local out=runs/full/${dataset}_${name}_s$seed
-  # The base model's test accuracy and validation loss (before.json) are the same for every run of a dataset:
-  # each adapter starts as the identity and scoring has no randomness. Reusing the first run's saves ~6 minutes.
-  local first=runs/full/${dataset}_headmap_mha_s0/before.json
+  local out=runs/full/${dataset}_${name}_s$seed prompt=paper style=""
+  if [[ $name == harness_* ]]; then prompt=harness style=harness_; fi
+  # The base model's test accuracy and validation loss (before.json) are the same for every run of a dataset and
+  # prompt style: each adapter starts as the identity and scoring has no randomness. Reusing the first run's saves
+  # ~6 minutes.
+  local first=runs/full/${dataset}_${style}headmap_mha_s0/before.json
   if [ -f "$first" ] && [ ! -f "$out/before.json" ]; then mkdir -p "$out" && cp "$first" "$out/"; fi
-  python finetune.py --dataset "$dataset" --prompt paper --seed "$seed" --out "$out" --resume --no-progress "$@"
+  python finetune.py --dataset "$dataset" --prompt $prompt --seed "$seed" --out "$out" --resume --no-progress "$@"
   cp "$out/log.jsonl" "experiments/full/${dataset}_${name}_s$seed.log.jsonl"
   cp "$out/training.json" "experiments/full/${dataset}_${name}_s$seed.json"
 }
@@ -42,6 +44,9 @@ done
 for seed in 1 2; do
   steps+=("arc_easy headmap_mha $seed" "arc_easy headmap_random $seed" "arc_easy lora $seed")
 done
+# The optional block: training text prompt + " " + answer text, scored with harness prompts, on which the
+# base model starts above chance (0.51) and under which the circuit was located.
+steps+=("arc_easy harness_headmap_mha 0" "arc_easy harness_headmap_random 0" "arc_easy harness_lora 0")
 
 done_file() {  # the file whose existence marks a step finished
   set -- $1
@@ -50,7 +55,7 @@ done_file() {  # the file whose existence marks a step finished
 
 run_step() {
   set -- $1
-  case $2 in
+  case ${2#harness_} in
     $CIRCUIT) locate_d64 ;;
     headmap_mha) finetune_run "$1" "$2" "$3" --heads $CIRCUIT --method headmap --variant mha ;;
     headmap_hs) finetune_run "$1" "$2" "$3" --heads $CIRCUIT --method headmap --variant hs ;;

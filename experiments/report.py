@@ -131,23 +131,23 @@ def draw_curves(runs, figure, title):
 
 def full_protocol():
     """The full-protocol runs (full_protocol.sh): one table per dataset, seeds pooled, and the loss curves."""
-    runs = {}  # (dataset, run name) -> [(config, log path)] over seeds
+    runs = {}  # (dataset, prompt style, run name) -> [(config, log path)] over seeds
     for path in sorted((here / "full").glob("*.json")):
         c = load(path)
-        name = path.stem[len(c["dataset"]) + 1:].rsplit("_s", 1)[0]
-        runs.setdefault((c["dataset"], name), []).append((c, path.with_suffix(".log.jsonl")))
-    for dataset in sorted({d for d, _ in runs}):
-        names = [n for n in METHODS if (dataset, n) in runs]
-        first = runs[dataset, names[0]][0][0]
+        name = path.stem[len(c["dataset"]) + 1:].rsplit("_s", 1)[0].removeprefix("harness_")
+        runs.setdefault((c["dataset"], c["prompt"], name), []).append((c, path.with_suffix(".log.jsonl")))
+    for dataset, prompt in sorted({(d, p) for d, p, _ in runs}, key=lambda dp: (dp[0], dp[1] != "paper")):
+        names = [n for n in METHODS if (dataset, prompt, n) in runs]
+        first = runs[dataset, prompt, names[0]][0][0]
         steps, rows = first["steps"], first["eval_rows"]
-        print(f"### {dataset}: full protocol ({steps} steps at batch 16, paper prompts, accuracy on all {rows} "
+        print(f"### {dataset}: full protocol ({steps} steps at batch 16, {prompt} prompts, accuracy on all {rows} "
               f"rows of the test split)\n")
         print("| method | heads | seeds | trainable parameters | s / step | best validation loss | test accuracy "
               "(mean ± sd over seeds) | standard error of one run | accuracy before |")
         print("|---|---|---|---|---|---|---|---|---|")
         accs = {}
         for name in names:
-            done = runs[dataset, name]
+            done = runs[dataset, prompt, name]
             accs[name] = [c["accuracy_after"] for c, _ in done]
             method, heads = METHODS[name]
             mean = statistics.mean(accs[name])
@@ -166,8 +166,10 @@ def full_protocol():
                 print(f"- {METHODS[a][0]} ({METHODS[a][1]}) minus {METHODS[b][0]} ({METHODS[b][1]}): {diff:+.3f} "
                       f"accuracy; largest seed sd of the two {spread:.3f}")
         print()
-        seed0 = [(n, log) for n in names for c, log in runs[dataset, n] if c["hyper_parameters"]["seed"] == 0]
-        draw_curves(seed0, here / "full" / f"{dataset}_curves.svg", f"{dataset}, full protocol, seed 0")
+        seed0 = [(n, log) for n in names for c, log in runs[dataset, prompt, n] if c["hyper_parameters"]["seed"] == 0]
+        style = "" if prompt == "paper" else f"_{prompt}"
+        draw_curves(seed0, here / "full" / f"{dataset}{style}_curves.svg",
+                    f"{dataset}, full protocol, {prompt} prompts, seed 0")
 
 
 zero_shot()
