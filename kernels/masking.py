@@ -21,18 +21,13 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kernels.attention import masked_attention
-from kernels.model import UsageError
+from kernels.model import UnsupportedModel
 
 ATTENTION_NAME = "headmap_masked"
 # arguments attention modules pass that do not change what softmax attention computes
 BENIGN = {"position_ids", "cache_position", "use_cache", "output_attentions", "return_dict", "layer_idx",
           "past_key_values", "cache", "position_embeddings", "dropout", "is_causal", "logits_to_keep"}
 FEATURES = {"s_aux": "attention sinks", "sinks": "attention sinks", "lambda_full": "differential attention"}
-
-
-class UnsupportedModel(UsageError):
-    """The model does something head masking (or scoring) cannot reproduce exactly: the scripts print it as one
-    line and exit with code 2."""
 
 
 def headmap_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,

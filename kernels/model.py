@@ -24,6 +24,11 @@ class UsageError(ValueError):
     """Bad input from the user: the scripts print it as one line and exit with code 2."""
 
 
+class UnsupportedModel(UsageError):
+    """The model does something head masking (or scoring) cannot reproduce exactly, or cannot run at all: the
+    scripts print it as one line and exit with code 2."""
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The scripts' --help: each option's default shown, the description's line breaks kept."""
 
@@ -157,6 +162,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     except OSError as err:
         hint = "" if os.path.isdir(folder) else " (offline? pass a local folder or a .gguf path)"
         raise UsageError(f"cannot load model {name!r}{hint}: {str(err).splitlines()[0]}") from None
+    except ImportError as err:  # a part of the model needs an optional package (Gemma 3n's vision tower: timm)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise UsageError(f"cannot load model {name!r}: {message}") from None
     except (ValueError, RuntimeError) as err:  # a device map with an unknown device, or more than fits
         if placement is None:
             raise
@@ -167,4 +175,26 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         if missed:
             raise UsageError(f"--device-map gives no device for {missed[0]} (and {len(missed) - 1} more parameters); "
                              "name every module of the model, or use auto")
-    return (model if placement is not None else model.to(dev)).eval(), tokenizer
+    model = (model if placement is not None else model.to(dev)).eval()
+    check_stock_forward(model)
+    return model, tokenizer
+
+
+def check_stock_forward(model) -> None:
+    """Refuse, before any real compute, a model whose own forward fails (BLT in transformers 5.24 cannot build its
+    cache; a speculative-decoding drafter needs its backbone's keys and values): one short right-padded batch
+    through the stock model, nothing of ours switched on."""
+    import torch
+    device = next(model.parameters()).device
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.arange(3, 15, device=device).repeat(2, 1) % vocab
+    padding = torch.tensor([[1] * 12, [1] * 9 + [0] * 3], device=device)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=padding)
+    except Exception as err:  # noqa: BLE001 - whatever transformers raised, the user gets one line naming it
+        import transformers
+        first = (str(err).splitlines() or [""])[0]
+        raise UnsupportedModel(f"{type(model).__name__}: the stock model's own forward fails in transformers "
+                               f"{transformers.__version__} ({type(err).__name__}: {first}); nothing can be measured "
+                               "on it") from None

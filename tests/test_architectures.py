@@ -18,6 +18,7 @@ from data.scoring import score_examples
 from data.tasks import Example
 from kernels.adapters import attach_headmap, attach_lora
 from kernels.masking import UnsupportedModel, mask_heads
+from kernels.model import check_stock_forward
 from tests.architectures import causal_lm_types, tiny_model
 from tests.conftest import TinyTokenizer
 from tests.reference import ablate_with_hooks, choice_scores_one_by_one, locate_brute_force
@@ -26,7 +27,7 @@ E = "exact"
 COLUMNS = ("evaluate", "mask", "locate", "headmap", "lora")  # the README's support table, one column each
 ALL = (E,) * len(COLUMNS)
 # per type: every column exact (ALL), or per column "exact" or a piece of the refusal's message; or the type's
-# tiny config cannot be built / the stock model fails on it (nothing of ours to check). Regenerate by running
+# tiny config cannot be built (nothing of ours to check). Regenerate by running
 # status() on every type when transformers changes, and read each change before accepting it.
 # pieces of the refusals' messages
 SINKS, INDICES, DIFFERENTIAL = "attention sinks", "'indices'", "differential or custom attention"
@@ -37,6 +38,7 @@ RECURRENT_CACHE, NO_CACHE = "caches a recurrent state", "no key/value cache"
 NO_LAYER_LIST, POSITION_BIAS = "no list of decoder layers", "'position_bias'"
 WINDOW_CACHE, NO_CONTINUATION = "does not apply the window its cache keeps", "cannot continue its own key/value cache"
 NOT_LINEAR, STACKED_STATE = "not a linear layer", "pass hidden states of shape"
+STOCK_FAILS = "the stock model's own forward fails"
 EXPECTED = {
     "afmoe": (E, NORM_BEFORE_O, NORM_BEFORE_O, E, E),
     "apertus": ALL,
@@ -58,7 +60,7 @@ EXPECTED = {
     "blenderbot": (E, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, E),
     "blenderbot-small": (E, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, E),
     "bloom": (E, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, NO_LORA_TARGET),
-    "blt": "stock model fails",  # transformers' own forward: BltConfig has no num_hidden_layers for its cache
+    "blt": (STOCK_FAILS,) * len(COLUMNS),  # transformers' own forward: BltConfig has no num_hidden_layers
     "camembert": (NO_CACHE, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, NO_LORA_TARGET),
     "codegen": (E, NO_O_PROJ, NO_O_PROJ, NO_O_PROJ, E),
     "cohere": ALL,
@@ -331,15 +333,16 @@ def check_lora(model, tok, circuit):
 
 @torch.no_grad()
 def status(model_type):
-    """'cannot build: ...', 'stock model fails: ...', or one entry per column: "exact" or the refusal's message."""
+    """'cannot build: ...', or one entry per column: "exact" or the refusal's message."""
     try:
         model = tiny_model(model_type)
     except Exception as err:  # noqa: BLE001 - a type whose tiny config cannot be built is reported as such
         return f"cannot build: {type(err).__name__}"
-    try:  # the stock model itself, unmasked, on a padded batch: a type transformers cannot run at this size
-        model(input_ids=torch.randint(3, 500, (2, 12)), attention_mask=torch.tensor([[1] * 12, [1] * 9 + [0] * 3]))
-    except Exception as err:  # noqa: BLE001
-        return f"stock model fails: {type(err).__name__}"
+    try:  # the stock model itself, as load_model checks it: a type transformers cannot run is refused whole
+        check_stock_forward(model)
+    except UnsupportedModel as err:
+        assert type(model).__name__ in str(err), err
+        return (str(err),) * len(COLUMNS)
     config = model.config.get_text_config()  # Mamba names no heads, multimodal wrappers no layers
     tok, heads = TinyTokenizer(), getattr(config, "num_attention_heads", 1)
     circuit = {layer: [layer % heads] for layer in range(config.num_hidden_layers)}
@@ -362,7 +365,7 @@ def test_every_decoder_is_exact_or_refused(model_type):
     got = status(model_type)
     assert model_type in EXPECTED, f"new type {model_type}: {got}"
     expect = EXPECTED[model_type]
-    if isinstance(expect, str):  # not built, or the stock model fails at this size: nothing of ours to check
+    if isinstance(expect, str):  # its tiny config cannot be built: nothing of ours to check
         assert isinstance(got, str) and got.startswith(expect), got
         return
     assert not isinstance(got, str), got
@@ -380,7 +383,8 @@ LABELS = {E: "exact", SINKS: "refused: attention sinks", INDICES: "refused: spar
           NO_LAYER_LIST: "refused: two attention modules per layer", POSITION_BIAS: "refused: position bias",
           WINDOW_CACHE: "refused when prompts outgrow the window (the model ignores its cache's window)",
           NO_CONTINUATION: "one-token answers only (cannot continue its cache)",
-          NOT_LINEAR: "refused: o_proj is not a linear layer", STACKED_STATE: "refused: layers pass stacked streams"}
+          NOT_LINEAR: "refused: o_proj is not a linear layer", STACKED_STATE: "refused: layers pass stacked streams",
+          STOCK_FAILS: "refused: transformers' own forward fails"}
 
 
 def readme_table() -> str:

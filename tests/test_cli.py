@@ -225,3 +225,19 @@ def test_an_adapter_of_another_base_model_is_refused(smollm2, tmp_path):
                            str(other)), "differs from smollm2-135m recorded in")
     assert_usage_error(run("evaluate.py", "--dataset", "boolq", "--limit", "2", "--adapter", str(tmp_path / "adapter"),
                            "--model", str(other), "--force"), "cannot load adapter from")
+
+
+@pytest.mark.parametrize("model_type,message", [
+    ("blt", "BltForCausalLM: the stock model's own forward fails in transformers"),  # its cache cannot be built
+    ("gemma3n", "requires the timm library"),  # its vision tower needs a package that is not installed
+])
+def test_a_model_transformers_cannot_run_is_one_line_and_exit_2(smollm2, tmp_path, model_type, message):
+    from safetensors.torch import save_file
+    from tests.architectures import tiny_config, tiny_model
+    if model_type == "gemma3n":  # cannot be built here, so only its config and an empty checkpoint are saved
+        tiny_config(model_type).save_pretrained(tmp_path)
+        save_file({}, str(tmp_path / "model.safetensors"))
+    else:
+        tiny_model(model_type).save_pretrained(tmp_path)
+    smollm2[1].save_pretrained(tmp_path)
+    assert_usage_error(run("evaluate.py", "--dataset", "boolq", "--limit", "2", "--model", str(tmp_path)), message)
