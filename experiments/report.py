@@ -162,9 +162,10 @@ def full_protocol():
         for a, b in (("headmap_mha", "lora"), ("headmap_mha", "dora"), ("headmap_mha", "headmap_random")):
             if a in accs and b in accs:
                 diff = statistics.mean(accs[a]) - statistics.mean(accs[b])
-                spread = max((statistics.stdev(accs[n]) for n in (a, b) if len(accs[n]) > 1), default=float("nan"))
+                sds = [statistics.stdev(accs[n]) for n in (a, b) if len(accs[n]) > 1]
+                noise = f"largest seed sd of the two {max(sds):.3f}" if sds else "one seed each, so no seed sd yet"
                 print(f"- {METHODS[a][0]} ({METHODS[a][1]}) minus {METHODS[b][0]} ({METHODS[b][1]}): {diff:+.3f} "
-                      f"accuracy; largest seed sd of the two {spread:.3f}")
+                      f"accuracy; {noise}")
         print()
         seed0 = [(n, log) for n in names for c, log in runs[dataset, prompt, n] if c["hyper_parameters"]["seed"] == 0]
         style = "" if prompt == "paper" else f"_{prompt}"

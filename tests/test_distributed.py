@@ -79,8 +79,11 @@ def test_finetune_under_torchrun_trains_the_same_adapter(tiny_folder, tmp_path, 
         assert (tmp_path / "two" / name).exists()
     a, b = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("one", "two"))
     assert a.keys() == b.keys() and all(a[k].abs().max() > 0 for k in a if "up" in k or "lora_B" in k)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    # Adam moves every element by about lr whatever its gradient's size, so an element whose gradient is near zero
+    # carries the two runs' different float summation orders into its weight: a few elements differ by up to
+    # ~0.5% of lr (the CI machine's BLAS), the rest by rounding
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diffs.max() < 1e-4 and diffs.mean() < 1e-7, (diffs.max(), diffs.mean())
     logs = [[json.loads(line) for line in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("one", "two")]
     assert [e["step"] for e in logs[1]] == [1, 2, 3, 4]
     for x, y in zip(*logs):
