@@ -40,17 +40,15 @@ finetune_run() {  # dataset, name, seed, then finetune.py arguments; a name harn
 steps=("circuit $CIRCUIT")
 for dataset in arc_easy arc_challenge; do  # the claims' core first: located vs random vs LoRA, seed 0
   steps+=("$dataset headmap_mha 0" "$dataset headmap_random 0" "$dataset lora 0" "$dataset dora 0" "$dataset headmap_hs 0")
-  # The issue's optional block, run before ARC-Challenge: training text prompt + " " + answer text, scored with
-  # harness prompts, on which the base model starts above chance (0.51) and under which the circuit was located.
-  # On paper prompts every ARC-Easy seed-0 run ended at chance (0.243-0.249), so this block is the one whose
-  # accuracies can tell the methods apart.
-  if [ $dataset = arc_easy ]; then
-    steps+=("arc_easy harness_headmap_mha 0" "arc_easy harness_headmap_random 0" "arc_easy harness_lora 0")
-  fi
 done
 for seed in 1 2; do
   steps+=("arc_easy headmap_mha $seed" "arc_easy headmap_random $seed" "arc_easy lora $seed")
 done
+# The issue's optional block, after every required run: training text prompt + " " + answer text, scored with
+# harness prompts, on which the base model starts above chance (0.51) and under which the circuit was located.
+# On paper prompts every ARC-Easy seed-0 run ended at chance (0.243-0.249), so this block is the one whose
+# accuracies can tell the methods apart.
+steps+=("arc_easy harness_headmap_mha 0" "arc_easy harness_headmap_random 0" "arc_easy harness_lora 0")
 
 done_file() {  # the file whose existence marks a step finished
   set -- $1
