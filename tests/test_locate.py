@@ -18,11 +18,11 @@ EXAMPLES = [
 ]
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def reference_attention(monkeypatch):
-    """The masked attention's PyTorch reference instead of the Triton interpreter, which is ~10x slower: what is
-    tested is locate's algorithm; test_kernel.py checks the kernel against the reference, and batch size 3 below
-    runs locate through the interpreted kernel."""
+    """The masked attention's PyTorch reference instead of Triton's interpreter, which is ~10x slower: what is
+    tested here is locate's algorithm. test_kernel.py checks the kernel against the reference, and bench/gpu.py's
+    dry run (test_gpu_bench.py) runs locate through the interpreted kernel against the brute force."""
     monkeypatch.setattr(kernels.attention, "INTERPRET", False)
 
 
@@ -33,10 +33,8 @@ def brute_force(tiny):
 
 
 @pytest.mark.parametrize("batch_size", [3, 5, 64])  # 3 and 5: batches cut to different widths
-def test_fast_locate_equals_brute_force(tiny, brute_force, batch_size, request):
+def test_fast_locate_equals_brute_force(tiny, brute_force, batch_size):
     model, tok = tiny
-    if batch_size != 3:
-        request.getfixturevalue("reference_attention")
     samples = locate.Samples(tok, EXAMPLES, "cpu")
     state = {"circuit": {}, "loss_matrix": []}
     circuit = locate.locate(model, samples, 2, batch_size, state, lambda s: None)
@@ -54,7 +52,7 @@ def test_unmasked_loss_matches_full_forward(tiny):
     assert locate.unmasked_loss(model, samples) == pytest.approx(expected, rel=1e-5)
 
 
-def test_resume_gives_the_uninterrupted_result(tiny, reference_attention):
+def test_resume_gives_the_uninterrupted_result(tiny):
     model, tok = tiny
     samples = locate.Samples(tok, EXAMPLES, "cpu")
     full = {"circuit": {}, "loss_matrix": []}
