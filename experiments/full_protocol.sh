@@ -39,8 +39,9 @@ finetune_run() {  # dataset, name, seed, then finetune.py arguments; a name harn
 
 steps=("circuit $CIRCUIT")
 for dataset in arc_easy arc_challenge; do  # the claims' core first: located vs random vs LoRA, seed 0
-  steps+=("$dataset headmap_mha 0" "$dataset headmap_random 0" "$dataset lora 0" "$dataset dora 0" "$dataset headmap_hs 0")
+  steps+=("$dataset headmap_mha 0" "$dataset headmap_random 0" "$dataset lora 0" "$dataset dora 0")
 done
+steps+=("arc_easy headmap_hs 0" "arc_challenge headmap_hs 0")
 for seed in 1 2; do
   steps+=("arc_easy headmap_mha $seed" "arc_easy headmap_random $seed" "arc_easy lora $seed")
 done
