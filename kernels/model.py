@@ -182,8 +182,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
 
 def check_stock_forward(model) -> None:
     """Refuse, before any real compute, a model whose own forward fails (BLT in transformers 5.24 cannot build its
-    cache; a speculative-decoding drafter needs its backbone's keys and values): one short right-padded batch
-    through the stock model, nothing of ours switched on."""
+    cache): one short right-padded batch through the stock model, nothing of ours switched on."""
     import torch
     device = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size
