@@ -17,6 +17,12 @@ METHODS = {"headmap_mha": ("HeadMap (MHA)", "located"), "headmap_hs": ("HeadMap 
            "headmap_random": ("HeadMap (MHA)", "random"), "lora": ("LoRA", "-"), "dora": ("DoRA", "-")}
 
 
+def label(name):
+    """'HeadMap (MHA) located', 'LoRA': a run name as the tables and figures say it."""
+    method, heads = METHODS[name]
+    return method if heads == "-" else f"{method} {heads}"
+
+
 def load(path):
     return json.loads(path.read_text())
 
@@ -124,9 +130,15 @@ def finetune():
 def draw_curves(runs, figure, title):
     """One figure of the (run name, log path) runs: training loss (thin) and validation loss (dots)."""
     plot.curves([str(log.with_name(log.name.replace(".log.jsonl", ".json"))) for _, log in runs], str(figure),
-                labels=[" ".join(METHODS[name]).replace(" -", "") for name, _ in runs],
+                labels=[label(name) for name, _ in runs],
                 title=f"{title}: training loss (thin) and validation loss (dots)")
     print(f"Loss curves: [{figure.relative_to(here.parent)}]({figure.relative_to(here.parent)})\n")
+
+
+def mean_sd(values):
+    """'mean' for one value, 'mean ± sd' (sample sd) for several."""
+    mean = f"{statistics.mean(values):.3f}"
+    return f"{mean} ± {statistics.stdev(values):.3f}" if len(values) > 1 else mean
 
 
 def full_protocol():
@@ -142,30 +154,33 @@ def full_protocol():
         steps, rows = first["steps"], first["eval_rows"]
         print(f"### {dataset}: full protocol ({steps} steps at batch 16, {prompt} prompts, accuracy on all {rows} "
               f"rows of the test split)\n")
-        print("| method | heads | seeds | trainable parameters | s / step | best validation loss | test accuracy "
-              "(mean ± sd over seeds) | standard error of one run | accuracy before |")
+        print("| method | heads | seeds | trainable parameters | s / step | best validation loss (mean ± sd over "
+              "seeds) | test accuracy (mean ± sd over seeds) | standard error of one run | accuracy before |")
         print("|---|---|---|---|---|---|---|---|---|")
-        accs = {}
+        measured = {}  # run name -> {"accuracy": [per seed], "validation loss": [per seed]}
         for name in names:
             done = runs[dataset, prompt, name]
-            accs[name] = [c["accuracy_after"] for c, _ in done]
+            measured[name] = {"accuracy": [c["accuracy_after"] for c, _ in done],
+                              "validation loss": [c["best_val_loss"] for c, _ in done]}
             method, heads = METHODS[name]
-            mean = statistics.mean(accs[name])
-            sd = f" ± {statistics.stdev(accs[name]):.3f}" if len(done) > 1 else ""
+            acc, val = (mean_sd(measured[name][k]) for k in ("accuracy", "validation loss"))
+            mean = statistics.mean(measured[name]["accuracy"])
             se = (mean * (1 - mean) / (rows - 1)) ** 0.5
             seeds = ", ".join(str(c["hyper_parameters"]["seed"]) for c, _ in done)
-            val = statistics.mean(c["best_val_loss"] for c, _ in done)
             s_step = statistics.mean(seconds_per_step(log) for _, log in done)
             print(f"| {method} | {heads} | {seeds} | {done[0][0]['trainable_parameters']:,} | {s_step:.1f} | "
-                  f"{val:.3f} | {mean:.3f}{sd} | {se:.3f} | {done[0][0]['accuracy_before']:.3f} |")
+                  f"{val} | {acc} | {se:.3f} | {done[0][0]['accuracy_before']:.3f} |")
         print()
         for a, b in (("headmap_mha", "lora"), ("headmap_mha", "dora"), ("headmap_mha", "headmap_random")):
-            if a in accs and b in accs:
-                diff = statistics.mean(accs[a]) - statistics.mean(accs[b])
-                sds = [statistics.stdev(accs[n]) for n in (a, b) if len(accs[n]) > 1]
-                noise = f"largest seed sd of the two {max(sds):.3f}" if sds else "one seed each, so no seed sd yet"
-                print(f"- {METHODS[a][0]} ({METHODS[a][1]}) minus {METHODS[b][0]} ({METHODS[b][1]}): {diff:+.3f} "
-                      f"accuracy; {noise}")
+            if a in measured and b in measured:
+                parts = []
+                for what in ("accuracy", "validation loss"):
+                    diff = statistics.mean(measured[a][what]) - statistics.mean(measured[b][what])
+                    diff = round(diff, 3) + 0.0  # + 0.0: a tie prints +0.000, not -0.000
+                    sds = [statistics.stdev(measured[n][what]) for n in (a, b) if len(measured[n][what]) > 1]
+                    noise = f"largest seed sd of the two {max(sds):.3f}" if sds else "one seed each, no seed sd yet"
+                    parts.append(f"{diff:+.3f} {what} ({noise})")
+                print(f"- {label(a)} minus {label(b)}: " + "; ".join(parts))
         print()
         seed0 = [(n, log) for n in names for c, log in runs[dataset, prompt, n] if c["hyper_parameters"]["seed"] == 0]
         style = "" if prompt == "paper" else f"_{prompt}"
