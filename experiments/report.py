@@ -135,10 +135,14 @@ def draw_curves(runs, figure, title):
     print(f"Loss curves: [{figure.relative_to(here.parent)}]({figure.relative_to(here.parent)})\n")
 
 
-def mean_sd(values):
+# decimals per measure: the validation loss's seed sd is a few 1e-4 nats, which 3 decimals would print as 0.000
+DECIMALS = {"accuracy": 3, "validation loss": 4}
+
+
+def mean_sd(values, decimals):
     """'mean' for one value, 'mean ± sd' (sample sd) for several."""
-    mean = f"{statistics.mean(values):.3f}"
-    return f"{mean} ± {statistics.stdev(values):.3f}" if len(values) > 1 else mean
+    mean = f"{statistics.mean(values):.{decimals}f}"
+    return f"{mean} ± {statistics.stdev(values):.{decimals}f}" if len(values) > 1 else mean
 
 
 def full_protocol():
@@ -163,7 +167,7 @@ def full_protocol():
             measured[name] = {"accuracy": [c["accuracy_after"] for c, _ in done],
                               "validation loss": [c["best_val_loss"] for c, _ in done]}
             method, heads = METHODS[name]
-            acc, val = (mean_sd(measured[name][k]) for k in ("accuracy", "validation loss"))
+            acc, val = (mean_sd(measured[name][k], DECIMALS[k]) for k in ("accuracy", "validation loss"))
             mean = statistics.mean(measured[name]["accuracy"])
             se = (mean * (1 - mean) / (rows - 1)) ** 0.5
             seeds = ", ".join(str(c["hyper_parameters"]["seed"]) for c, _ in done)
@@ -174,12 +178,12 @@ def full_protocol():
         for a, b in (("headmap_mha", "lora"), ("headmap_mha", "dora"), ("headmap_mha", "headmap_random")):
             if a in measured and b in measured:
                 parts = []
-                for what in ("accuracy", "validation loss"):
+                for what, d in DECIMALS.items():
                     diff = statistics.mean(measured[a][what]) - statistics.mean(measured[b][what])
-                    diff = round(diff, 3) + 0.0  # + 0.0: a tie prints +0.000, not -0.000
+                    diff = round(diff, d) + 0.0  # + 0.0: a tie prints +0.000, not -0.000
                     sds = [statistics.stdev(measured[n][what]) for n in (a, b) if len(measured[n][what]) > 1]
-                    noise = f"largest seed sd of the two {max(sds):.3f}" if sds else "one seed each, no seed sd yet"
-                    parts.append(f"{diff:+.3f} {what} ({noise})")
+                    noise = f"largest seed sd of the two {max(sds):.{d}f}" if sds else "one seed each, no seed sd yet"
+                    parts.append(f"{diff:+.{d}f} {what} ({noise})")
                 print(f"- {label(a)} minus {label(b)}: " + "; ".join(parts))
         print()
         seed0 = [(n, log) for n in names for c, log in runs[dataset, prompt, n] if c["hyper_parameters"]["seed"] == 0]
