@@ -84,7 +84,8 @@ from tqdm import tqdm  # noqa: E402
 
 from data import distributed  # noqa: E402
 from data.files import atomic, read_json, settle, write_json  # noqa: E402
-from data.scoring import accuracy, length_groups, pad_id_of, pad_right, score_examples  # noqa: E402
+from data.scoring import (accuracy, length_groups, pad_id_of, pad_right, pass_overhead_tokens,  # noqa: E402
+                          score_examples)
 from data.tasks import data_source, load_examples  # noqa: E402
 from kernels.adapters import attach_headmap, attach_lora, save_adapter  # noqa: E402
 from kernels.circuit import check_circuit, random_circuit_like, read_circuit  # noqa: E402
@@ -134,7 +135,7 @@ def batch_loss(model, seqs, pad_id, token_budget, backward=False):
     n_tokens = sum(len(s) - 1 for s in seqs)
     mine = distributed.mine(sorted(seqs, key=len, reverse=True))
     total = 0.0
-    for group in length_groups([len(s) for s in mine], token_budget):
+    for group in length_groups([len(s) for s in mine], token_budget, pass_overhead_tokens(model.device)):
         group = [mine[i] for i in group]
         nll, _ = lm_loss(model, group, pad_id)
         if backward:

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 import finetune  # noqa: E402
 from data import scoring  # noqa: E402
-from data.scoring import length_groups, pad_id_of, pad_right  # noqa: E402
+from data.scoring import length_groups, pad_id_of, pad_right, pass_overhead_tokens  # noqa: E402
 from data.tasks import default_data_dir, load_examples  # noqa: E402
 from kernels.adapters import attach_headmap, attach_lora  # noqa: E402
 from kernels.circuit import read_circuit  # noqa: E402
@@ -31,16 +31,16 @@ p.add_argument("--steps", type=int, default=10)
 p.add_argument("--batch-size", type=int, default=16)
 p.add_argument("--token-budget", type=int, default=4096)
 p.add_argument("--methods", default="headmap-mha,headmap-hs,lora,dora")
-p.add_argument("--pass-overhead", type=int, help="tune data.scoring.PASS_OVERHEAD_TOKENS (default: its value)")
+p.add_argument("--pass-overhead", type=int, help="tune data.scoring.PASS_OVERHEAD_TOKENS for this device "
+               "(default: its value)")
 p.add_argument("--device", default="auto")
 p.add_argument("--data-dir", default=default_data_dir())
 args = p.parse_args()
-if args.pass_overhead is not None:
-    scoring.PASS_OVERHEAD_TOKENS = args.pass_overhead
-
 model, tok = load_model(args.model, args.device)
 model.requires_grad_(False)
 device = next(model.parameters()).device
+if args.pass_overhead is not None:
+    scoring.PASS_OVERHEAD_TOKENS[device.type] = args.pass_overhead
 pad = pad_id_of(tok)
 examples = load_examples(args.dataset, "train", args.prompt, args.data_dir)
 order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()  # random batches, as in training
@@ -48,10 +48,12 @@ seqs = finetune.tokenize(tok, [examples[i] for i in order[:args.steps * args.bat
 batches = [seqs[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.steps)]
 useful = sum(len(s) for b in batches for s in b)
 one_pass = sum(len(b) * max(map(len, b)) for b in batches)
-micro = sum(len(g) * max(len(b[i]) for i in g) for b in batches for g in length_groups(list(map(len, b)), args.token_budget))
+overhead = pass_overhead_tokens(device)
+micro = sum(len(g) * max(len(b[i]) for i in g)
+            for b in batches for g in length_groups(list(map(len, b)), args.token_budget, overhead))
 print(f"{args.dataset} {args.prompt} prompts, batch {args.batch_size}: useful / padded tokens = {useful / one_pass:.2f} "
       f"in one pass, {useful / micro:.2f} in micro-batches (--token-budget {args.token_budget}, "
-      f"PASS_OVERHEAD_TOKENS {scoring.PASS_OVERHEAD_TOKENS})")
+      f"pass overhead {overhead} tokens)")
 circuit = read_circuit(args.heads)
 ATTACH = {"headmap-mha": lambda: attach_headmap(model, circuit, 32, 1.0, "mha"),
           "headmap-hs": lambda: attach_headmap(model, circuit, 32, 1.0, "hs"),

@@ -59,14 +59,21 @@ def prompt_batches(prompts: list[Prompt], batch_size: int):
 
 
 # A forward pass costs about this many tokens' work on top of its tokens (launches, per-layer overhead): a padded
-# token is only worth saving when it costs more than starting another pass. Tuned on the 2-core CPU with
-# `bench/finetune.py --pass-overhead N` (16, 64, 256, 1024: 64 was fastest; BENCHMARKS.md).
-PASS_OVERHEAD_TOKENS = 64
+# token is only worth saving when it costs more than starting another pass. Measured with `bench/finetune.py
+# --pass-overhead N` (BENCHMARKS.md): on the 2-core CPU 64 was fastest of 16, 64, 256 and 1024; on an H100 a
+# SmolLM2-135M HeadMap step took 0.12 s at 4096 and 1.83 s at 64, since a pass there is launch-bound and padded
+# tokens are nearly free, so on a GPU a batch splits only to stay within the token budget.
+PASS_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 4096}
 
 
-def length_groups(lengths: list[int], token_budget: int) -> list[list[int]]:
+def pass_overhead_tokens(device) -> int:
+    """PASS_OVERHEAD_TOKENS for `device`; an accelerator without its own entry is launch-bound like CUDA."""
+    return PASS_OVERHEAD_TOKENS.get(torch.device(device).type, PASS_OVERHEAD_TOKENS["cuda"])
+
+
+def length_groups(lengths: list[int], token_budget: int, pass_overhead: int) -> list[list[int]]:
     """Split rows of the given lengths, sorted longest first, into consecutive groups, each run as one right-padded
-    pass: the split with the fewest padded tokens plus PASS_OVERHEAD_TOKENS per pass, among those whose padded size
+    pass: the split with the fewest padded tokens plus `pass_overhead` per pass, among those whose padded size
     (rows x longest row) fits `token_budget` (an exact dynamic programme; a row longer than the budget runs alone).
     Returns lists of row indices (into `lengths`)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -76,8 +83,8 @@ def length_groups(lengths: list[int], token_budget: int) -> list[list[int]]:
             size = (end - first) * lengths[order[first]]
             if size > token_budget and first < end - 1:
                 break  # adding longer rows only grows it
-            if cost[first] + size + PASS_OVERHEAD_TOKENS < cost[end]:
-                cost[end], start[end] = cost[first] + size + PASS_OVERHEAD_TOKENS, first
+            if cost[first] + size + pass_overhead < cost[end]:
+                cost[end], start[end] = cost[first] + size + pass_overhead, first
     groups, end = [], len(order)
     while end:
         groups.append(order[start[end]:end])
@@ -124,7 +131,7 @@ def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget:
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     scores = first[[i for i, _ in rows], [cont[0] for _, cont in rows]]
     name = _cache_name(model)
-    prompt_cache = out.get(name, out.get("past_key_values"))  # older models return it as past_key_values
+    prompt_cache = out[name] if name in out else out.get("past_key_values")  # older models: past_key_values
     if long and prompt_cache is None:
         raise UnsupportedModel(f"{type(model).__name__} returns no key/value cache, which scoring a multi-token "
                                "answer after its prompt needs (is it a decoder?)")
@@ -136,7 +143,7 @@ def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget:
                                "over a multi-token answer is not exact for every such model in transformers; score "
                                "one-token answers (--prompt paper on ARC, OpenBookQA) instead")
     windows = [layer.sliding_window for layer in getattr(prompt_cache, "layers", []) if getattr(layer, "is_sliding", 0)]
-    for group in length_groups([len(rows[r][1]) - 1 for r in long], token_budget):
+    for group in length_groups([len(rows[r][1]) - 1 for r in long], token_budget, pass_overhead_tokens(device)):
         group = [long[g] for g in group]  # rows of similar continuation length: little padding in this pass
         cache = copy.deepcopy(prompt_cache) if len(group) < len(long) else prompt_cache
         # one copy of its prompt's cache per row; reorder_cache (beam search's) selects every state a layer keeps,

@@ -172,17 +172,19 @@ def test_validation_loss_is_measured_without_dropout(tmp_path):
     assert best["loss"] == finetune.validation_loss(model, seqs, 0, 4096)
 
 
-def test_length_groups_are_the_cheapest_split_within_the_budget():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_length_groups_are_the_cheapest_split_within_the_budget(device):
     import itertools
-    from data.scoring import PASS_OVERHEAD_TOKENS, length_groups
+    from data.scoring import length_groups, pass_overhead_tokens
     lengths = [37, 5, 22, 23, 9, 40, 8, 21, 39, 6]
     budget = 90
-    groups = [[lengths[i] for i in g] for g in length_groups(lengths, budget)]
+    overhead = pass_overhead_tokens(device)
+    groups = [[lengths[i] for i in g] for g in length_groups(lengths, budget, overhead)]
     assert sorted(n for g in groups for n in g) == sorted(lengths)
     assert all(len(g) * max(g) <= budget for g in groups)
 
     def cost(split):
-        return sum(len(g) * max(g) + PASS_OVERHEAD_TOKENS for g in split)
+        return sum(len(g) * max(g) + overhead for g in split)
     ordered = sorted(lengths, reverse=True)
     best = math.inf
     for cuts in itertools.product([0, 1], repeat=len(ordered) - 1):  # brute force: every split of the sorted rows
@@ -194,12 +196,21 @@ def test_length_groups_are_the_cheapest_split_within_the_budget():
         if all(len(g) * max(g) <= budget for g in split):
             best = min(best, cost(split))
     assert cost(groups) == best
-    assert length_groups([50], 10) == [[0]]  # a row over the budget still runs, alone
+    assert length_groups([50], 10, overhead) == [[0]]  # a row over the budget still runs, alone
+
+
+def test_a_gpu_runs_a_batch_that_fits_the_budget_as_one_pass():
+    """On a GPU a pass is launch-bound, so a batch is split only for memory; on the CPU, to skip padded tokens."""
+    from data.scoring import length_groups, pass_overhead_tokens
+    lengths = [120, 118, 90, 64, 40, 33, 20, 12] * 2  # a batch of 16 rows: 16 x 120 = 1920 padded tokens
+    assert length_groups(lengths, 4096, pass_overhead_tokens("cuda")) == [sorted(range(16), key=lambda i: -lengths[i])]
+    assert len(length_groups(lengths, 4096, pass_overhead_tokens("cpu"))) > 1
+    assert len(length_groups(lengths, 960, pass_overhead_tokens("cuda"))) == 2  # the budget still bounds memory
 
 
 @pytest.mark.parametrize("method", ["headmap-mha", "lora"])
 def test_micro_batched_gradient_equals_one_padded_pass(model, method):
-    from data.scoring import length_groups
+    from data.scoring import length_groups, pass_overhead_tokens
     tok = TinyTokenizer()
     texts = ["a b c d e f g h i j k", "l m", "n o p q r s", "t u v w x y z a b c d e f g", "h i j", "k l m n o"]
     seqs = [tok(t).input_ids + [1] for t in texts]
@@ -214,7 +225,7 @@ def test_micro_batched_gradient_equals_one_padded_pass(model, method):
     nll, n = finetune.lm_loss(model, seqs, 0)  # one pass, right-padded to the longest row
     (nll / n).backward()
     padded = grads()
-    assert len(length_groups([len(s) for s in seqs], 20)) > 2
+    assert len(length_groups([len(s) for s in seqs], 20, pass_overhead_tokens("cpu"))) > 2
     loss = finetune.batch_loss(model, seqs, 0, token_budget=20, backward=True)
     assert loss == pytest.approx(nll.item() / n, rel=1e-6)
     for a, b in zip(grads(), padded):
