@@ -42,9 +42,10 @@ for dataset in arc_easy arc_challenge; do  # the claims' core first: located vs 
   steps+=("$dataset headmap_mha 0" "$dataset headmap_random 0" "$dataset lora 0" "$dataset dora 0")
 done
 steps+=("arc_easy headmap_hs 0" "arc_challenge headmap_hs 0")
-for seed in 1 2; do
-  steps+=("arc_easy headmap_mha $seed" "arc_easy headmap_random $seed" "arc_easy lora $seed")
-done
+# Seeds 1 and 2 (ARC-Easy). Random heads first: their seed-0 validation loss sat below the located heads' by ~20
+# seed sds of the located run, so their own seed spread decides claim 2.
+steps+=("arc_easy headmap_mha 1" "arc_easy headmap_random 1" "arc_easy headmap_random 2" "arc_easy headmap_mha 2"
+        "arc_easy lora 1" "arc_easy lora 2")
 # The issue's optional block, after every required run: training text prompt + " " + answer text, scored with
 # harness prompts, on which the base model starts above chance (0.51) and under which the circuit was located.
 # On paper prompts every ARC-Easy seed-0 run ended at chance (0.243-0.249), so this block is the one whose
