@@ -6,6 +6,7 @@ Sections whose outputs are missing are skipped.
 """
 import itertools
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -184,6 +185,16 @@ def full_protocol():
                     sds = [statistics.stdev(measured[n][what]) for n in (a, b) if len(measured[n][what]) > 1]
                     noise = f"largest seed sd of the two {max(sds):.{d}f}" if sds else "one seed each, no seed sd yet"
                     parts.append(f"{diff:+.{d}f} {what} ({noise})")
+                before = runs[dataset, prompt, a][0][0]["val_loss_before"]  # the same for every run of a dataset
+                drops = [before - statistics.mean(measured[n]["validation loss"]) for n in (a, b)]
+                parts.append(f"{100 * drops[0] / drops[1]:.1f}% of {label(b)}'s validation-loss drop")
+                losses = [measured[n]["validation loss"] for n in (a, b)]
+                if min(map(len, losses)) > 1 and (max(losses[0]) < min(losses[1]) or min(losses[0]) > max(losses[1])):
+                    # a permutation test on ranks: of the ways to split these runs into two groups of these sizes,
+                    # two (one each way) separate them this cleanly
+                    splits = math.comb(sum(map(len, losses)), len(losses[0]))
+                    parts.append(f"the two sets of seeds do not overlap in validation loss (chance {2 / splits:.2f}, "
+                                 "either way, were the two no different)")
                 print(f"- {label(a)} minus {label(b)}: " + "; ".join(parts))
         print()
         seed0 = [(n, log) for n in names for c, log in runs[dataset, prompt, n] if c["hyper_parameters"]["seed"] == 0]
