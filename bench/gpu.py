@@ -1,7 +1,7 @@
 """One command that checks and times everything only a GPU runs. Needs torch, transformers, triton, safetensors, tqdm
 and accelerate: no datasets, no gguf, no download (random-weight models of real shapes).
 
-    python bench/gpu.py                       # on a CUDA GPU: about 2 minutes on an H100
+    python bench/gpu.py                       # on a CUDA GPU: about 2.5 minutes on an H100
     python bench/gpu.py --dry-run             # on a CPU: the same checks through Triton's interpreter, tiny shapes
 
 1. the masked-attention kernel against the reference (SDPA, then the mask): fp32/fp16/bf16, head_dim 64/128/256,
@@ -9,7 +9,7 @@ and accelerate: no datasets, no gguf, no download (random-weight models of real 
 2. TFLOP/s of the kernel and of SDPA at LLaMA-2-7B shapes (batch 16, 32 heads, 512 tokens, bf16), 0/25/50% of
    heads masked, 32 and 8 key/value heads (TFLOP/s counts the work of every head, masked or not);
 3. locate.py against the naive loop (one stock forward per candidate, heads zeroed by hooks) on a random LLaMA of
-   7B width and a few layers: the same circuit, the loss gap, both times;
+   7B width and a few layers: the same circuit, the loss gap, both times (warm);
 4. one training step of each method (HeadMap MHA/HS, LoRA, DoRA) under bf16 autocast on that model.
 Prints a table, writes JSON (--out), and exits 1 if any check fails.
 """
@@ -142,17 +142,17 @@ for i in range(4 if args.dry_run else 16):
     examples.append(Example.with_choices(prompt, [words[i % len(words)], "x"], 0))
 tok, n_keep = CharTokenizer(), max(1, shape["heads"] // 4)
 samples = locate.Samples(tok, examples, DEVICE)
-state = {"circuit": {}, "loss_matrix": []}
-sync()
-start = time.perf_counter()
-fast = locate.locate(model, samples, n_keep, 64, state, lambda s: None)
-sync()
-t_fast = time.perf_counter() - start
-start = time.perf_counter()
-naive, naive_losses = locate_brute_force(model, tok, examples, n_keep)
-sync()
-t_naive = time.perf_counter() - start
-gap = (torch.tensor(state["loss_matrix"]) - torch.tensor(naive_losses)).abs().max().item()
+
+
+def locate_fast():
+    state = {"circuit": {}, "loss_matrix": []}
+    return locate.locate(model, samples, n_keep, 64, state, lambda s: None, progress=False), state["loss_matrix"]
+
+
+# both timed warm (after one untimed run each): timed cold, the first path also paid the GPU's first-use costs
+(fast, fast_losses), t_fast = timed(locate_fast, 1)
+(naive, naive_losses), t_naive = timed(lambda: locate_brute_force(model, tok, examples, n_keep), 1)
+gap = (torch.tensor(fast_losses) - torch.tensor(naive_losses)).abs().max().item()
 results["locate"] = {"shape": shape, "samples": len(examples), "seconds": t_fast, "naive_seconds": t_naive,
                      "circuits_identical": fast == naive, "max_loss_gap": gap}
 print(f"\n3. locate, random LLaMA {shape}, {len(examples)} samples, fp32: {t_fast:.2f} s vs naive {t_naive:.2f} s "

@@ -131,7 +131,8 @@ def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget:
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     scores = first[[i for i, _ in rows], [cont[0] for _, cont in rows]]
     name = _cache_name(model)
-    prompt_cache = out[name] if name in out else out.get("past_key_values")  # older models: past_key_values
+    # only asked for when a continuation needs it: transformers >= 5.20 warns on any lookup of past_key_values
+    prompt_cache = (out[name] if name in out else out.get("past_key_values")) if long else None
     if long and prompt_cache is None:
         raise UnsupportedModel(f"{type(model).__name__} returns no key/value cache, which scoring a multi-token "
                                "answer after its prompt needs (is it a decoder?)")

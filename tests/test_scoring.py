@@ -1,5 +1,8 @@
 """Batched scoring (one forward per example where possible) equals one stock forward pass per choice."""
+import logging
+
 import pytest
+from transformers.utils import logging as transformers_logging
 
 from data.scoring import accuracy, build_prompts, score_examples
 from data.tasks import Example, load_examples
@@ -31,6 +34,22 @@ def test_tiny_llama_scores_equal_one_forward_per_choice(tiny, batch_size):
     fast = score_examples(model, tok, TINY_EXAMPLES, batch_size=batch_size, progress=False)
     slow = choice_scores_one_by_one(model, tok, TINY_EXAMPLES)
     assert flat(fast) == pytest.approx(flat(slow), abs=1e-4)
+
+
+def test_scoring_raises_no_transformers_deprecation_warning(tiny):
+    """Scoring looks the prompt's cache up by the name the model uses, and only when a continuation needs it."""
+    model, tok = tiny
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    transformers_logging.warning_once.cache_clear()  # a warning given earlier in the session would be silent
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        for examples in (TINY_EXAMPLES[:1], TINY_EXAMPLES):  # one-token answers only (no cache kept), then all
+            score_examples(model, tok, examples, batch_size=4, progress=False)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [m for m in said if "deprecated" in m]
 
 
 def test_accuracy_and_length_normalisation():
