@@ -183,7 +183,7 @@ def full_protocol():
                     diff = statistics.mean(measured[a][what]) - statistics.mean(measured[b][what])
                     diff = round(diff, d) + 0.0  # + 0.0: a tie prints +0.000, not -0.000
                     sds = [statistics.stdev(measured[n][what]) for n in (a, b) if len(measured[n][what]) > 1]
-                    noise = f"largest seed sd of the two {max(sds):.{d}f}" if sds else "one seed each, no seed sd yet"
+                    noise = f"largest seed sd of the two {max(sds):.{d}f}" if sds else "one seed each, so no seed sd"
                     parts.append(f"{diff:+.{d}f} {what} ({noise})")
                 before = runs[dataset, prompt, a][0][0]["val_loss_before"]  # the same for every run of a dataset
                 drops = [before - statistics.mean(measured[n]["validation loss"]) for n in (a, b)]
