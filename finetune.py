@@ -112,36 +112,35 @@ def split_train_val(name, examples, args):
 
 
 def lm_loss(model, seqs, pad_id):
-    """Sum of next-token NLL over every real token of `seqs` (right-padded into one pass), and their count."""
+    """Sum of next-token NLL over every real token of `seqs` (right-padded into one pass), as a device tensor."""
     device = next(model.parameters()).device
     ids, mask = pad_right(seqs, pad_id, device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        # no padding: no mask, so attention takes its plain causal path
-        logits = model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask).logits
+        # no padding: no mask, so attention takes its plain causal path (decided on the host: no GPU sync)
+        logits = model(input_ids=ids, attention_mask=None if len(set(map(len, seqs))) == 1 else mask).logits
     # position t predicts token t+1; the last position predicts nothing. Labelling it -100 instead of slicing the
     # logits spares the backward pass a zero-filled copy of the whole [rows, length, vocab] logits tensor.
     labels = torch.nn.functional.pad(ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100), (0, 1), value=-100)
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-    return nll, int((labels != -100).sum())
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
 
 
 def batch_loss(model, seqs, pad_id, token_budget, backward=False):
     """Token-mean NLL of `seqs`, run as micro-batches without padding work. With backward=True each micro-batch's
     share (its summed NLL / the whole batch's token count) is back-propagated at once, so the gradient is that of
-    one padded pass over the batch, to float summation order, in the memory of one micro-batch.
+    one padded pass over the batch, to float summation order, in the memory of one micro-batch. The host waits for
+    the GPU once, for the returned number.
     Under torchrun each rank runs every world()-th row by length (an even share of the tokens) and the summed NLL
     is all-reduced; each rank's gradient is its rows' share, summed over ranks by all_reduce_grads."""
     # the whole batch's token count: every rank holds every row, so none needs the others' counts sent
     n_tokens = sum(len(s) - 1 for s in seqs)
     mine = distributed.mine(sorted(seqs, key=len, reverse=True))
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=model.device)
     for group in length_groups([len(s) for s in mine], token_budget, pass_overhead_tokens(model.device)):
-        group = [mine[i] for i in group]
-        nll, _ = lm_loss(model, group, pad_id)
+        nll = lm_loss(model, [mine[i] for i in group], pad_id)
         if backward:
             (nll / n_tokens).backward()
-        total += nll.item()
-    return distributed.all_sum(torch.tensor([total], dtype=torch.float64, device=model.device)).item() / n_tokens
+        total += nll.detach()
+    return distributed.all_sum(total[None]).item() / n_tokens
 
 
 def all_reduce_grads(params):
@@ -170,7 +169,8 @@ def total_steps(n_rows, args):
 def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda step: None):
     """The loop: AdamW, linear warm-up and decay, clipping, validation every --eval-every steps, keep the best."""
     params = [p for p in adapter.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    # fused: one kernel for every parameter's update on CUDA, instead of a few per parameter
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=params[0].is_cuda or None)
     steps_per_epoch = math.ceil(len(train_seqs) / args.batch_size)
     total = total_steps(len(train_seqs), args)
 

@@ -35,7 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="paper", choices=PROMPT_STYLES, help="prompt style")
     p.add_argument("--samples", type=int, default=64, help="D: the samples each head is scored on")
     p.add_argument("--heads-per-layer", type=int, help="n (default: a quarter of the heads, 8 of 32)")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (memory bound)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per scoring pass (choosing samples, validation)")
+    p.add_argument("--token-budget", type=int, help="most padded tokens in one locating pass (rows x longest row): "
+                   "bounds memory (default: 65536 on a GPU, 4096 on a CPU)")
     p.add_argument("--out", default="heads.json", help="the circuit file; the heat map goes beside it (.svg; plot.py draws PNG/PDF)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random head sets of the validation")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.progress.json")
@@ -51,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     check_dataset(args.dataset)
-    for name in ("samples", "batch_size", "random_trials", "pool"):
+    for name in ("samples", "batch_size", "token_budget", "random_trials", "pool"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -91,18 +93,26 @@ def select_samples(model, tokenizer, examples, count, batch_size, progress=True)
 
 
 class Samples:
-    """D as one right-padded batch, and where each sample's gold answer tokens are."""
+    """D as one right-padded batch, each sample's length and its gold answer tokens: where each is predicted and
+    the token itself (host lists, so that batches are planned without reading the GPU)."""
 
     def __init__(self, tokenizer, examples, device):
         pairs = [encode_pair(tokenizer, ex.prompts[ex.gold], ex.continuations[ex.gold]) for ex in examples]
         self.ids, _ = pad_right([ctx + cont for ctx, cont in pairs], pad_id_of(tokenizer), device)
-        self.length = torch.tensor([len(ctx) + len(cont) for ctx, cont in pairs], device=device)
-        # flat answer tokens, sample by sample: position predicting each one, and the token itself
-        self.pos = torch.tensor([p for ctx, cont in pairs for p in range(len(ctx) - 1, len(ctx) - 1 + len(cont))],
-                                device=device)
-        self.targets = torch.tensor([t for _, cont in pairs for t in cont], device=device)
-        self.count = torch.tensor([len(cont) for _, cont in pairs], device=device)
-        self.first = torch.cumsum(self.count, 0) - self.count
+        self.lengths = [len(ctx) + len(cont) for ctx, cont in pairs]
+        self.pos = [list(range(len(ctx) - 1, len(ctx) - 1 + len(cont))) for ctx, cont in pairs]
+        self.targets = [cont for _, cont in pairs]
+
+
+class AnswerIndex:
+    """For rows that hold samples `rows` (host list), the flat answer tokens on the device: the row of each, its
+    position, and the token. Built once and reused every layer, so the layer loop copies nothing to the GPU."""
+
+    def __init__(self, samples, rows, device):
+        self.n_rows = len(rows)
+        self.row = torch.tensor([r for r, s in enumerate(rows) for _ in samples.targets[s]], device=device)
+        self.pos = torch.tensor([p for s in rows for p in samples.pos[s]], device=device)
+        self.target = torch.tensor([t for s in rows for t in samples.targets[s]], device=device)
 
 
 class StandIn(torch.nn.Module):
@@ -175,15 +185,12 @@ def final_logits(model, states):
         return model(input_ids=ids, logits_to_keep=0).logits[0].float()
 
 
-def answer_loss(model, hidden, samples, sample_of_row):
-    """Summed NLL of the gold answer of each row of `hidden` (last-layer states); logits at answer positions only."""
-    count = samples.count[sample_of_row]
-    row = torch.arange(len(sample_of_row), device=hidden.device).repeat_interleave(count)
-    within = torch.arange(len(row), device=hidden.device) - (torch.cumsum(count, 0) - count).repeat_interleave(count)
-    flat = samples.first[sample_of_row].repeat_interleave(count) + within
-    logits = final_logits(model, hidden[row, samples.pos[flat]])
-    nll = -torch.log_softmax(logits, dim=-1).gather(1, samples.targets[flat][:, None])[:, 0]
-    return torch.zeros(len(sample_of_row), device=hidden.device).index_add_(0, row, nll)
+def answer_loss(model, hidden, index):
+    """Summed NLL of the gold answer of each row of `hidden` (last-layer states), an AnswerIndex naming the answer
+    tokens: logits at the answer positions only."""
+    logits = final_logits(model, hidden[index.row, index.pos])
+    nll = -torch.log_softmax(logits, dim=-1).gather(1, index.target[:, None])[:, 0]
+    return torch.zeros(index.n_rows, device=hidden.device).index_add_(0, index.row, nll)
 
 
 @torch.inference_mode()
@@ -212,9 +219,28 @@ def check_locatable(model):
     model.__dict__["headmap_layer_widths"] = [len(out) if isinstance(out, tuple) else None for out in outputs]
 
 
+def plan_batches(lengths, heads, token_budget, world=1):
+    """The (candidate head, sample) rows of one layer, cut into batches: rows of the longest samples first, each
+    batch at most `token_budget` padded tokens (rows x its longest row; a single row may exceed it) and cut to its
+    own longest row, so no layer runs on padding beyond it (right padding and a causal mask: cutting it off changes
+    nothing). Under torchrun the ranks take turns along the batches. Returns (candidates, samples, width) per batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows = [(h, i) for i in order for h in range(heads)]
+    batches, start = [], 0
+    while start < len(rows):
+        width, end = lengths[rows[start][1]], start + 1  # the first row is the batch's longest
+        while end < len(rows) and (end - start + 1) * width <= token_budget:
+            end += 1
+        batches.append(([h for h, _ in rows[start:end]], [i for _, i in rows[start:end]], width))
+        start = end
+    return batches + [([], [], 0)] * (-len(batches) % world)  # as many as a multiple of the ranks
+
+
 @torch.inference_mode()
-def locate(model, samples, n, batch_size, state, on_layer_done, progress=True):
-    """Algorithm 1, from the layers `state` has not finished yet (it holds the circuit and loss rows so far)."""
+def locate(model, samples, n, token_budget, state, on_layer_done, progress=True):
+    """Algorithm 1, from the layers `state` has not finished yet (it holds the circuit and loss rows so far).
+    Batches of at most `token_budget` padded tokens; nothing in the layer loop waits for the GPU but the ranking
+    of each layer's heads."""
     check_locatable(model)
     layers, heads = layers_and_heads(model)
     n_samples = len(samples.ids)
@@ -225,32 +251,22 @@ def locate(model, samples, n, batch_size, state, on_layer_done, progress=True):
 
     def advance(hidden, layer):  # the kept input of the next layer: `layer` run once with its circuit heads masked
         mask = circuit_mask({layer: circuit[layer]}, layers, heads)[:, None].expand(layers, n_samples, heads)
-        return run_layers(model, samples.ids, hidden, layer, layer + 1, mask)
+        return run_layers(model, samples.ids, hidden, layer, layer + 1, mask.to(device))
 
     for layer in range(done):  # resume: replay the finished layers
         hidden = advance(hidden, layer)
-    # rows are (candidate head, sample) pairs, longest samples first: each batch is cut to its own longest row, so
-    # no layer runs on padding beyond it (right padding and a causal mask: cutting it off changes nothing)
-    by_length = torch.argsort(samples.length, descending=True, stable=True)
-    sample = by_length.repeat_interleave(heads)
-    cand = torch.arange(heads, device=device).repeat(n_samples)
-    # batches of equal size, at most batch_size rows, as many as a multiple of the ranks (torchrun), which take
-    # turns along them: each rank gets an equal share of the rows
-    world = distributed.world()
-    n_batches = math.ceil(len(cand) / batch_size / world) * world
-    bounds = [len(cand) * b // n_batches for b in range(n_batches + 1)]
+    plan = plan_batches(samples.lengths, heads, token_budget, distributed.world())
+    batches = [(b, torch.tensor(c, device=device), torch.tensor(s, device=device), width,
+                AnswerIndex(samples, s, device)) for b, (c, s, width) in distributed.mine(list(enumerate(plan))) if c]
     for layer in tqdm(range(done, layers), desc="locating", initial=done, total=layers, disable=not progress):
-        loss = torch.zeros(n_batches, heads, device=device)  # one row per batch, summed over the ranks below
-        for b in distributed.mine(range(n_batches)):
-            c, s = cand[bounds[b]:bounds[b + 1]], sample[bounds[b]:bounds[b + 1]]
-            if not len(c):
-                continue
-            cut = int(samples.length[s].max())
+        # one row per batch, summed over the ranks and then over the rows: the same sum in any number of processes
+        loss = torch.zeros(len(plan), heads, device=device)
+        for b, c, s, width, index in batches:
             mask = torch.zeros(layers, len(c), heads, dtype=torch.bool, device=device)
             mask[layer, torch.arange(len(c), device=device), c] = True  # row r masks its own candidate
-            out = run_layers(model, samples.ids[s, :cut], None if hidden is None else hidden[s, :cut], layer,
+            out = run_layers(model, samples.ids[s, :width], None if hidden is None else hidden[s, :width], layer,
                              layers, mask)
-            loss[b].index_add_(0, c, answer_loss(model, out, samples, s))
+            loss[b].index_add_(0, c, answer_loss(model, out, index))
         loss = distributed.all_sum(loss).sum(0)
         order = sorted(range(heads), key=lambda h: (-loss[h].item(), h))  # ties: the lower head index wins
         circuit[layer] = sorted(order[:n])
@@ -265,9 +281,7 @@ def locate(model, samples, n, batch_size, state, on_layer_done, progress=True):
 def unmasked_loss(model, samples):
     layers, _ = layers_and_heads(model)
     hidden = layer_output(model, layers - 1, lambda: model(input_ids=samples.ids, logits_to_keep=1))
-    rows = torch.arange(len(samples.ids), device=hidden.device).repeat_interleave(samples.count)
-    logits = final_logits(model, hidden[rows, samples.pos])
-    return -torch.log_softmax(logits, -1).gather(1, samples.targets[:, None]).sum().item()
+    return answer_loss(model, hidden, AnswerIndex(samples, range(len(samples.ids)), hidden.device)).sum().item()
 
 
 # ---------------------------------------------------------------- reporting
@@ -349,7 +363,10 @@ def main(argv=None):
         if distributed.rank() == 0:
             write_json(progress_path, state)
 
-    circuit = locate(model, samples, n, args.batch_size, state, save_progress, not args.no_progress)
+    device = next(model.parameters()).device
+    # a GPU pass is cheap per token only when it is large (BENCHMARKS.md, bench/gpu_scale.py); a CPU's is not
+    budget = args.token_budget or (65536 if device.type == "cuda" else 4096)
+    circuit = locate(model, samples, n, budget, state, save_progress, not args.no_progress)
     seconds = time.time() - started
     result = {"knowledge_circuit": {str(layer): {"retain_heads": h} for layer, h in circuit.items()},
               **settings, "layers": layers, "heads": heads, "sample_indices": state["sample_indices"],

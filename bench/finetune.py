@@ -1,13 +1,21 @@
-"""Training step of HeadMap, LoRA and DoRA: one padded pass per batch (the old loop) vs length-sorted micro-batches
-(finetune.py now), the same batches, one run. Prints s/step of both, the ratio, the loss of both and peak memory.
+"""A training step of finetune.py against what users run instead: PEFT + Hugging Face Trainer, in one run.
 
-    python bench/finetune.py --heads heads.json [--dataset piqa]
+    python bench/finetune.py --heads heads.json [--dataset arc_easy] [--steps 6]
 
-Peak memory: on a GPU torch's peak allocation; on a CPU the process's peak resident set, reset before each
-measurement through /proc/self/clear_refs (Linux).
+The same model, the same rows (the protocol's random batches of 16), the same LoRA/DoRA settings (r 32, alpha 64,
+dropout 0.05, PEFT's default targets here: LORA_TARGETS), bf16 autocast on a GPU:
+- `ours`: finetune.batch_loss (length-sorted micro-batches within --token-budget) and AdamW (fused on CUDA);
+- `trainer, same batches`: PEFT's model under Trainer, sequential sampling over the same batches, each padded to
+  its longest row as its collator does;
+- `trainer, by length`: Trainer's group_by_length sampling (batches of similar lengths: less padding, but not the
+  protocol's random batches).
+Prints seconds per step (the first step of each run left out: warm-up), useful tokens per second (real tokens
+predicted) and peak memory: on a GPU torch's peak allocation; on a CPU the process's peak resident set, reset
+before each run through /proc/self/clear_refs (Linux). bench/gpu_scale.py runs the same functions at 7B shape.
 """
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,108 +23,170 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import finetune  # noqa: E402
-from data import scoring  # noqa: E402
-from data.scoring import length_groups, pad_id_of, pad_right, pass_overhead_tokens  # noqa: E402
-from data.tasks import default_data_dir, load_examples  # noqa: E402
-from kernels.adapters import attach_headmap, attach_lora  # noqa: E402
-from kernels.circuit import read_circuit  # noqa: E402
-from kernels.model import DEFAULT_MODEL, load_model  # noqa: E402
-
-p = argparse.ArgumentParser()
-p.add_argument("--heads", required=True)
-p.add_argument("--model", default=DEFAULT_MODEL)
-p.add_argument("--dataset", default="arc_easy")
-p.add_argument("--prompt", default="paper")
-p.add_argument("--steps", type=int, default=10)
-p.add_argument("--batch-size", type=int, default=16)
-p.add_argument("--token-budget", type=int, default=4096)
-p.add_argument("--methods", default="headmap-mha,headmap-hs,lora,dora")
-p.add_argument("--pass-overhead", type=int, help="tune data.scoring.PASS_OVERHEAD_TOKENS for this device "
-               "(default: its value)")
-p.add_argument("--device", default="auto")
-p.add_argument("--data-dir", default=default_data_dir())
-args = p.parse_args()
-model, tok = load_model(args.model, args.device)
-model.requires_grad_(False)
-device = next(model.parameters()).device
-if args.pass_overhead is not None:
-    scoring.PASS_OVERHEAD_TOKENS[device.type] = args.pass_overhead
-pad = pad_id_of(tok)
-examples = load_examples(args.dataset, "train", args.prompt, args.data_dir)
-order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()  # random batches, as in training
-seqs = finetune.tokenize(tok, [examples[i] for i in order[:args.steps * args.batch_size]], 512)
-batches = [seqs[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.steps)]
-useful = sum(len(s) for b in batches for s in b)
-one_pass = sum(len(b) * max(map(len, b)) for b in batches)
-overhead = pass_overhead_tokens(device)
-micro = sum(len(g) * max(len(b[i]) for i in g)
-            for b in batches for g in length_groups(list(map(len, b)), args.token_budget, overhead))
-print(f"{args.dataset} {args.prompt} prompts, batch {args.batch_size}: useful / padded tokens = {useful / one_pass:.2f} "
-      f"in one pass, {useful / micro:.2f} in micro-batches (--token-budget {args.token_budget}, "
-      f"pass overhead {overhead} tokens)")
-circuit = read_circuit(args.heads)
-ATTACH = {"headmap-mha": lambda: attach_headmap(model, circuit, 32, 1.0, "mha"),
-          "headmap-hs": lambda: attach_headmap(model, circuit, 32, 1.0, "hs"),
-          "lora": lambda: attach_lora(model, 32, 64, 0.05), "dora": lambda: attach_lora(model, 32, 64, 0.05, dora=True)}
+from data.scoring import pad_right  # noqa: E402
+from kernels.adapters import LORA_TARGETS, attach_headmap, attach_lora  # noqa: E402
 
 
-def padded_step(batch):
-    """The loop before 2026-11-25: one right-padded pass over the whole batch, the shifted logits sliced."""
-    ids, mask = pad_right(batch, pad, device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum")
-    n = int((labels != -100).sum())
-    (nll / n).backward()
-    return nll.item() / n
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def micro_step(batch):
-    return finetune.batch_loss(model, batch, pad, args.token_budget, backward=True)
-
-
-def reset_peak():
+def reset_peak(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def peak_gib():
+def peak_gib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
     status = Path("/proc/self/status").read_text()
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 2**20
 
 
-def run(method, step):
-    """Mean s/step (first step left out: allocator warm-up), mean loss, peak memory."""
+def summary(times, tokens, losses, device) -> dict:
+    """Steps after the first: mean seconds per step and useful tokens per second."""
+    return {"s_per_step": sum(times[1:]) / len(times[1:]), "tokens_per_s": sum(tokens[1:]) / sum(times[1:]),
+            "loss": sum(losses) / len(losses) if losses else None, "peak_gib": peak_gib(device)}
+
+
+def ours(model, method, batches, pad_id, circuit=None, token_budget=4096) -> dict:
+    """finetune.py's step (batch_loss, clipping, AdamW) on each batch."""
+    device = next(model.parameters()).device
     torch.manual_seed(0)
-    adapter = ATTACH[method]()
+    adapter = (attach_headmap(model, circuit, 32, 1.0, method.split("-")[1]) if method.startswith("headmap")
+               else attach_lora(model, 32, 64, 0.05, dora=method == "dora"))
     adapter.train()
-    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-4, weight_decay=0.0)
-    reset_peak()
-    times, losses = [], []
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=params[0].is_cuda or None)
+    reset_peak(device)
+    times, tokens, losses = [], [], []
     for batch in batches:
         start = time.perf_counter()
-        losses.append(step(batch))
-        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+        losses.append(finetune.batch_loss(model, batch, pad_id, token_budget, backward=True))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - start)
+        tokens.append(sum(len(s) - 1 for s in batch))
+    result = summary(times, tokens, losses, device)
     adapter.remove()
-    return sum(times[1:]) / len(times[1:]), sum(losses) / len(losses), peak_gib()
+    return result
 
 
-where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-print(f"{args.model} on {where}, {args.steps} steps per path")
-print(f"{'method':<13}{'padded s/step':>14}{'micro s/step':>13}{'speed-up':>10}{'padded loss':>13}{'micro loss':>12}"
-      f"{'padded peak':>13}{'micro peak':>12}")
-for method in args.methods.split(","):
-    t_pad, l_pad, m_pad = run(method, padded_step)
-    t_mic, l_mic, m_mic = run(method, micro_step)
-    print(f"{method:<13}{t_pad:>14.2f}{t_mic:>13.2f}{t_pad / t_mic:>9.2f}x{l_pad:>13.4f}{l_mic:>12.4f}"
-          f"{m_pad:>9.2f} GiB{m_mic:>8.2f} GiB", flush=True)
+def peft_trainer(model, method, batches, pad_id, grouped: bool) -> dict:
+    """PEFT's LoRA/DoRA under Hugging Face Trainer over the rows of `batches`: in their order (sequential
+    sampling), or grouped by length. Step time: between the ends of consecutive steps, so it holds everything the
+    Trainer does per step (loading, collating, forward, backward, clipping, optimizer, schedule)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+    device = next(model.parameters()).device
+    rows = [s for batch in batches for s in batch]
+    counts = []  # predicted tokens of each batch, in the order the collator builds them (the steps' order)
+
+    def collate(features):
+        seqs = [f["input_ids"] for f in features]
+        ids, mask = pad_right(seqs, pad_id, "cpu")
+        counts.append(sum(len(s) - 1 for s in seqs))
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return {"input_ids": rows[i]}
+
+    ends = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(device)
+            ends.append(time.perf_counter())
+
+    fields = TrainingArguments.__dataclass_fields__
+    if "train_sampling_strategy" in fields:  # transformers >= 5.20
+        sampling = {"train_sampling_strategy": "group_by_length" if grouped else "sequential"}
+    else:
+        sampling = {"group_by_length": grouped}
+
+    class SameBatches(Trainer):  # older transformers: no sequential strategy to ask for
+        def _get_train_sampler(self, *args, **kwargs):
+            if grouped or "train_sampling_strategy" in fields:
+                return super()._get_train_sampler(*args, **kwargs)
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=list(LORA_TARGETS),
+                        use_dora=method == "dora", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=len(batches[0]), max_steps=len(batches),
+            learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="linear", warmup_steps=0,
+            bf16=device.type == "cuda", use_cpu=device.type == "cpu", logging_strategy="no", save_strategy="no",
+            report_to="none", disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+            seed=0, **sampling)
+        trainer = SameBatches(model=peft_model, args=args, train_dataset=Rows(), data_collator=collate,
+                              callbacks=[StepTimes()])
+        trainer.remove_callback(PrinterCallback)  # its end-of-training summary would break this script's table
+        reset_peak(device)
+        sync(device)
+        start = time.perf_counter()
+        trainer.train()
+    times = [b - a for a, b in zip([start] + ends[:-1], ends)]
+    result = summary(times, counts[:len(times)], [], device)
+    peft_model.unload()  # the base model back, without PEFT's layers
+    return result
+
+
+ROWS = [("ours", "headmap-mha", None), ("ours", "lora", None), ("ours", "dora", None),
+        ("trainer, same batches", "lora", False), ("trainer, same batches", "dora", False),
+        ("trainer, by length", "lora", True), ("trainer, by length", "dora", True)]
+
+
+def compare(model, batches, pad_id, circuit, log=print) -> list[dict]:
+    """Every row of ROWS on `batches`; HeadMap only where a circuit is given."""
+    results = []
+    log(f"  {'path':<24}{'method':<13}{'s/step':>8}{'tokens/s':>10}{'peak GiB':>10}")
+    for path, method, grouped in ROWS:
+        if method.startswith("headmap") and circuit is None:
+            continue
+        r = ours(model, method, batches, pad_id, circuit) if path == "ours" else \
+            peft_trainer(model, method, batches, pad_id, grouped)
+        results.append({"path": path, "method": method, **r})
+        log(f"  {path:<24}{method:<13}{r['s_per_step']:>8.3f}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.2f}")
+    return results
+
+
+if __name__ == "__main__":
+    from data.scoring import pad_id_of
+    from data.tasks import default_data_dir, load_examples
+    from kernels.circuit import read_circuit
+    from kernels.model import DEFAULT_MODEL, load_model
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--heads", required=True, help="the circuit HeadMap trains on")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dataset", default="arc_easy")
+    p.add_argument("--prompt", default="paper")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=default_data_dir())
+    args = p.parse_args()
+    model, tok = load_model(args.model, args.device)
+    model.requires_grad_(False)
+    examples = load_examples(args.dataset, "train", args.prompt, args.data_dir)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()  # random batches
+    seqs = finetune.tokenize(tok, [examples[i] for i in order[:args.steps * args.batch_size]], 512)
+    batches = [seqs[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.steps)]
+    device = next(model.parameters()).device
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"{args.model} on {where}; {args.dataset} {args.prompt} prompts, {args.steps} batches of {args.batch_size}, "
+          f"{sum(len(s) for s in seqs) / len(seqs):.0f} tokens a row on average")
+    compare(model, batches, pad_id_of(tok), read_circuit(args.heads))

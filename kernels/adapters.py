@@ -32,7 +32,9 @@ class HeadMap(nn.Module):
     def __init__(self, heads: list[int], head_dim: int, hidden: int, rank: int, scaling: float):
         super().__init__()
         cols = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
-        self.register_buffer("cols", cols, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)  # x_R's columns of the o_proj input (merge writes them)
+        self.register_buffer("heads", torch.tensor(heads), persistent=False)
+        self.head_dim = head_dim
         self.down = nn.Linear(len(cols), rank)  # default init: kaiming-uniform weight, default bias
         self.up = nn.Linear(rank, hidden)
         nn.init.zeros_(self.up.weight)  # zero up-projection: the model starts exactly as the base model
@@ -40,7 +42,9 @@ class HeadMap(nn.Module):
         self.scaling = scaling
 
     def forward(self, x):
-        x_r = x[..., self.cols].to(self.down.weight.dtype)
+        # whole heads by index_select, whose backward adds head_dim-long rows, not x[..., cols]: on CUDA that
+        # gather's backward scatters one column at a time
+        x_r = x.unflatten(-1, (-1, self.head_dim)).index_select(-2, self.heads).flatten(-2).to(self.down.weight.dtype)
         return (self.scaling * self.up(self.down(x_r))).to(x.dtype)
 
 

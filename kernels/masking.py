@@ -47,7 +47,8 @@ def headmap_attention(module, query, key, value, attention_mask, scaling=None, d
     if sliding_window and attention_mask is None and key.shape[2] > sliding_window:
         raise UnsupportedModel(f"{arch} has a sliding window of {sliding_window} but its model built no mask "
                                f"for {key.shape[2]} keys")
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
+        # sliced only when needed: the kernel caches its key ranges on the tensor every layer of a type shares
         attention_mask = attention_mask[:, :, :, :key.shape[2]]
     out = masked_attention(query, key, value, getattr(module, "head_mask", None), scaling, attention_mask, softcap)
     if hasattr(module, "headmap_probe"):  # check_maskable is watching

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.attention import INTERPRET, masked_attention, masked_attention_reference, masked_attention_triton
+from kernels.attention import INTERPRET, key_ranges, masked_attention, masked_attention_reference, masked_attention_triton
 
 # Max abs error allowed against an fp32 reference computed from the same (rounded) inputs.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
@@ -12,6 +12,7 @@ SHAPES = [  # batch, heads, kv heads, q length, k length, head_dim
     (3, 4, 4, 33, 33, 64),   # plain multi-head attention
     (2, 6, 3, 5, 12, 16),    # queries after a KV cache
     (1, 2, 2, 1, 1, 16),
+    (1, 2, 1, 70, 70, 24),   # a head_dim that is not a power of two: padded to 32, bounds checked
 ]
 
 
@@ -64,27 +65,33 @@ def test_kernel_refuses_autograd():
         masked_attention_triton(q.requires_grad_(), k, v, mask)
 
 
-def model_mask(batch, q_len, k_len, window=None, lengths=None):
+def model_mask(batch, q_len, k_len, window=None, lengths=None, left=None):
     """A mask as transformers builds it, by loops: query i (at key position i + k_len - q_len) sees key j when
-    j <= its position, j is within the window, and j is not padding of its row. True = attend."""
+    j <= its position, j is within the window, and j is not padding of its row (right padding: j < lengths[b];
+    left padding: j >= left[b]). True = attend."""
     mask = torch.zeros(batch, 1, q_len, k_len, dtype=torch.bool)
     for b in range(batch):
         for i in range(q_len):
             pos = i + k_len - q_len
             for j in range(k_len):
                 mask[b, 0, i, j] = j <= pos and (window is None or j > pos - window) and \
-                    (lengths is None or j < lengths[b])
+                    (lengths is None or j < lengths[b]) and (left is None or j >= left[b])
     return mask
 
 
-@pytest.mark.parametrize("case", ["window", "window, padded", "softcap", "softcap and window", "cache and window"])
+CASES = ["window", "window, padded", "softcap", "softcap and window", "cache and window", "padded", "left padded",
+         "left padded, window", "cache, left padded"]
+
+
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_honours_the_models_mask_and_softcap(case, dtype):
-    q_len, k_len = (6, 40) if "cache" in case else (45, 45)
+    q_len, k_len = (6, 40) if "cache" in case else (70, 70)
     q, k, v, heads = inputs(3, 4, 2, q_len, k_len, 32, dtype, seed=7)
     window = 9 if "window" in case else None
-    lengths = [45, 30, 17] if "padded" in case else None
-    mask = model_mask(3, q_len, k_len, window, lengths) if window else None
+    lengths = [70, 30, 17] if "padded" in case and "left" not in case else None
+    left = [0, 33, 50] if "left" in case else None
+    mask = model_mask(3, q_len, k_len, window, lengths, left) if window or lengths or left else None
     softcap = 1.5 if "softcap" in case else None
     out = masked_attention_triton(q, k, v, heads, None, mask, softcap)
     ref = masked_attention_reference(q.float(), k.float(), v.float(), heads, None, mask, softcap)
@@ -111,3 +118,58 @@ def test_a_query_whose_window_hides_a_whole_block_of_keys():
     out = masked_attention_triton(q, k, v, heads, None, mask)
     assert torch.isfinite(out).all()
     assert (out.float() - masked_attention_reference(q, k, v, heads, None, mask)).abs().max().item() < 1e-5
+
+
+def test_key_ranges_of_a_mask_by_hand():
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    lo, hi, contiguous = key_ranges(mask)
+    assert lo.tolist() == [0, 0, 1, 0] and hi.tolist() == [1, 2, 3, 0] and contiguous
+    holes = torch.tensor([[1, 0, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    assert key_ranges(holes)[2] is False  # row 0 sees keys 0 and 2, not 1: the kernel must read this mask
+
+
+def test_a_mask_with_holes_and_one_per_head_is_read_densely():
+    q, k, v, heads = inputs(2, 4, 2, 50, 50, 16, torch.float32, seed=10)
+    g = torch.Generator().manual_seed(11)
+    mask = (torch.rand(2, 4, 50, 50, generator=g) < 0.7) & torch.ones(50, 50, dtype=torch.bool).tril()
+    assert not key_ranges(mask)[2]
+    out = masked_attention_triton(q, k, v, heads, None, mask)
+    ref = masked_attention_reference(q, k, v, heads, None, mask)
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_per_head_windows_as_ranges():
+    q, k, v, heads = inputs(1, 4, 4, 66, 66, 16, torch.float32, seed=12)
+    mask = torch.cat([model_mask(1, 66, 66, window=w) for w in (3, 10, 40, None)], dim=1)  # (1, 4, 66, 66)
+    assert key_ranges(mask)[2]
+    out = masked_attention_triton(q, k, v, heads, None, mask)
+    assert (out - masked_attention_reference(q, k, v, heads, None, mask)).abs().max().item() < 1e-5
+
+
+def test_fp32_is_exact_fp32_unless_tf32_is_allowed(monkeypatch):
+    # the interpreter multiplies in fp32 either way; what is checked is the precision the kernel asks for
+    import kernels.attention as attention
+    seen = []
+    real = attention._masked_attention_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.append(kw["PRECISION"]) or real[grid](*a, **kw)
+    monkeypatch.setattr(attention, "_masked_attention_kernel", Spy())
+    q, k, v, heads = inputs(1, 2, 2, 8, 8, 16, torch.float32, seed=13)
+    masked_attention_triton(q, k, v, heads)
+    masked_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads)
+    assert seen == ["ieee", "tf32"]
+
+
+@pytest.mark.parametrize("tile", [(16, 32), (32, 16), (64, 16)])  # query and key blocks of other shapes than 32 x 32
+@pytest.mark.parametrize("case", ["left padded, window", "cache, left padded", "padded"])
+def test_stage_boundaries_hold_for_other_tile_shapes(tile, case):
+    q_len, k_len = (6, 40) if "cache" in case else (70, 70)
+    q, k, v, heads = inputs(3, 4, 2, q_len, k_len, 16, torch.float32, seed=14)
+    left = [0, 33, 50] if "left" in case else None
+    mask = model_mask(3, q_len, k_len, 9 if "window" in case else None, None if left else [70, 30, 17], left)
+    out = masked_attention_triton(q, k, v, heads, None, mask, tile=dict(BLOCK_M=tile[0], BLOCK_N=tile[1]))
+    plain = masked_attention_triton(q, k, v, heads, tile=dict(BLOCK_M=tile[0], BLOCK_N=tile[1]))
+    assert (out - masked_attention_reference(q, k, v, heads, None, mask)).abs().max().item() < 1e-5
+    assert (plain - masked_attention_reference(q, k, v, heads)).abs().max().item() < 1e-5

@@ -32,16 +32,30 @@ def brute_force(tiny):
     return locate_brute_force(model, tok, EXAMPLES, 2)
 
 
-@pytest.mark.parametrize("batch_size", [3, 5, 64])  # 3 and 5: batches cut to different widths
-def test_fast_locate_equals_brute_force(tiny, brute_force, batch_size):
+@pytest.mark.parametrize("token_budget", [1, 40, 100, 4096])  # 1: a row per batch; 40, 100: cut to other widths
+def test_fast_locate_equals_brute_force(tiny, brute_force, token_budget):
     model, tok = tiny
     samples = locate.Samples(tok, EXAMPLES, "cpu")
     state = {"circuit": {}, "loss_matrix": []}
-    circuit = locate.locate(model, samples, 2, batch_size, state, lambda s: None)
+    circuit = locate.locate(model, samples, 2, token_budget, state, lambda s: None)
     expected_circuit, expected_losses = brute_force
     assert circuit == expected_circuit
     torch.testing.assert_close(torch.tensor(state["loss_matrix"]), torch.tensor(expected_losses),
                                atol=1e-3, rtol=1e-5)
+
+
+def test_batches_keep_to_the_token_budget_and_cover_every_row_once():
+    lengths = [5, 12, 7, 12, 3]
+    for budget, world in [(1, 1), (30, 1), (50, 2), (1000, 3)]:
+        plan = locate.plan_batches(lengths, 3, budget, world)
+        assert len(plan) % world == 0
+        rows = sorted((h, i) for c, s, _ in plan for h, i in zip(c, s))
+        assert rows == sorted((h, i) for h in range(3) for i in range(5))
+        for c, s, width in plan:
+            if s:
+                assert width == max(lengths[i] for i in s)  # cut to its own longest row
+                assert len(s) * width <= budget or len(s) == 1
+    assert [len(c) for c, _, _ in locate.plan_batches(lengths, 3, 36, 1)] == [3, 3, 5, 4]  # 12 12 | 12 12 | ...
 
 
 def test_unmasked_loss_matches_full_forward(tiny):
