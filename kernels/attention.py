@@ -69,8 +69,10 @@ def key_ranges(attn_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, boo
     """For a boolean mask (..., S, S'), the first visible key `lo` and one past the last `hi` of every query
     (int32, (..., S); a query that sees nothing gets lo = hi = 0), and whether every query sees exactly the keys
     [lo, hi): then the ranges are the whole mask. Cached on the mask tensor, so the layers that share it pay once."""
+    # keyed on the version counter, so an in-place edit of the mask is seen (inference tensors have none: cached)
+    version = None if attn_mask.is_inference() else attn_mask._version
     cached = attn_mask.__dict__.get("_headmap_key_ranges")
-    if cached is not None and cached[0] == attn_mask._version:
+    if cached is not None and cached[0] == version:
         return cached[1]
     k_len = attn_mask.shape[-1]
     any_visible = attn_mask.any(-1)
@@ -79,7 +81,7 @@ def key_ranges(attn_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, boo
     lo, hi = lo.masked_fill(~any_visible, 0).int(), hi.masked_fill(~any_visible, 0).int()
     contiguous = bool((attn_mask.sum(-1, dtype=torch.int32) == hi - lo).all())
     result = (lo.contiguous(), hi.contiguous(), contiguous)
-    attn_mask.__dict__["_headmap_key_ranges"] = (attn_mask._version, result)
+    attn_mask.__dict__["_headmap_key_ranges"] = (version, result)
     return result
 
 

@@ -128,6 +128,17 @@ def test_key_ranges_of_a_mask_by_hand():
     assert key_ranges(holes)[2] is False  # row 0 sees keys 0 and 2, not 1: the kernel must read this mask
 
 
+def test_key_ranges_are_cached_per_mask_and_follow_in_place_edits():
+    with torch.inference_mode():  # scoring builds its masks here: inference tensors have no version counter
+        mask = torch.ones(4, 4, dtype=torch.bool).tril()
+        assert key_ranges(mask) is key_ranges(mask)
+    mask = torch.ones(4, 4, dtype=torch.bool).tril()
+    first = key_ranges(mask)
+    assert key_ranges(mask) is first
+    mask[3, 0] = False  # the model changed its mask in place: the ranges follow
+    assert key_ranges(mask)[0].tolist() == [0, 0, 0, 1]
+
+
 def test_a_mask_with_holes_and_one_per_head_is_read_densely():
     q, k, v, heads = inputs(2, 4, 2, 50, 50, 16, torch.float32, seed=10)
     g = torch.Generator().manual_seed(11)
