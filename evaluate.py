@@ -66,7 +66,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from data import distributed  # noqa: E402
-from data.files import check_writable, read_json, settle, write_json  # noqa: E402
+from data.files import check_adapter_weights, check_writable, read_json, settle, write_json  # noqa: E402
 from data.scoring import accuracy, score_examples  # noqa: E402
 from data.tasks import data_source, load_examples  # noqa: E402
 from kernels.adapters import load_adapter  # noqa: E402
@@ -98,6 +98,8 @@ def main(argv=None) -> dict:
     if args.out:
         check_writable(args.out)
     models, prompts = recorded_settings(args)
+    if args.adapter:
+        check_adapter_weights(args.adapter)
     args.model = settle("model", args.model, models, DEFAULT_MODEL, args.force)
     args.prompt = settle("prompt", args.prompt, prompts, "paper", strict=False)
     # Load every dataset before the model, so a missing file fails in a second, not after minutes.

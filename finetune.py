@@ -56,7 +56,9 @@ def parse_args(argv=None):
                    "(default: all)")
     p.add_argument("--seed", type=int, default=0, help="data order, held-out rows, initialisation, dropout")
     p.add_argument("--out", default="runs/adapter", help="folder for adapter, record, log and checkpoint")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one (its files "
+                   "are replaced; other files are kept)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
     p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
@@ -69,6 +71,19 @@ def parse_args(argv=None):
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be at least 0, got {args.warmup}")
+    for name, low, high in (("lr", 0.0, None), ("alpha", 0.0, None), ("scaling", 0.0, None)):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > low and (high is None or value < high)):
+            raise UsageError(f"--{name} must be a finite number above {low:g}, got {value}")
+    if not 0.0 <= args.dropout < 1.0:  # also refuses nan
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite starts a new one; pass one of them")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; pass a folder")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not (args.resume or args.overwrite):
+        raise UsageError(f"--out {args.out} holds files already (a run?); pass --resume to continue that run, "
+                         "--overwrite to start a new one in it, or another --out")
     if args.method == "headmap" and not args.heads:
         raise UsageError("HeadMap needs --heads heads.json (run locate.py first), or pass --method lora|dora")
     if args.dataset:
@@ -83,7 +98,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data import distributed  # noqa: E402
-from data.files import atomic, read_json, settle, write_json  # noqa: E402
+from data.files import atomic, check_same_run, read_checked, read_json, settle, write_json  # noqa: E402
 from data.scoring import (accuracy, length_groups, pad_id_of, pad_right, pass_overhead_tokens,  # noqa: E402
                           score_examples)
 from data.tasks import data_source, load_examples  # noqa: E402
@@ -166,8 +181,22 @@ def total_steps(n_rows, args):
     return min(args.max_steps or 10 ** 12, math.ceil(n_rows / args.batch_size) * args.epochs)
 
 
-def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda step: None):
-    """The loop: AdamW, linear warm-up and decay, clipping, validation every --eval-every steps, keep the best."""
+def read_checkpoint(out: str) -> dict | None:
+    """The checkpoint of the run in `out` (None where it has none yet), checked: a truncated or foreign file is
+    refused with one line, before any compute."""
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        return None
+    ckpt = read_checked(path, "checkpoint", lambda p: torch.load(p, map_location="cpu", weights_only=False),
+                        "delete it to start over")
+    if not isinstance(ckpt, dict) or not {"adapter", "optimizer", "schedule", "rng", "step", "best"} <= set(ckpt):
+        raise UsageError(f"checkpoint {path} is not one finetune.py wrote; delete it to start over")
+    return ckpt
+
+
+def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda step: None, ckpt=None):
+    """The loop: AdamW, linear warm-up and decay, clipping, validation every --eval-every steps, keep the best.
+    With --resume it continues from `ckpt` (read here when not given)."""
     params = [p for p in adapter.parameters() if p.requires_grad]
     # fused: one kernel for every parameter's update on CUDA, instead of a few per parameter
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=params[0].is_cuda or None)
@@ -183,14 +212,9 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
     step, best, elapsed = 0, {"loss": math.inf, "step": 0, "state": None}, 0.0
     if args.resume and not os.path.exists(ckpt_path):
         print(f"--resume: no checkpoint in {args.out} yet; starting at step 0")
-    ckpt = None
-    if args.resume and main_rank and os.path.exists(ckpt_path):
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as err:  # a truncated or foreign file: say which, and how to start over
-            raise UsageError(f"cannot read checkpoint {ckpt_path} ({type(err).__name__}: {err}); delete it to "
-                             "start over") from None
-    ckpt = distributed.from_rank0(ckpt)
+    if args.resume and main_rank and ckpt is None:
+        ckpt = read_checkpoint(args.out)
+    ckpt = distributed.from_rank0(ckpt if args.resume else None)
     if ckpt is not None:
         adapter.load_state_dict(ckpt["adapter"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -203,8 +227,10 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
     log_path = os.path.join(args.out, "log.jsonl")
     kept = []  # on resume, the log up to the checkpoint: the steps after it are run again
     if main_rank and step and os.path.exists(log_path):
-        with open(log_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        def steps_so_far(path):
+            with open(path, encoding="utf-8") as f:
+                return [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = read_checked(log_path, "training log", steps_so_far, "delete it and checkpoint.pt to start over")
     if main_rank:
         with atomic(log_path) as tmp, open(tmp, "w") as f:
             f.writelines(kept)
@@ -279,7 +305,21 @@ def main(argv=None):
               f"peaks at {args.lr * steps / max(1, args.warmup):.2e}, not --lr {args.lr:.2e}; pass a smaller --warmup",
               file=sys.stderr)
     eval_examples = load_examples(args.dataset, None, args.prompt, args.data_dir, args.eval_limit)
+    # what decides the result (not the checkpoint interval, progress bars or device): --resume must find the same
+    settings = {k: getattr(args, k) for k in ("method", "variant", "random_heads", "dataset", "prompt", "model", "rank",
+                                              "scaling", "alpha", "dropout", "lr", "batch_size", "token_budget",
+                                              "epochs", "warmup", "max_steps", "max_length", "train_limit",
+                                              "eval_every", "val_limit", "eval_limit", "seed")}
+    settings["circuit"] = {str(k): v for k, v in sorted(circuit.items())} if args.method == "headmap" else None
     distributed.start(pick_device(args.device))
+    before_path = os.path.join(args.out, "before.json")  # the base model's numbers: the adapter starts as identity
+    recorded = ckpt = None  # the interrupted run's record and checkpoint, read and checked before the model loads
+    if args.resume and distributed.rank() == 0:
+        if os.path.exists(before_path):
+            recorded = read_json(before_path, "run record", "delete it and checkpoint.pt to start over")
+            check_same_run(before_path, recorded.get("settings", settings), settings)
+        ckpt = read_checkpoint(args.out)
+    recorded = distributed.from_rank0(recorded)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     model.requires_grad_(False)
     layers, heads = layers_and_heads(model)
@@ -306,11 +346,6 @@ def main(argv=None):
     pad_id = pad_id_of(tokenizer)
     adapter.eval()  # modules start in training mode: no dropout while scoring
     val_seqs = tokenize(tokenizer, val_examples, args.max_length)
-    before_path = os.path.join(args.out, "before.json")  # the base model's numbers: the adapter starts as identity
-    recorded = None
-    if args.resume and distributed.rank() == 0 and os.path.exists(before_path):
-        recorded = read_json(before_path, "record")
-    recorded = distributed.from_rank0(recorded)
     if recorded is not None:
         before, val_loss_before = recorded["accuracy"], recorded["val_loss"]
     else:
@@ -318,11 +353,11 @@ def main(argv=None):
                                                         not args.no_progress, "accuracy before"))["acc"]
         val_loss_before = validation_loss(model, val_seqs, pad_id, args.token_budget)
         if distributed.rank() == 0:
-            write_json(before_path, {"accuracy": before, "val_loss": val_loss_before})
+            write_json(before_path, {"accuracy": before, "val_loss": val_loss_before, "settings": settings})
     adapter.train()
     try:
         best, steps = train(model, adapter, tokenize(tokenizer, train_examples, args.max_length), val_seqs, pad_id,
-                            args)
+                            args, ckpt=ckpt)
     except FloatingPointError as err:  # not bad input, so exit code 1; the best adapter so far stays on disk
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -14,7 +14,6 @@ layer at a time; the H candidates run through the layers above together, as rows
 head masks (kernels/attention.py); the LM head runs only at the answer positions.
 """
 import argparse
-import json
 import math
 import os
 import statistics
@@ -53,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     check_dataset(args.dataset)
-    for name in ("samples", "batch_size", "token_budget", "random_trials", "pool"):
+    for name in ("samples", "batch_size", "token_budget", "random_trials", "pool", "heads_per_layer"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -70,7 +69,7 @@ import transformers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data import distributed  # noqa: E402
-from data.files import check_writable, write_json  # noqa: E402
+from data.files import check_same_run, check_writable, read_json, write_json  # noqa: E402
 from data.scoring import accuracy, encode_pair, pad_id_of, pad_right, score_examples  # noqa: E402
 from data.tasks import data_source, load_examples  # noqa: E402
 from kernels.circuit import circuit_mask, random_circuit_like  # noqa: E402
@@ -324,6 +323,12 @@ def main(argv=None):
     val_examples = None if args.no_validate else load_examples(
         args.dataset, args.validate_split, args.prompt, args.data_dir, args.validate_limit or None)
     distributed.start(pick_device(args.device))
+    saved = None  # the interrupted run, read and checked before the model loads
+    if args.resume and distributed.rank() == 0 and os.path.exists(progress_path):
+        saved = read_json(progress_path, "progress file", "delete it to start over")
+        if not isinstance(saved, dict) or not {"settings", "circuit", "loss_matrix"} <= set(saved):
+            raise UsageError(f"progress file {progress_path} is not one locate.py wrote; delete it to start over")
+    saved = distributed.from_rank0(saved)  # under torchrun, only rank 0 reads and writes files
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
     layers, heads = layers_and_heads(model)
     n = args.heads_per_layer if args.heads_per_layer is not None else max(1, round(heads / 4))
@@ -334,18 +339,14 @@ def main(argv=None):
     except UnsupportedModel as err:
         raise UsageError(f"cannot locate heads in {args.model}: {err}") from None
 
+    # what decides the result; batch sizes, budgets, progress bars and devices do not (beyond float rounding)
     settings = {"model": args.model, "dataset": args.dataset, "split": args.split, "pool": args.pool,
-                "prompt": args.prompt, "samples": args.samples, "heads_per_layer": n}
+                "prompt": args.prompt, "samples": args.samples, "heads_per_layer": n,
+                "validate": not args.no_validate, "validate_split": args.validate_split,
+                "validate_limit": args.validate_limit, "random_trials": args.random_trials, "seed": args.seed}
     state = {"settings": settings, "circuit": {}, "loss_matrix": [], "seconds": 0.0}
-    saved = None
-    if args.resume and distributed.rank() == 0 and os.path.exists(progress_path):
-        with open(progress_path) as f:
-            saved = json.load(f)
-    saved = distributed.from_rank0(saved)  # under torchrun, only rank 0 reads and writes files
     if saved is not None:
-        if saved["settings"] != settings:
-            raise UsageError(f"{progress_path} was made with other settings ({saved['settings']}); "
-                             "drop --resume or use the same options")
+        check_same_run(progress_path, saved["settings"], settings)
         state = saved
         print(f"resuming after layer {len(state['loss_matrix']) - 1}")
     else:

@@ -41,16 +41,43 @@ def check_writable(path: str) -> None:
         raise UsageError(f"cannot write {path} ({err.strerror}); pass a writable path") from None
 
 
-def read_json(path: str, what: str) -> dict:
-    """A JSON file the user pointed at, or a one-line error saying what is wrong with it."""
+def read_checked(path: str, what: str, load, fix: str):
+    """The one way the scripts read a file the user handed them or an earlier run left: `load(path)`, or a
+    one-line error naming the file, what is wrong with it (truncated, corrupt, not UTF-8 ...) and `fix`."""
     from kernels.model import UsageError
     try:
-        with open(path) as f:
-            return json.load(f)
+        return load(path)
     except FileNotFoundError:
         raise UsageError(f"{what} {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{what} {path} is not valid JSON ({err})") from None
+    except Exception as err:  # any parser's complaint about the file's content: the file is the problem
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"{what} {path} cannot be read ({type(err).__name__}: {detail}); {fix}") from None
+
+
+def read_json(path: str, what: str, fix: str = "fix it or pass another file") -> dict:
+    """A JSON file, through read_checked."""
+    def load(p):
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    return read_checked(path, what, load, fix)
+
+
+def check_adapter_weights(folder: str) -> None:
+    """An adapter folder's weights read once, before any model loads: a truncated or corrupt file is refused."""
+    from safetensors.torch import load_file
+    read_checked(os.path.join(folder, "adapter_model.safetensors"), "adapter weights", load_file,
+                 "train it again (finetune.py) or copy it again")
+
+
+def check_same_run(path: str, recorded: dict, given: dict) -> None:
+    """--resume continues the run recorded in `path`, not another: every setting that decides the result must be
+    the same; the first difference is refused by name."""
+    from kernels.model import UsageError
+    for key in sorted(set(recorded) | set(given)):
+        if recorded.get(key) != given.get(key):
+            raise UsageError(f"--resume: {key} is {given.get(key)!r} here but {recorded.get(key)!r} in the run recorded "
+                             f"in {path}; pass the same options to continue it, or drop --resume (another --out) "
+                             "to start a new run")
 
 
 def settle(option: str, given, recorded: dict, default, force: bool = False, strict: bool = True):

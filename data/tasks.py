@@ -112,6 +112,12 @@ def load_rows(name: str, split: str, data_dir: str = BUNDLED) -> list[dict]:
 
 
 def _read_file(path: Path) -> list[dict]:
+    from data.files import read_checked
+    return read_checked(str(path), "data file", lambda _: _parse_file(path), "fix or replace it (UTF-8 JSON Lines, "
+                        "JSON, CSV or Parquet in the Hugging Face schema)")
+
+
+def _parse_file(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         return pq.read_table(path).to_pylist()
