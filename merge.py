@@ -71,7 +71,7 @@ def own_files(folder: str) -> list[str] | None:
 if __name__ == "__main__":
     run_script(parse_args)  # --help and bad arguments answer at once, before torch and transformers load
 
-from data.files import check_adapter_weights, read_json  # noqa: E402
+from data.files import check_adapter_weights, current_umask, read_json  # noqa: E402
 from kernels.adapters import load_adapter, merge_adapter  # noqa: E402
 from kernels.model import load_model  # noqa: E402
 
@@ -115,9 +115,7 @@ def write_checkpoint(model, tokenizer, out: str, record: dict) -> None:
         files = sorted(os.listdir(tmp))
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({**record, "files": files}, f, indent=1)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; a checkpoint should read like any other
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes the folder private; a checkpoint should read like any other
         ours = own_files(out) if os.path.isdir(out) else None
         if not os.path.isdir(out) or not os.listdir(out):
             if os.path.isdir(out):

@@ -16,12 +16,19 @@ def atomic(path: str):
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; an output file should read like any other
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes the file private; an output reads like any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str, obj) -> None:

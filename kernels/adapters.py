@@ -217,7 +217,9 @@ def save_adapter(adapter: Adapter, folder: str) -> None:
     # written beside the target, then renamed over it: a crash leaves the old file, never half a new one
     weights, config = os.path.join(folder, "adapter_model.safetensors"), os.path.join(folder, "adapter_config.json")
     save_file(tensors, weights + ".tmp")
-    os.chmod(weights + ".tmp", 0o644)  # safetensors writes its files private; these are meant to be shared
+    umask = os.umask(0)  # safetensors writes its files private; these get the user's umask, as any output
+    os.umask(umask)
+    os.chmod(weights + ".tmp", 0o666 & ~umask)
     os.replace(weights + ".tmp", weights)
     with open(config + ".tmp", "w") as f:
         json.dump(adapter.config, f, indent=1)

@@ -116,7 +116,7 @@ def test_evaluate_rejects_heads_out_of_range(smollm2, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--dataset", "nope"], "unknown dataset 'nope'"),
     (["--dataset", "boolq", "--heads-per-layer", "9"], "--heads-per-layer must be in 1..8"),
-    (["--dataset", "boolq", "--heads-per-layer", "0"], "--heads-per-layer must be in 1..8"),
+    (["--dataset", "boolq", "--heads-per-layer", "0"], "--heads-per-layer must be at least 1, got 0"),
     (["--dataset", "boolq", "--samples", "0"], "--samples must be at least 1"),
     (["--dataset", "boolq", "--out", "/proc/nope/heads.json"], "cannot write /proc/nope/heads.json"),
     (["--dataset", "boolq", "--device-map", '{"model.embed_tokens": "cpu"}'],

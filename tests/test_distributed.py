@@ -104,7 +104,7 @@ def test_a_failing_rank_stops_the_run_with_its_message(tiny_folder, tmp_path):
                              "4", "--val-limit", "4", "--out", str(out), "--resume", "--no-progress"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0
-    assert f"error: cannot read checkpoint {out / 'checkpoint.pt'}" in result.stderr, result.stderr
+    assert f"error: checkpoint {out / 'checkpoint.pt'} cannot be read" in result.stderr, result.stderr
 
 
 def test_explicit_device_map_gives_the_same_scores(tiny_folder, tmp_path):

@@ -8,6 +8,7 @@ import stat
 import pytest
 import torch
 
+from data.files import current_umask
 from tests.test_cli import assert_usage_error, run
 
 
@@ -62,13 +63,8 @@ def test_merge_writes_again_over_its_own_checkpoint_with_the_users_umask(tiny_ru
         assert result.returncode == 0, result.stderr
     marker = json.loads((out / "merge.json").read_text())
     assert sorted(os.listdir(out)) == sorted(marker["files"] + ["merge.json"])
-    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()  # not mkdtemp's 0700
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~current_umask()  # not mkdtemp's 0700
+    assert stat.S_IMODE((out / "merge.json").stat().st_mode) == 0o666 & ~current_umask()
 
 
 def test_a_truncated_adapter_is_refused_before_the_model_loads(tiny_run, tmp_path):
