@@ -88,8 +88,7 @@ def key_ranges(attn_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, boo
 if triton is not None:
     @triton.jit
     def _attend(acc, l_i, m_i, q, k_base, v_base, dense_base, start, n_first, restart, n_blocks, offs_m, offs_n,
-                offs_d, lo, hi,
-                stride_ks, stride_vs, stride_aq, stride_ak, k_len, q_len, qk_scale, softcap,
+                offs_d, lo, hi, stride_ks, stride_vs, stride_aq, stride_ak, k_len, q_len, qk_scale, softcap,
                 BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                 DENSE: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
         """Online softmax over n_blocks key blocks: n_first from `start` on, the rest from `restart` on (one loop
@@ -130,7 +129,9 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - m_safe)
             p = tl.math.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            p = p.to(v.dtype)  # P is rounded to the input dtype, as in flash attention
+            p = p.to(v_base.dtype.element_ty)  # P is rounded to the input dtype, as in flash attention
+            if DOT_FP32:
+                p = p.to(tl.float32)
             acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PRECISION)
             m_i = m_new
         return acc, l_i, m_i
