@@ -71,10 +71,10 @@ def parse_args(argv=None):
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be at least 0, got {args.warmup}")
-    for name, low, high in (("lr", 0.0, None), ("alpha", 0.0, None), ("scaling", 0.0, None)):
+    for name in ("lr", "alpha", "scaling"):
         value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value > low and (high is None or value < high)):
-            raise UsageError(f"--{name} must be a finite number above {low:g}, got {value}")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name} must be a finite number above 0, got {value}")
     if not 0.0 <= args.dropout < 1.0:  # also refuses nan
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.resume and args.overwrite:
