@@ -15,8 +15,8 @@ import os
 import sys
 from contextlib import nullcontext
 
-from data.tasks import DATA_DIR_HELP, DATASETS, PROMPT_STYLES, check_dataset, default_data_dir
-from kernels.model import DEFAULT_MODEL, HelpFormatter, UsageError, run_script
+from cli import DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, check_at_least, run_script
+from data.tasks import DATASETS, PROMPT_STYLES, check_dataset
 
 
 def parse_args(argv=None):
@@ -27,13 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", choices=PROMPT_STYLES, help="prompt style (default: the adapter's or circuit's, "
                    "else paper)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
-    p.add_argument("--model", help=f"hub id, local folder or .gguf file (default: the adapter's or circuit's base "
-                   f"model, else {DEFAULT_MODEL})")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    p.add_argument("--device-map", help="spread the model over several devices (accelerate): auto, balanced, "
-                   "sequential, or a JSON map {module name: device}, as a file or a string; overrides --device")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
-    p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
+    add_model_arguments(p, None, f"hub id, local folder or .gguf file (default: the adapter's or circuit's base "
+                        f"model, else {DEFAULT_MODEL})")
     p.add_argument("--mask", help="heads.json (or the official .pt circuit file): score with those heads ablated")
     p.add_argument("--random-mask", action="store_true",
                    help="ablate as many heads per layer as --mask names, chosen at random (the paper's control)")
@@ -44,14 +39,10 @@ def parse_args(argv=None):
                    "another base model")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--log-samples", action="store_true", help="store every example's scores in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     for name in list(DATASETS) if args.dataset == "all" else args.dataset.split(","):
         check_dataset(name)
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_at_least(args, 1, "limit", "batch_size")
     if args.random_mask and not args.mask:
         raise UsageError("--random-mask needs --mask heads.json to know how many heads to ablate per layer")
     if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
@@ -65,31 +56,14 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from cli import (check_adapter_weights, check_writable, load_model, pick_device, read_circuit_file, recorded,  # noqa: E402
+                 refused, settle, write_json)
 from data import distributed  # noqa: E402
-from data.files import check_adapter_weights, check_writable, read_json, settle, write_json  # noqa: E402
 from data.scoring import accuracy, score_examples  # noqa: E402
 from data.tasks import data_source, load_examples  # noqa: E402
-from kernels.adapters import load_adapter  # noqa: E402
-from kernels.circuit import check_circuit, circuit_mask, random_circuit_like, read_circuit  # noqa: E402
-from kernels.masking import layers_and_heads, mask_heads  # noqa: E402
-from kernels.model import load_model, pick_device  # noqa: E402
-
-
-def recorded_settings(args) -> tuple[dict, dict]:
-    """What the adapter and the circuit file recorded: ({file: base model}, {file: prompt style})."""
-    models, prompts = {}, {}
-    if args.adapter:
-        training = os.path.join(args.adapter, "training.json")
-        if os.path.exists(training):
-            meta = read_json(training, "adapter record")
-            models[training], prompts[training] = meta.get("base_model"), meta.get("prompt")
-        else:  # a PEFT folder names its base model, not its prompt style
-            config = os.path.join(args.adapter, "adapter_config.json")
-            models[config] = read_json(config, "adapter config").get("base_model_name_or_path")
-    if args.mask and args.mask.endswith(".json"):
-        meta = read_json(args.mask, "circuit file")
-        models[args.mask], prompts[args.mask] = meta.get("model"), meta.get("prompt")
-    return models, prompts
+from headmap.adapters import load_adapter  # noqa: E402
+from headmap.circuit import check_circuit, circuit_mask, random_circuit_like  # noqa: E402
+from headmap.masking import layers_and_heads, mask_heads  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -97,15 +71,15 @@ def main(argv=None) -> dict:
     names = list(DATASETS) if args.dataset == "all" else args.dataset.split(",")
     if args.out:
         check_writable(args.out)
-    models, prompts = recorded_settings(args)
+    records = recorded(args.adapter, args.mask)
     if args.adapter:
         check_adapter_weights(args.adapter)
-    args.model = settle("model", args.model, models, DEFAULT_MODEL, args.force)
-    args.prompt = settle("prompt", args.prompt, prompts, "paper", strict=False)
+    args.model = settle("model", args.model, records["model"], DEFAULT_MODEL, args.force)
+    args.prompt = settle("prompt", args.prompt, records["prompt"], "paper", strict=False)
     # Load every dataset before the model, so a missing file fails in a second, not after minutes.
     examples = {n: load_examples(n, args.split, args.prompt, args.data_dir, args.limit) for n in names}
 
-    circuit = read_circuit(args.mask) if args.mask else None
+    circuit = read_circuit_file(args.mask) if args.mask else None
     distributed.start(pick_device(args.device))
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
     param = next(model.parameters())
@@ -116,15 +90,13 @@ def main(argv=None) -> dict:
                             "transformers": transformers.__version__},
                "results": {}}
     if args.adapter:
-        try:
+        with refused(f"cannot load adapter {args.adapter} onto {args.model}", "pass its base model with --model"):
             load_adapter(model, args.adapter).eval()
-        except (OSError, KeyError, RuntimeError, ValueError) as err:
-            raise UsageError(f"cannot load adapter from {args.adapter} onto {args.model} ({type(err).__name__}: "
-                             f"{str(err).strip().splitlines()[0]}); pass its base model with --model") from None
     mask = None
     if circuit is not None:
         layers, heads = layers_and_heads(model)
-        check_circuit(circuit, layers, heads, args.mask)
+        with refused(f"{args.mask} does not fit {args.model}"):
+            check_circuit(circuit, layers, heads)
         if args.random_mask:
             circuit = random_circuit_like(circuit, heads, torch.Generator().manual_seed(args.seed))
         mask = circuit_mask(circuit, layers, heads)

@@ -5,7 +5,7 @@
     python finetune.py --method lora --dataset boolq            # baselines need no circuit
     torchrun --nproc_per_node 8 finetune.py --heads heads.json  # data parallel: the batch of 16 split over 8 GPUs
 
-Per PROTOCOL.md: train split, text = prompt + " " + gold answer + EOS, loss over every token, cut at 512 tokens,
+Per docs/PROTOCOL.md: train split, text = prompt + " " + gold answer + EOS, loss over every token, cut at 512 tokens,
 batch 16, 2 epochs, AdamW without weight decay, linear decay after 100 warm-up steps, gradient clipping at 1.0,
 bf16 autocast on GPU; lr 1e-3 (HeadMap) or 2e-4 (LoRA, DoRA). The validation loss is measured every
 --eval-every steps and the best adapter is kept. Only the adapter trains; the base model is frozen.
@@ -18,10 +18,8 @@ import random
 import sys
 import time
 
-from data.tasks import DATA_DIR_HELP, DATASETS, PROMPT_STYLES, check_dataset, default_data_dir
-from kernels.model import DEFAULT_MODEL, HelpFormatter, UsageError, run_script
-
-HAS_TEST_SPLIT = ("arc_easy", "arc_challenge", "openbookqa")  # these validate on their validation split
+from cli import DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, check_at_least, run_script
+from data.tasks import DATASETS, PROMPT_STYLES, check_dataset
 
 
 def parse_args(argv=None):
@@ -34,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--random-heads", action="store_true", help="HeadMap on random heads, as many per layer as --heads")
     p.add_argument("--dataset", help="default: the dataset of --heads")
     p.add_argument("--prompt", choices=PROMPT_STYLES, help="default: the prompt style of --heads, else paper")
-    p.add_argument("--model", help="default: the model of --heads, else " + DEFAULT_MODEL)
+    add_model_arguments(p, None, "hub id, local folder or .gguf file (default: the model of --heads, else "
+                        f"{DEFAULT_MODEL})", device_map=False)  # one device per process; several under torchrun
     p.add_argument("--force", action="store_true", help="use --model even where --heads recorded another model")
     p.add_argument("--rank", type=int, default=32, help="r of HeadMap, LoRA and DoRA")
     p.add_argument("--scaling", type=float, default=1.0, help="HeadMap scaling factor")
@@ -59,18 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one (its files "
                    "are replaced; other files are kept)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
-    p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    for name in ("batch_size", "token_budget", "rank", "epochs", "eval_every", "checkpoint_every", "max_length", "max_steps",
-                 "train_limit", "val_limit", "eval_limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.warmup < 0:
-        raise UsageError(f"--warmup must be at least 0, got {args.warmup}")
+    check_at_least(args, 1, "batch_size", "token_budget", "rank", "epochs", "eval_every", "checkpoint_every",
+                   "max_length", "max_steps", "train_limit", "val_limit", "eval_limit")
+    check_at_least(args, 0, "warmup")
     for name in ("lr", "alpha", "scaling"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -97,15 +88,16 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from cli import (check_same_run, hub_id_of, load_model, pick_device, read_checked, read_circuit_file,  # noqa: E402
+                 read_json, recorded, refused, settle, write_json)
 from data import distributed  # noqa: E402
-from data.files import atomic, check_same_run, read_checked, read_json, settle, write_json  # noqa: E402
 from data.scoring import (accuracy, length_groups, pad_id_of, pad_right, pass_overhead_tokens,  # noqa: E402
                           score_examples)
 from data.tasks import data_source, load_examples  # noqa: E402
-from kernels.adapters import attach_headmap, attach_lora, save_adapter  # noqa: E402
-from kernels.circuit import check_circuit, random_circuit_like, read_circuit  # noqa: E402
-from kernels.masking import layers_and_heads  # noqa: E402
-from kernels.model import SMOLLM2_HUB_ID, load_model, pick_device  # noqa: E402
+from headmap.adapters import attach_headmap, attach_lora, save_adapter  # noqa: E402
+from headmap.circuit import check_circuit, random_circuit_like  # noqa: E402
+from headmap.files import atomic  # noqa: E402
+from headmap.masking import layers_and_heads  # noqa: E402
 from plot import curves  # noqa: E402
 
 
@@ -117,7 +109,7 @@ def tokenize(tokenizer, examples, max_length):
 def split_train_val(name, examples, args):
     """The protocol's held-out set: the validation split where a test split exists, else 10% of train
     (at most 2000 rows), carved out of train with the run's seed."""
-    if name in HAS_TEST_SPLIT:
+    if DATASETS[name].eval_split != "validation":  # ARC and OpenBookQA evaluate on test: validation is free
         return examples, load_examples(name, "validation", args.prompt, args.data_dir)
     order = list(range(len(examples)))
     random.Random(args.seed).shuffle(order)
@@ -194,47 +186,72 @@ def read_checkpoint(out: str) -> dict | None:
     return ckpt
 
 
+def save_checkpoint(out, adapter, optimizer, schedule, step, best, seconds):
+    """What --resume needs to continue at `step` exactly: weights, optimizer, schedule, RNG, the best so far."""
+    with atomic(os.path.join(out, "checkpoint.pt")) as tmp:
+        torch.save({"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step, "best": best,
+                    "seconds": seconds}, tmp)
+
+
+def restore(ckpt, adapter, optimizer, schedule) -> tuple[int, dict, float]:
+    """(step, best, seconds so far) of the checkpoint, its states loaded; a fresh run's where there is none."""
+    if ckpt is None:
+        return 0, {"loss": math.inf, "step": 0, "state": None}, 0.0
+    adapter.load_state_dict(ckpt["adapter"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["schedule"])
+    torch.set_rng_state(ckpt["rng"])
+    print(f"resuming at step {ckpt['step']}")
+    return ckpt["step"], ckpt["best"], ckpt["seconds"]
+
+
+def open_log(out: str, step: int, main_rank: bool):
+    """log.jsonl, for appending: on resume cut back to the checkpoint's step (the steps after it run again)."""
+    path = os.path.join(out, "log.jsonl")
+    if not main_rank:
+        return open(os.devnull, "a")
+    kept = []
+    if step and os.path.exists(path):
+        def steps_so_far(p):
+            with open(p, encoding="utf-8") as f:
+                return [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = read_checked(path, "training log", steps_so_far, "delete it and checkpoint.pt to start over")
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        f.writelines(kept)
+    return open(path, "a")
+
+
+def keep_best(best: dict, step: int, val_loss: float, adapter, out: str, main_rank: bool) -> dict:
+    """The best adapter so far by validation loss: kept in memory and written to `out`."""
+    if not val_loss < best["loss"]:
+        return best
+    if main_rank:
+        save_adapter(adapter, out)
+    return {"loss": val_loss, "step": step, "state": {k: v.detach().clone() for k, v in adapter.state_dict().items()}}
+
+
 def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda step: None, ckpt=None):
-    """The loop: AdamW, linear warm-up and decay, clipping, validation every --eval-every steps, keep the best.
-    With --resume it continues from `ckpt` (read here when not given)."""
+    """The protocol's loop: batches in a seeded order per epoch, token-mean loss, backward, clip at 1.0, AdamW,
+    linear warm-up then decay, validation every --eval-every steps keeping the best adapter. Continues from `ckpt`
+    (read here with --resume when not given). Returns (best, steps run)."""
     params = [p for p in adapter.parameters() if p.requires_grad]
     # fused: one kernel for every parameter's update on CUDA, instead of a few per parameter
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=params[0].is_cuda or None)
-    steps_per_epoch = math.ceil(len(train_seqs) / args.batch_size)
     total = total_steps(len(train_seqs), args)
-
-    def lr_factor(step):
-        return step / max(1, args.warmup) if step < args.warmup else max(0.0, (total - step) / max(1, total - args.warmup))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    steps_per_epoch = math.ceil(len(train_seqs) / args.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step / max(1, args.warmup) if step < args.warmup
+                                                 else max(0.0, (total - step) / max(1, total - args.warmup)))
     main_rank = distributed.rank() == 0  # under torchrun only rank 0 reads the checkpoint, logs, writes
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    step, best, elapsed = 0, {"loss": math.inf, "step": 0, "state": None}, 0.0
-    if args.resume and not os.path.exists(ckpt_path):
-        print(f"--resume: no checkpoint in {args.out} yet; starting at step 0")
-    if args.resume and main_rank and ckpt is None:
+    if args.resume and ckpt is None and main_rank:
         ckpt = read_checkpoint(args.out)
-    ckpt = distributed.from_rank0(ckpt if args.resume else None)
-    if ckpt is not None:
-        adapter.load_state_dict(ckpt["adapter"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        torch.set_rng_state(ckpt["rng"])
-        step, best, elapsed = ckpt["step"], ckpt["best"], ckpt["seconds"]
-        print(f"resuming at step {step}")
+        if ckpt is None:
+            print(f"--resume: no checkpoint in {args.out} yet; starting at step 0")
+    step, best, elapsed = restore(distributed.from_rank0(ckpt if args.resume else None), adapter, optimizer, schedule)
     if not main_rank:  # dropout masks: a stream of each rank's own (rank 0's is the one-process run's)
         torch.manual_seed(hash((args.seed, distributed.rank(), step)))
-    log_path = os.path.join(args.out, "log.jsonl")
-    kept = []  # on resume, the log up to the checkpoint: the steps after it are run again
-    if main_rank and step and os.path.exists(log_path):
-        def steps_so_far(path):
-            with open(path, encoding="utf-8") as f:
-                return [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        kept = read_checked(log_path, "training log", steps_so_far, "delete it and checkpoint.pt to start over")
-    if main_rank:
-        with atomic(log_path) as tmp, open(tmp, "w") as f:
-            f.writelines(kept)
-    log = open(log_path if main_rank else os.devnull, "a")
+    log = open_log(args.out, step, main_rank)
     bar = tqdm(total=total, initial=step, desc=f"training {adapter.method}", disable=args.no_progress)
     start_time = time.time() - elapsed  # the log's seconds run on across resumes
     while step < total:
@@ -253,21 +270,13 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
         step += 1
         entry = {"step": step, "loss": loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm,
                  "seconds": round(time.time() - start_time, 3)}
-        validate = step % args.eval_every == 0 or step == total
-        if validate:
+        if step % args.eval_every == 0 or step == total:
             adapter.eval()  # no dropout while measuring
             entry["val_loss"] = validation_loss(model, val_seqs, pad_id, args.token_budget)
             adapter.train()
-            if entry["val_loss"] < best["loss"]:
-                best = {"loss": entry["val_loss"], "step": step,
-                        "state": {k: v.detach().clone() for k, v in adapter.state_dict().items()}}
-                if main_rank:
-                    save_adapter(adapter, args.out)
-        if main_rank and (validate or step % args.checkpoint_every == 0):
-            with atomic(ckpt_path) as tmp:
-                torch.save({"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
-                            "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                            "best": best, "seconds": entry["seconds"]}, tmp)
+            best = keep_best(best, step, entry["val_loss"], adapter, args.out, main_rank)
+        if main_rank and ("val_loss" in entry or step % args.checkpoint_every == 0):
+            save_checkpoint(args.out, adapter, optimizer, schedule, step, best, entry["seconds"])
         log.write(json.dumps(entry) + "\n")
         log.flush()
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{entry['lr']:.2e}")
@@ -280,31 +289,71 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
     return best, step
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    meta = {}
-    if args.heads:
-        circuit = read_circuit(args.heads)
-        if args.heads.endswith(".json"):
-            meta = read_json(args.heads, "circuit file")
-    # a circuit found on another model is refused; on another dataset or prompt style it is a choice, and warned of
-    args.model = settle("model", args.model, {args.heads: meta.get("model")}, DEFAULT_MODEL, args.force)
-    args.dataset = settle("dataset", args.dataset, {args.heads: meta.get("dataset")}, None, strict=False)
-    args.prompt = settle("prompt", args.prompt, {args.heads: meta.get("prompt")}, "paper", strict=False)
+# ---------------------------------------------------------------- main
+
+def settle_run(args) -> dict[int, list[int]] | None:
+    """Fill in --model, --dataset and --prompt from the circuit file where the user left them out; return the
+    circuit. A circuit found on another model is refused; on another dataset or prompt style it is a choice, and
+    warned of."""
+    circuit = read_circuit_file(args.heads) if args.heads else None
+    records = recorded(circuit=args.heads)
+    args.model = settle("model", args.model, records["model"], DEFAULT_MODEL, args.force)
+    args.dataset = settle("dataset", args.dataset, records["dataset"], None, strict=False)
+    args.prompt = settle("prompt", args.prompt, records["prompt"], "paper", strict=False)
     if not args.dataset:
         raise UsageError("pass --dataset (the circuit file does not name one)")
     check_dataset(args.dataset)
     args.lr = args.lr or (1e-3 if args.method == "headmap" else 2e-4)
+    return circuit
 
+
+def read_run(args, settings) -> tuple[dict | None, dict | None]:
+    """With --resume, the interrupted run's record (before.json) and checkpoint, read and checked on rank 0 before
+    the model loads: another run's settings are refused by name."""
+    before_path = os.path.join(args.out, "before.json")
+    record = ckpt = None
+    if args.resume and distributed.rank() == 0:
+        if os.path.exists(before_path):
+            record = read_json(before_path, "run record", "delete it and checkpoint.pt to start over")
+            check_same_run(before_path, record.get("settings", settings), settings)
+        ckpt = read_checkpoint(args.out)
+    return distributed.from_rank0(record), ckpt
+
+
+def attach(model, circuit, args):
+    """The adapter of --method, on the circuit (or random heads like it) for HeadMap."""
+    torch.manual_seed(args.seed)  # adapter initialisation and dropout
+    if args.method == "headmap":
+        layers, heads = layers_and_heads(model)
+        with refused(f"{args.heads} does not fit {args.model}"):
+            check_circuit(circuit, layers, heads)
+        if args.random_heads:
+            circuit = random_circuit_like(circuit, heads, torch.Generator().manual_seed(args.seed))
+        return attach_headmap(model, circuit, args.rank, args.scaling, args.variant)
+    with refused(f"cannot attach {args.method}"):
+        adapter = attach_lora(model, args.rank, args.alpha, args.dropout, dora=args.method == "dora")
+    print(f"{args.method} targets: {', '.join(adapter.config['target_modules'])}")
+    adapter.config["base_model_name_or_path"] = hub_id_of(args.model)  # what PEFT's AutoPeftModel loads
+    return adapter
+
+
+def eval_accuracy(model, tokenizer, examples, args, desc) -> float:
+    return accuracy(examples, score_examples(model, tokenizer, examples, args.batch_size, not args.no_progress,
+                                             desc))["acc"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    circuit = settle_run(args)
     examples = load_examples(args.dataset, "train", args.prompt, args.data_dir, args.train_limit)
     train_examples, val_examples = split_train_val(args.dataset, examples, args)
     val_examples = val_examples[:args.val_limit]
+    eval_examples = load_examples(args.dataset, None, args.prompt, args.data_dir, args.eval_limit)
     steps = total_steps(len(train_examples), args)
     if args.warmup >= steps:
         print(f"warning: --warmup {args.warmup} is not shorter than the run's {steps} steps, so the learning rate "
               f"peaks at {args.lr * steps / max(1, args.warmup):.2e}, not --lr {args.lr:.2e}; pass a smaller --warmup",
               file=sys.stderr)
-    eval_examples = load_examples(args.dataset, None, args.prompt, args.data_dir, args.eval_limit)
     # what decides the result (not the checkpoint interval, progress bars or device): --resume must find the same
     settings = {k: getattr(args, k) for k in ("method", "variant", "random_heads", "dataset", "prompt", "model", "rank",
                                               "scaling", "alpha", "dropout", "lr", "batch_size", "token_budget",
@@ -312,48 +361,26 @@ def main(argv=None):
                                               "eval_every", "val_limit", "eval_limit", "seed")}
     settings["circuit"] = {str(k): v for k, v in sorted(circuit.items())} if args.method == "headmap" else None
     distributed.start(pick_device(args.device))
-    before_path = os.path.join(args.out, "before.json")  # the base model's numbers: the adapter starts as identity
-    recorded = ckpt = None  # the interrupted run's record and checkpoint, read and checked before the model loads
-    if args.resume and distributed.rank() == 0:
-        if os.path.exists(before_path):
-            recorded = read_json(before_path, "run record", "delete it and checkpoint.pt to start over")
-            check_same_run(before_path, recorded.get("settings", settings), settings)
-        ckpt = read_checkpoint(args.out)
-    recorded = distributed.from_rank0(recorded)
+    recorded_run, ckpt = read_run(args, settings)
+
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     model.requires_grad_(False)
-    layers, heads = layers_and_heads(model)
-
-    torch.manual_seed(args.seed)  # adapter initialisation and dropout
-    if args.method == "headmap":
-        check_circuit(circuit, layers, heads, args.heads)
-        if args.random_heads:
-            circuit = random_circuit_like(circuit, heads, torch.Generator().manual_seed(args.seed))
-        adapter = attach_headmap(model, circuit, args.rank, args.scaling, args.variant)
-    else:
-        try:
-            adapter = attach_lora(model, args.rank, args.alpha, args.dropout, dora=args.method == "dora")
-        except ValueError as err:
-            raise UsageError(f"cannot attach {args.method}: {err}") from None
-        print(f"{args.method} targets: {', '.join(adapter.config['target_modules'])}")
-        # PEFT's AutoPeftModel loads the base from here; the default GGUF is the hub model, de-quantised
-        adapter.config["base_model_name_or_path"] = SMOLLM2_HUB_ID if args.model == DEFAULT_MODEL else args.model
+    adapter = attach(model, circuit, args)
     trainable = sum(p.numel() for p in adapter.parameters())
-    total = sum(p.numel() for p in model.parameters())
-    print(f"{args.method}: {trainable:,} trainable parameters of {total + trainable:,} "
-          f"({100 * trainable / (total + trainable):.4f}%)")
+    total = sum(p.numel() for p in model.parameters()) + trainable
+    print(f"{args.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.4f}%)")
 
     pad_id = pad_id_of(tokenizer)
-    adapter.eval()  # modules start in training mode: no dropout while scoring
     val_seqs = tokenize(tokenizer, val_examples, args.max_length)
-    if recorded is not None:
-        before, val_loss_before = recorded["accuracy"], recorded["val_loss"]
+    adapter.eval()  # modules start in training mode: no dropout while scoring
+    if recorded_run is not None:  # the base model's numbers (the adapter starts as the identity), measured once
+        before, val_loss_before = recorded_run["accuracy"], recorded_run["val_loss"]
     else:
-        before = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
-                                                        not args.no_progress, "accuracy before"))["acc"]
+        before = eval_accuracy(model, tokenizer, eval_examples, args, "accuracy before")
         val_loss_before = validation_loss(model, val_seqs, pad_id, args.token_budget)
         if distributed.rank() == 0:
-            write_json(before_path, {"accuracy": before, "val_loss": val_loss_before, "settings": settings})
+            write_json(os.path.join(args.out, "before.json"),
+                       {"accuracy": before, "val_loss": val_loss_before, "settings": settings})
     adapter.train()
     try:
         best, steps = train(model, adapter, tokenize(tokenizer, train_examples, args.max_length), val_seqs, pad_id,
@@ -362,8 +389,8 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     adapter.eval()
-    after = accuracy(eval_examples, score_examples(model, tokenizer, eval_examples, args.batch_size,
-                                                   not args.no_progress, "accuracy after"))["acc"]
+    after = eval_accuracy(model, tokenizer, eval_examples, args, "accuracy after")
+
     record = {"method": adapter.method, "adapter": adapter.config, "base_model": args.model,
               "dataset": args.dataset, "prompt": args.prompt, "random_heads": args.random_heads,
               "data": data_source(args.dataset, "train", args.data_dir),

@@ -11,7 +11,7 @@ lowest loss.
 The result is exact (a test compares it with one full masked forward per candidate); the speed comes from the
 algorithm's structure: the layers below l are fixed while l is scored, so their output is kept and advanced one
 layer at a time; the H candidates run through the layers above together, as rows of one batch with per-row
-head masks (kernels/attention.py); the LM head runs only at the answer positions.
+head masks (headmap/attention.py); the LM head runs only at the answer positions.
 """
 import argparse
 import math
@@ -21,14 +21,14 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 
-from data.tasks import DATA_DIR_HELP, DATASETS, PROMPT_STYLES, check_dataset, default_data_dir
-from kernels.model import DEFAULT_MODEL, HelpFormatter, UsageError, run_script
+from cli import DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, check_at_least, run_script
+from data.tasks import DATASETS, PROMPT_STYLES, check_dataset
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--dataset", required=True, help=", ".join(DATASETS))
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder or .gguf file")
+    add_model_arguments(p, DEFAULT_MODEL, "hub id, local folder or .gguf file")
     p.add_argument("--split", default="train", help="where the samples come from")
     p.add_argument("--pool", type=int, help="draw the samples from the first N rows of the split (default: all)")
     p.add_argument("--prompt", default="paper", choices=PROMPT_STYLES, help="prompt style")
@@ -44,20 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--validate-split", help="default: the dataset's evaluation split")
     p.add_argument("--validate-limit", type=int, default=500, help="rows of the validation split (0 = all)")
     p.add_argument("--random-trials", type=int, default=5, help="random head sets the circuit is compared with")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    p.add_argument("--device-map", help="spread the model over several devices (accelerate): auto, balanced, "
-                   "sequential, or a JSON map {module name: device}, as a file or a string; overrides --device")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
-    p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     check_dataset(args.dataset)
-    for name in ("samples", "batch_size", "token_budget", "random_trials", "pool", "heads_per_layer"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.validate_limit < 0:
-        raise UsageError(f"--validate-limit must be at least 0 (0 = all rows), got {args.validate_limit}")
+    check_at_least(args, 1, "samples", "batch_size", "token_budget", "random_trials", "pool", "heads_per_layer")
+    check_at_least(args, 0, "validate_limit")
     return args
 
 
@@ -68,13 +58,12 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from cli import check_same_run, check_writable, load_model, pick_device, read_json, write_json  # noqa: E402
 from data import distributed  # noqa: E402
-from data.files import check_same_run, check_writable, read_json, write_json  # noqa: E402
 from data.scoring import accuracy, encode_pair, pad_id_of, pad_right, score_examples  # noqa: E402
 from data.tasks import data_source, load_examples  # noqa: E402
-from kernels.circuit import circuit_mask, random_circuit_like  # noqa: E402
-from kernels.masking import UnsupportedModel, check_maskable, decoder_layers, layers_and_heads, mask_heads  # noqa: E402
-from kernels.model import load_model, pick_device  # noqa: E402
+from headmap.circuit import circuit_entry, circuit_mask, random_circuit_like  # noqa: E402
+from headmap.masking import UnsupportedModel, check_maskable, decoder_layers, layers_and_heads, mask_heads, probe  # noqa: E402
 from plot import heat_map  # noqa: E402
 
 
@@ -192,30 +181,24 @@ def answer_loss(model, hidden, index):
     return torch.zeros(index.n_rows, device=hidden.device).index_add_(0, index.row, nll)
 
 
-@torch.inference_mode()
-def check_locatable(model):
+def check_locatable(model) -> None:
     """Refuse, before any compute, a model whose heads cannot be masked exactly, or whose decoder layers locate
-    cannot drive one by one: one 8-token probe records what each layer returns (a tensor, or a tuple whose other
-    entries must be None: a layer that hands more than the hidden state to the next cannot stand in)."""
+    cannot drive one by one (read from the library's probe of what each layer returns: a layer that hands more than
+    the hidden state to the next cannot stand in)."""
     if "headmap_layer_widths" in model.__dict__:
         return
     check_maskable(model)
-    outputs = []
-    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out)) for layer in decoder_layers(model)]
-    try:
-        model(input_ids=torch.arange(1, 9, device=model.device)[None] % model.config.get_text_config().vocab_size)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if any(isinstance(out, tuple) and any(x is not None for x in out[1:]) for out in outputs):
+    outputs = probe(model)["layer_outputs"]
+    if any(extra for _, extra, _ in outputs):
         raise UnsupportedModel(f"{type(model).__name__}: its decoder layers hand more than the hidden state to the "
                                "next layer, which locate's layer-by-layer advance cannot keep")
-    shapes = {tuple((out[0] if isinstance(out, tuple) else out).shape) for out in outputs}
-    if shapes != {(1, 8, model.config.get_text_config().hidden_size)}:  # Gemma 3n's AltUp stacks 4 streams
+    shapes = {shape for _, _, shape in outputs}
+    hidden = model.config.get_text_config().hidden_size
+    if len(shapes) != 1 or len(min(shapes)) != 3 or min(shapes)[-1] != hidden:  # Gemma 3n's AltUp stacks 4 streams
         raise UnsupportedModel(f"{type(model).__name__}: its decoder layers pass hidden states of shape "
                                f"{sorted(shapes)} to the next, not (batch, tokens, width), which locate's "
                                "layer-by-layer advance cannot keep")
-    model.__dict__["headmap_layer_widths"] = [len(out) if isinstance(out, tuple) else None for out in outputs]
+    model.__dict__["headmap_layer_widths"] = [width for width, _, _ in outputs]
 
 
 def plan_batches(lengths, heads, token_budget, world=1):
@@ -278,8 +261,10 @@ def locate(model, samples, n, token_budget, state, on_layer_done, progress=True)
 
 @torch.inference_mode()
 def unmasked_loss(model, samples):
-    layers, _ = layers_and_heads(model)
-    hidden = layer_output(model, layers - 1, lambda: model(input_ids=samples.ids, logits_to_keep=1))
+    """The summed answer loss of D with no head masked: the heat map's baseline."""
+    layers, heads = layers_and_heads(model)
+    nothing = torch.zeros(layers, len(samples.ids), heads, dtype=torch.bool, device=samples.ids.device)
+    hidden = run_layers(model, samples.ids, None, 0, layers, nothing)
     return answer_loss(model, hidden, AnswerIndex(samples, range(len(samples.ids)), hidden.device)).sum().item()
 
 
@@ -369,8 +354,7 @@ def main(argv=None):
     budget = args.token_budget or (65536 if device.type == "cuda" else 4096)
     circuit = locate(model, samples, n, budget, state, save_progress, not args.no_progress)
     seconds = time.time() - started
-    result = {"knowledge_circuit": {str(layer): {"retain_heads": h} for layer, h in circuit.items()},
-              **settings, "layers": layers, "heads": heads, "sample_indices": state["sample_indices"],
+    result = {**circuit_entry(circuit), **settings, "layers": layers, "heads": heads, "sample_indices": state["sample_indices"],
               "loss_matrix": state["loss_matrix"], "unmasked_loss": unmasked_loss(model, samples),
               "data": data_source(args.dataset, args.split, args.data_dir),
               "seconds": round(seconds, 1),

@@ -12,19 +12,17 @@ variant, and architectures whose config cannot give o_proj a bias.
 import argparse
 import json
 import os
-import shutil
 import tempfile
 
-from kernels.model import DEFAULT_MODEL, HelpFormatter, UsageError, run_script
+from cli import DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, run_script
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--adapter", required=True, help="a folder written by finetune.py, or a PEFT LoRA/DoRA folder")
     p.add_argument("--out", required=True, help="the folder to write (config, tokenizer, model.safetensors)")
-    p.add_argument("--model", help="the base model (default: the one the adapter was trained on)")
-    p.add_argument("--device", default="cpu", help="default cpu: merging is a few matrix products")
-    p.add_argument("--dtype", default="fp32", help="dtype of the written weights (fp32, bf16, fp16)")
+    add_model_arguments(p, None, "the base model (default: the one the adapter was trained on)", device="cpu",
+                        dtype="fp32", device_map=False, data=False)
     p.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files (they are "
                    "kept; files of the same name are replaced)")
     args = p.parse_args(argv)
@@ -71,32 +69,20 @@ def own_files(folder: str) -> list[str] | None:
 if __name__ == "__main__":
     run_script(parse_args)  # --help and bad arguments answer at once, before torch and transformers load
 
-from data.files import check_adapter_weights, current_umask, read_json  # noqa: E402
-from kernels.adapters import load_adapter, merge_adapter  # noqa: E402
-from kernels.model import load_model  # noqa: E402
-
-
-def base_model_of(folder: str) -> str | None:
-    """The base model named by finetune.py's training.json, else by PEFT's adapter_config.json."""
-    for name, key in (("training.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            value = read_json(path, "adapter record").get(key)
-            if value:
-                return value
-    return None
+from cli import check_adapter_weights, load_model, recorded, refused, settle  # noqa: E402
+from headmap.adapters import load_adapter, merge_adapter  # noqa: E402
+from headmap.files import atomic  # noqa: E402
 
 
 def main(argv=None):
     args = parse_args(argv)
-    model_name = args.model or base_model_of(args.adapter) or DEFAULT_MODEL
+    # the adapter's own base model unless --model says otherwise (merging into another model is the user's call)
+    model_name = settle("model", args.model, recorded(args.adapter)["model"], DEFAULT_MODEL, strict=False)
     check_adapter_weights(args.adapter)
     model, tokenizer = load_model(model_name, args.device, args.dtype)
-    try:
+    with refused(f"cannot merge {args.adapter} into {model_name}"):
         adapter = load_adapter(model, args.adapter)
         merged = merge_adapter(model, adapter)
-    except (KeyError, RuntimeError, ValueError) as err:
-        raise UsageError(f"cannot merge {args.adapter} into {model_name}: {str(err).splitlines()[0]}") from None
     write_checkpoint(merged, tokenizer, args.out, {"adapter": os.path.abspath(args.adapter), "base_model": model_name,
                                                    "method": adapter.method})
     print(f"merged {adapter.method} from {args.adapter} into {model_name}; wrote {args.out}")
@@ -106,44 +92,23 @@ def write_checkpoint(model, tokenizer, out: str, record: dict) -> None:
     """The checkpoint written aside, then moved in whole: a new or empty --out, or a previous merge's, is swapped
     for it in one step (a crash leaves the old checkpoint or the new one, never a mix); a folder of the user's
     (--overwrite) gets its files one by one, each replaced whole, the marker last, its other files kept."""
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-merge-")
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        files = sorted(os.listdir(tmp))
-        with open(os.path.join(tmp, MARKER), "w") as f:
+    def save(folder):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        files = sorted(os.listdir(folder))
+        with open(os.path.join(folder, MARKER), "w") as f:
             json.dump({**record, "files": files}, f, indent=1)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes the folder private; a checkpoint should read like any other
-        ours = own_files(out) if os.path.isdir(out) else None
-        if not os.path.isdir(out) or not os.listdir(out):
-            if os.path.isdir(out):
-                os.rmdir(out)  # empty: nothing of the user's in it
-            os.replace(tmp, out)
-        elif ours is not None and set(os.listdir(out)) <= set(ours):
-            exchange(tmp, out)  # tmp now holds the previous checkpoint, removed below
-        else:
-            for name in files + [MARKER]:
-                os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return files
 
-
-def exchange(a: str, b: str) -> None:
-    """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE); elsewhere, two renames."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        at_fdcwd, rename_exchange = -100, 2
-        if libc.renameat2(at_fdcwd, a.encode(), at_fdcwd, b.encode(), rename_exchange) == 0:
-            return
-    except (AttributeError, OSError):
-        pass
-    aside = a + ".old"
-    os.replace(b, aside)
-    os.replace(a, b)
-    os.replace(aside, a)
+    ours = own_files(out) if os.path.isdir(out) else None
+    if not os.path.isdir(out) or set(os.listdir(out)) <= set(ours or []):
+        with atomic(out, folder=True) as tmp:
+            save(tmp)
+        return
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out)), prefix=".tmp-merge-") as tmp:
+        for name in save(tmp) + [MARKER]:
+            with atomic(os.path.join(out, name)) as target:
+                os.replace(os.path.join(tmp, name), target)
 
 
 if __name__ == "__main__":

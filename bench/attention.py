@@ -38,13 +38,13 @@ def options(argv=None):
 if __name__ == "__main__":
     ARGS = options()
     if ARGS.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before kernels/ is imported
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before headmap/ is imported
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from kernels.attention import masked_attention_triton  # noqa: E402
+from headmap.attention import masked_attention_triton  # noqa: E402
 
 
 def bench_ms(fn, cuda: bool) -> float:

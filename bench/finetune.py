@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import finetune  # noqa: E402
 from data.scoring import pad_right  # noqa: E402
-from kernels.adapters import LORA_TARGETS, attach_headmap, attach_lora  # noqa: E402
+from headmap.adapters import LORA_TARGETS, attach_headmap, attach_lora  # noqa: E402
 
 
 def sync(device):
@@ -166,8 +166,8 @@ def compare(model, batches, pad_id, circuit, log=print) -> list[dict]:
 if __name__ == "__main__":
     from data.scoring import pad_id_of
     from data.tasks import default_data_dir, load_examples
-    from kernels.circuit import read_circuit
-    from kernels.model import DEFAULT_MODEL, load_model
+    from headmap.circuit import read_circuit
+    from cli import DEFAULT_MODEL, load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", required=True, help="the circuit HeadMap trains on")

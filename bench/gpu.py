@@ -30,13 +30,13 @@ if __name__ == "__main__":
     p.add_argument("--budget", type=float, default=170, help="seconds for the throughput table; cases left are skipped")
     ARGS = p.parse_args()
     if ARGS.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before kernels/ is imported
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before headmap/ is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.attention import FRACTIONS, HEADER, cases_for, measure  # noqa: E402
-from kernels.attention import masked_attention_reference, masked_attention_triton, tiles_for  # noqa: E402
+from headmap.attention import masked_attention_reference, masked_attention_triton, tiles_for  # noqa: E402
 
 try:
     from triton.runtime.errors import OutOfResources

@@ -35,7 +35,7 @@ p.add_argument("--budget", type=float, default=330, help="seconds for the whole 
 p.add_argument("--sections", help="run only these sections (comma-separated names, as in the JSON)")
 args = p.parse_args()
 if args.dry_run:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before kernels/ is imported
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before headmap/ is imported
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cli import DEFAULT_MODEL, load_model  # noqa: E402
 from data.scoring import accuracy, score_examples  # noqa: E402
 from data.tasks import DATASETS, default_data_dir, load_examples, load_rows  # noqa: E402
-from kernels.model import DEFAULT_MODEL, load_model  # noqa: E402
 
 LM_EVAL_TASK = {"boolq": "boolq", "piqa": "piqa", "siqa": "social_iqa", "arc_easy": "arc_easy",
                 "arc_challenge": "arc_challenge", "openbookqa": "openbookqa", "hellaswag": "hellaswag",

@@ -11,9 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import locate  # noqa: E402
+from bench.naive import locate_brute_force  # noqa: E402
+from cli import DEFAULT_MODEL, load_model  # noqa: E402
 from data.tasks import default_data_dir, load_examples  # noqa: E402
-from kernels.model import DEFAULT_MODEL, load_model  # noqa: E402
-from tests.reference import locate_brute_force  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default=DEFAULT_MODEL)

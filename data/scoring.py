@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from data import distributed
 from data.tasks import Example
-from kernels.masking import UnsupportedModel
+from headmap.masking import UnsupportedModel
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

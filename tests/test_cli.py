@@ -16,9 +16,9 @@ def assert_usage_error(result, message):
     assert "Traceback" not in result.stderr and last.startswith("error: ") and message in last, result.stderr
 
 
-def run(*args):
+def run(*args, env=None):
     """A script as a user runs it: the production CPU path, not the Triton interpreter the tests switch on."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env or {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -95,7 +95,7 @@ def test_help_answers_before_torch_is_imported():
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command(monkeypatch, capsys):
-    from kernels.model import run_script
+    from cli import run_script
 
     def interrupted():
         raise KeyboardInterrupt
@@ -139,7 +139,7 @@ def test_locate_end_to_end_on_the_real_model(smollm2, tmp_path):
     assert len(data["sample_indices"]) == 1 and data["unmasked_loss"] > 0
     v = data["validation"]
     assert v["rows"] == 6 and len(v["random_masked"]) == 2 and 0 <= v["circuit_masked"] <= 1
-    assert (tmp_path / "heads.svg").read_text().startswith("<svg") and not (tmp_path / "heads.json.progress.json").exists()
+    assert (tmp_path / "heads.svg").read_text().startswith("<?xml") and not (tmp_path / "heads.json.progress.json").exists()
     assert "circuit masked" in result.stdout
 
 
@@ -151,8 +151,8 @@ def circuit_file(tmp_path, heads=(0, 4), dataset="boolq", prompt="paper"):
 
 
 @pytest.mark.parametrize("case,message", [
-    ("missing", "does not exist; run locate.py first"),
-    ("not json", "is not valid JSON"),
+    ("missing", "does not exist; pass a heads.json written by locate.py"),
+    ("not json", "cannot be read (JSONDecodeError"),
     ("out of range", "head(s) [9] out of range for 9 heads"),
     ("no heads", "HeadMap needs --heads"),
     ("budget", "--token-budget must be at least 1"),
@@ -216,7 +216,7 @@ def test_an_adapter_of_another_base_model_is_refused(smollm2, tmp_path):
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
     tokenizer.save_pretrained(other)
-    from kernels.adapters import attach_lora, save_adapter
+    from headmap.adapters import attach_lora, save_adapter
     adapter = attach_lora(model, rank=2)
     save_adapter(adapter, str(tmp_path / "adapter"))
     adapter.remove()
@@ -224,7 +224,7 @@ def test_an_adapter_of_another_base_model_is_refused(smollm2, tmp_path):
     assert_usage_error(run("evaluate.py", "--dataset", "boolq", "--adapter", str(tmp_path / "adapter"), "--model",
                            str(other)), "differs from smollm2-135m recorded in")
     assert_usage_error(run("evaluate.py", "--dataset", "boolq", "--limit", "2", "--adapter", str(tmp_path / "adapter"),
-                           "--model", str(other), "--force"), "cannot load adapter from")
+                           "--model", str(other), "--force"), "cannot load adapter")
 
 
 @pytest.mark.parametrize("model_type,message", [

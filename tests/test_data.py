@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from cli import UsageError, write_json
 from data.tasks import DATASETS, data_source, load_examples, load_rows
-from data.files import write_json
-from kernels.model import UsageError
 
 # rows per split, from the table in data/datasets/SOURCES.md
 ROWS = {"arc_easy": {"train": 2251, "validation": 570, "test": 2376},

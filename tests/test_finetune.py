@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import finetune
-from kernels.adapters import attach_headmap, attach_lora, load_adapter, save_adapter
+from headmap.adapters import attach_headmap, attach_lora, load_adapter, save_adapter
 from tests.conftest import TinyTokenizer, tiny_llama
 
 CIRCUIT = {0: [1, 3], 2: [0, 2]}

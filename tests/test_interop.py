@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from kernels.adapters import attach_headmap, attach_lora, load_adapter, merge_adapter, save_adapter
+from headmap.adapters import attach_headmap, attach_lora, load_adapter, merge_adapter, save_adapter
 from tests.conftest import tiny_llama
 
 peft = pytest.importorskip("peft")

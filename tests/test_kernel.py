@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.attention import INTERPRET, key_ranges, masked_attention, masked_attention_reference, masked_attention_triton
+from headmap.attention import INTERPRET, key_ranges, masked_attention, masked_attention_reference, masked_attention_triton
 
 # Max abs error allowed against an fp32 reference computed from the same (rounded) inputs.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
@@ -159,7 +159,7 @@ def test_per_head_windows_as_ranges():
 
 def test_fp32_is_exact_fp32_unless_tf32_is_allowed(monkeypatch):
     # the interpreter multiplies in fp32 either way; what is checked is the precision the kernel asks for
-    import kernels.attention as attention
+    import headmap.attention as attention
     seen = []
     real = attention._masked_attention_kernel
 

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-import kernels.attention
+import headmap.attention
 import locate
 from data.tasks import Example
-from tests.reference import locate_brute_force
+from bench.naive import locate_brute_force
 
 EXAMPLES = [
     Example.with_choices("Pick: (A) red (B) blue\nAnswer:", ["A", "B"], 1),
@@ -23,7 +23,7 @@ def reference_attention(monkeypatch):
     """The masked attention's PyTorch reference instead of Triton's interpreter, which is ~10x slower: what is
     tested here is locate's algorithm. test_kernel.py checks the kernel against the reference, and bench/gpu.py's
     dry run (test_gpu_bench.py) runs locate through the interpreted kernel against the brute force."""
-    monkeypatch.setattr(kernels.attention, "INTERPRET", False)
+    monkeypatch.setattr(headmap.attention, "INTERPRET", False)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_batches_keep_to_the_token_budget_and_cover_every_row_once():
 def test_unmasked_loss_matches_full_forward(tiny):
     model, tok = tiny
     samples = locate.Samples(tok, EXAMPLES, "cpu")
-    from tests.reference import choice_scores_one_by_one
+    from bench.naive import choice_scores_one_by_one
     expected = -sum(s[ex.gold] for s, ex in zip(choice_scores_one_by_one(model, tok, EXAMPLES), EXAMPLES))
     assert locate.unmasked_loss(model, samples) == pytest.approx(expected, rel=1e-5)
 

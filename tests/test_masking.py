@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from kernels.circuit import check_circuit, circuit_mask, random_circuit_like, read_circuit
-from kernels.masking import mask_heads
-from kernels.model import UsageError
+from cli import UsageError, read_circuit_file
+from headmap.circuit import check_circuit, circuit_entry, circuit_mask, random_circuit_like, read_circuit
+from headmap.masking import mask_heads
 from tests.conftest import tiny_llama
-from tests.reference import ablate_with_hooks
+from bench.naive import ablate_with_hooks
 
 LAYERS, HEADS, HEAD_DIM = 3, 4, 16
 
@@ -68,8 +68,8 @@ def test_bad_mask_shape_is_refused(model):
 def test_circuit_files_ours_and_official(tmp_path):
     circuit = {0: [1, 3], 2: [0]}
     ours = tmp_path / "heads.json"
-    ours.write_text(json.dumps({"knowledge_circuit": {str(k): {"retain_heads": v} for k, v in circuit.items()},
-                                "model": "x"}))
+    ours.write_text(json.dumps({**circuit_entry(circuit), "model": "x"}))
+    assert json.loads(ours.read_text())["knowledge_circuit"] == {"0": {"retain_heads": [1, 3]}, "2": {"retain_heads": [0]}}
     official = tmp_path / "circuit.pt"
     torch.save({"knowledge_circuit": {k: {"retain_heads": v} for k, v in circuit.items()}}, official)
     assert read_circuit(str(ours)) == circuit == read_circuit(str(official))
@@ -80,18 +80,23 @@ def test_circuit_files_ours_and_official(tmp_path):
 
 
 def test_circuit_errors(tmp_path):
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(FileNotFoundError):  # the library raises plainly
         read_circuit(str(tmp_path / "missing.json"))
+    with pytest.raises(UsageError, match="circuit file .*missing.json does not exist; pass a heads.json"):
+        read_circuit_file(str(tmp_path / "missing.json"))  # the scripts' reader: one line
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(UsageError, match="not valid JSON"):
-        read_circuit(str(bad))
+    with pytest.raises(UsageError, match="cannot be read \\(JSONDecodeError"):
+        read_circuit_file(str(bad))
     bad.write_text('{"layers": []}')
-    with pytest.raises(UsageError, match="not a knowledge circuit"):
+    with pytest.raises(ValueError, match="not a knowledge circuit"):
         read_circuit(str(bad))
-    with pytest.raises(UsageError, match=r"head\(s\) \[4\] out of range for 4 heads"):
+    bad.write_text('{"knowledge_circuit": {"0": {"retain_heads": []}}}')
+    with pytest.raises(UsageError, match="names no heads"):
+        read_circuit_file(str(bad))
+    with pytest.raises(ValueError, match=r"head\(s\) \[4\] out of range for 4 heads"):
         check_circuit({0: [1, 4]}, LAYERS, HEADS)
-    with pytest.raises(UsageError, match="layer 3 is out of range"):
+    with pytest.raises(ValueError, match="layer 3 is out of range"):
         check_circuit({3: [0]}, LAYERS, HEADS)
 
 
@@ -99,7 +104,7 @@ def test_scoring_with_heads_masked_equals_one_hooked_forward_per_choice(model):
     """The scoring path runs each prompt once and its choices against the key/value cache, through the masked
     kernel (queries after cached keys); the reference runs the stock model once per choice, heads zeroed by hooks."""
     from data.scoring import score_examples
-    from tests.reference import choice_scores_one_by_one
+    from bench.naive import choice_scores_one_by_one
     from tests.conftest import TinyTokenizer
     from tests.test_scoring import TINY_EXAMPLES, flat
     mask = torch.zeros(LAYERS, HEADS, dtype=torch.bool)

@@ -8,30 +8,8 @@ import stat
 import pytest
 import torch
 
-from data.files import current_umask
+from headmap.files import current_umask
 from tests.test_cli import assert_usage_error, run
-
-
-@pytest.fixture(scope="module")
-def tiny_run(smollm2, tmp_path_factory):
-    """A 2-layer random LLaMA with SmolLM2's tokenizer saved as a model folder, and a LoRA adapter of it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kernels.adapters import attach_lora, save_adapter
-    _, tokenizer = smollm2
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         head_dim=16, tie_word_embeddings=True))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    adapter = attach_lora(model, 4, 8, 0.0)
-    for p in adapter.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    adapter.config["base_model_name_or_path"] = str(root / "model")
-    save_adapter(adapter, str(root / "runs" / "adapter"))
-    return root
 
 
 def test_merge_never_writes_over_the_adapter_its_parent_the_current_or_home_folder(tiny_run, tmp_path):

@@ -6,7 +6,7 @@ from transformers.utils import logging as transformers_logging
 
 from data.scoring import accuracy, build_prompts, score_examples
 from data.tasks import Example, load_examples
-from tests.reference import choice_scores_one_by_one
+from bench.naive import choice_scores_one_by_one
 
 TINY_EXAMPLES = [
     Example.with_choices("Pick: (A) red (B) blue\nAnswer:", ["A", "B"], 1),            # single-token choices

@@ -1,4 +1,5 @@
-"""Slow, obviously correct references that the fast paths are tested (and benchmarked) against."""
+"""The naive loops a user would write: one full forward per choice, per candidate head. Slow and obviously correct,
+they are what the fast paths are tested against (tests/) and benchmarked against (bench/)."""
 import torch
 
 from data.scoring import encode_pair
@@ -21,12 +22,12 @@ def choice_scores_one_by_one(model, tokenizer, examples) -> list[list[float]]:
 
 
 def o_proj_of(layer):
-    """The output projection of a decoder layer's attention, found by name (no kernels/ code involved)."""
+    """The output projection of a decoder layer's attention, found by name (no headmap/ code involved)."""
     return next(m for name, m in layer.named_modules() if name.endswith("o_proj"))
 
 
 def ablate_with_hooks(model, mask):
-    """Independent of kernels/: the stock model, with forward pre-hooks that zero the masked heads' columns of
+    """Independent of headmap/: the stock model, with forward pre-hooks that zero the masked heads' columns of
     each o_proj input. `mask` is {layer: [heads]} or a bool tensor (layers, heads) or (layers, batch, heads).
     Returns the hook handles (remove them when done)."""
     config = model.config.get_text_config()  # a multimodal wrapper: its decoder's

@@ -17,21 +17,31 @@ an UnsupportedModel error before any masked compute.
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kernels.attention import masked_attention
-from kernels.model import UnsupportedModel
+from .attention import masked_attention
 
 ATTENTION_NAME = "headmap_masked"
+
+
+class UnsupportedModel(ValueError):
+    """The model does something head masking (or scoring) cannot reproduce exactly, or cannot run at all."""
+
+
 # arguments attention modules pass that do not change what softmax attention computes
 BENIGN = {"position_ids", "cache_position", "use_cache", "output_attentions", "return_dict", "layer_idx",
           "past_key_values", "cache", "position_embeddings", "dropout", "is_causal", "logits_to_keep"}
 FEATURES = {"s_aux": "attention sinks", "sinks": "attention sinks", "lambda_full": "differential attention"}
 
 
-def headmap_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                      sliding_window=None, **kwargs):
+def headmap_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      softcap: float | None = None, sliding_window: int | None = None, **kwargs) -> tuple:
+    """The attention function transformers calls for ATTENTION_NAME: query (B, H, S, D), key/value (B, Hkv, S', D),
+    attention_mask None or bool (B or 1, 1, S, >= S'). Returns ((B, S, H, D), None), the heads in
+    module.head_mask zeroed; refuses any argument that would change what softmax attention computes."""
     arch = type(module).__name__
     for name, value_ in kwargs.items():
         if name not in BENIGN and value_ is not None and value_ is not False:
@@ -51,8 +61,8 @@ def headmap_attention(module, query, key, value, attention_mask, scaling=None, d
         # sliced only when needed: the kernel caches its key ranges on the tensor every layer of a type shares
         attention_mask = attention_mask[:, :, :, :key.shape[2]]
     out = masked_attention(query, key, value, getattr(module, "head_mask", None), scaling, attention_mask, softcap)
-    if hasattr(module, "headmap_probe"):  # check_maskable is watching
-        module.headmap_probe.append(out)
+    if hasattr(module, "headmap_calls"):  # the probe is watching
+        module.headmap_calls.append(out)
     return out, None
 
 
@@ -60,14 +70,14 @@ AttentionInterface.register(ATTENTION_NAME, headmap_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def layers_and_heads(model) -> tuple[int, int]:
+def layers_and_heads(model: nn.Module) -> tuple[int, int]:
     """The decoder's layer count and query heads per layer: a multimodal wrapper's (Gemma 3 4B and up, Gemma 4)
     from its text config, which is how AutoModelForCausalLM loads those checkpoints."""
     config = model.config.get_text_config()
     return getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
 
 
-def attention_modules(model) -> list:
+def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention module of every layer, in layer order."""
     layers, _ = layers_and_heads(model)
     if layers is None:
@@ -80,63 +90,103 @@ def attention_modules(model) -> list:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder layers, wherever the model keeps it: the ModuleList whose i-th entry holds
     layer i's attention module. Found once per model (locate swaps stand-ins into the list later)."""
     if "headmap_decoder_layers" in model.__dict__:
         return model.__dict__["headmap_decoder_layers"]
     attention = attention_modules(model)
     for m in model.modules():
-        if isinstance(m, torch.nn.ModuleList) and len(m) == len(attention) and all(
+        if isinstance(m, nn.ModuleList) and len(m) == len(attention) and all(
                 any(sub is a for sub in layer.modules()) for layer, a in zip(m, attention)):
             model.__dict__["headmap_decoder_layers"] = m  # not a submodule: no second path to its weights
             return m
     raise UnsupportedModel(f"{type(model).__name__}: no list of decoder layers holds its attention modules in order")
 
 
-@torch.no_grad()
-def check_maskable(model) -> None:
-    """Refuse, before any masked compute, a model where zeroing a head's attention output is not zeroing its slice
-    of o_proj's input: one short forward checks that every layer's attention module calls the registered
-    attention once and that o_proj reads exactly what it returned. Done once per model."""
-    if getattr(model, "headmap_maskable", False):
-        return
-    decoder_layers(model)  # one attention module per decoder layer (LongCat-Flash has two): a head is (layer, h)
-    modules = attention_modules(model)
+@torch.inference_mode()
+def probe(model: nn.Module) -> dict:
+    """One short forward per model, which every check reads: a right-padded batch of two rows, run with the masked
+    attention switched on (no head masked), o_proj's input and each decoder layer's output watched. Raises
+    UnsupportedModel when the model's own forward fails (nothing can be measured on it); otherwise records
+    "unmaskable" (why zeroing a head's attention output is not zeroing its slice of o_proj's input, or None) and
+    "layer_outputs", what each decoder layer returns (for locate's layer-by-layer advance): per layer, the tuple's
+    length (None for a plain tensor), whether its entries after the hidden state hold anything, and the hidden
+    state's shape. Run in eval mode (attention dropout would refuse masking), the model's mode restored after."""
+    if "headmap_probe" in model.__dict__:
+        return model.__dict__["headmap_probe"]
     arch = type(model).__name__
     device = next(model.parameters()).device
-    read = {}
-
-    def reads(layer):
-        return lambda o_proj, args: read.__setitem__(layer, args[0])
-
-    hooks = {m.layer_idx: m.o_proj.register_forward_pre_hook(reads(m.layer_idx)) for m in modules}
-    for m in modules:
-        m.headmap_probe = []
+    ids = torch.arange(3, 15, device=device).repeat(2, 1) % model.config.get_text_config().vocab_size
+    padding = torch.tensor([[1] * 12, [1] * 9 + [0] * 3], device=device)
+    found = {"unmaskable": None, "layer_outputs": None}
     try:
-        nothing = torch.zeros(layers_and_heads(model), dtype=torch.bool)
-        with registered(model, modules, nothing):
-            model(input_ids=torch.arange(1, 9, device=device)[None] % model.config.get_text_config().vocab_size)
+        layers, modules = decoder_layers(model), attention_modules(model)
+    except UnsupportedModel as err:
+        found["unmaskable"], modules = str(err), None
+    if modules is not None:
+        read, outputs = {}, []
+        hooks = [m.o_proj.register_forward_pre_hook(lambda o, args, i=m.layer_idx: read.__setitem__(i, args[0]))
+                 for m in modules]
+        hooks += [layer.register_forward_hook(lambda m, a, out: outputs.append(out)) for layer in layers]
         for m in modules:
-            if len(m.headmap_probe) != 1:
-                kind = "linear or recurrent attention" if not m.headmap_probe else "differential or custom attention"
-                raise UnsupportedModel(f"{arch}: the attention of layer {m.layer_idx} calls the attention interface "
-                                       f"{len(m.headmap_probe)} times per forward ({kind}); head masking is not "
-                                       "supported on it")
-            out, got = m.headmap_probe[0], read.get(m.layer_idx)
-            if got is None or got.numel() != out.numel() or not torch.equal(got, out.reshape(got.shape)):
-                raise UnsupportedModel(f"{arch}: o_proj of layer {m.layer_idx} does not read the attention output as "
-                                       "it is (a norm or mixing comes between), so a masked head's slice of its input "
-                                       "would not be zero; head masking is not supported on it")
-    finally:
-        for m in modules:
-            hooks[m.layer_idx].remove()
-            del m.headmap_probe
-    model.headmap_maskable = True
+            m.headmap_calls = []
+        training = model.training
+        try:
+            with registered(model.eval(), modules, torch.zeros(layers_and_heads(model), dtype=torch.bool)):
+                model(input_ids=ids, attention_mask=padding)
+            found["unmaskable"] = _o_proj_problem(arch, modules, read)
+            found["layer_outputs"] = [(len(out), any(x is not None for x in out[1:]), tuple(out[0].shape))
+                                      if isinstance(out, tuple) else (None, False, tuple(out.shape)) for out in outputs]
+        except UnsupportedModel as err:
+            found["unmaskable"] = str(err)
+        except Exception as err:  # noqa: BLE001 - the stock forward below tells whose failure it is
+            first = (str(err).splitlines() or [""])[0]
+            found["unmaskable"] = f"{arch}: its forward fails with head masking ({type(err).__name__}: {first})"
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for m in modules:
+                del m.headmap_calls
+            model.train(training)
+    if found["unmaskable"] is not None:  # the masked forward did not run through: does the model's own?
+        try:
+            model(input_ids=ids, attention_mask=padding)
+        except Exception as err:  # noqa: BLE001 - whatever transformers raised, the user gets one line naming it
+            import transformers
+            first = (str(err).splitlines() or [""])[0]
+            raise UnsupportedModel(f"{arch}: the stock model's own forward fails in transformers "
+                                   f"{transformers.__version__} ({type(err).__name__}: {first}); nothing can be "
+                                   "measured on it") from None
+    model.__dict__["headmap_probe"] = found  # not an attribute nn.Module tracks
+    return found
+
+
+def _o_proj_problem(arch: str, modules: list[nn.Module], read: dict) -> str | None:
+    """Why the probe's forward shows that masking a head's attention output is not masking o_proj's input, if so."""
+    for m in modules:
+        if len(m.headmap_calls) != 1:
+            kind = "linear or recurrent attention" if not m.headmap_calls else "differential or custom attention"
+            return (f"{arch}: the attention of layer {m.layer_idx} calls the attention interface "
+                    f"{len(m.headmap_calls)} times per forward ({kind}); head masking is not supported on it")
+        out, got = m.headmap_calls[0], read.get(m.layer_idx)
+        if got is None or got.numel() != out.numel() or not torch.equal(got, out.reshape(got.shape)):
+            return (f"{arch}: o_proj of layer {m.layer_idx} does not read the attention output as it is (a norm or "
+                    "mixing comes between), so a masked head's slice of its input would not be zero; head masking "
+                    "is not supported on it")
+    return None
+
+
+def check_maskable(model: nn.Module) -> None:
+    """Refuse, before any masked compute, a model where zeroing a head's attention output is not zeroing its slice
+    of o_proj's input (read from the probe)."""
+    reason = probe(model)["unmaskable"]
+    if reason is not None:
+        raise UnsupportedModel(reason)
 
 
 @contextmanager
-def registered(model, modules, mask):
+def registered(model: nn.Module, modules: list[nn.Module], mask: torch.Tensor):
     """The masked attention switched on, each attention module holding its layer's slice of `mask`."""
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
@@ -151,7 +201,7 @@ def registered(model, modules, mask):
 
 
 @contextmanager
-def mask_heads(model, mask: torch.Tensor):
+def mask_heads(model: nn.Module, mask: torch.Tensor):
     """Run `model` with heads ablated: mask[l, h] (same head set for every sequence) or mask[l, b, h] (one head
     set per sequence of the batch), True = that head's output is zero."""
     modules = attention_modules(model)

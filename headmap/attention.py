@@ -42,8 +42,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
 
-def masked_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_mask=None, scale=None,
-                               attn_mask=None, softcap=None) -> torch.Tensor:
+def masked_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               head_mask: torch.Tensor | None = None, scale: float | None = None,
+                               attn_mask: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """Plain PyTorch: scaled_dot_product_attention (or the scores written out, to soft-cap them), then zero the
     masked heads. Same arguments and (B, S, H, D) result as masked_attention."""
     q_len, k_len = q.shape[2], k.shape[2]
@@ -228,8 +229,10 @@ if triton is not None:
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-def masked_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_mask=None, scale=None,
-                            attn_mask=None, softcap=None, tile: dict | None = None) -> torch.Tensor:
+def masked_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            head_mask: torch.Tensor | None = None, scale: float | None = None,
+                            attn_mask: torch.Tensor | None = None, softcap: float | None = None,
+                            tile: dict | None = None) -> torch.Tensor:
     """The Triton kernel; arguments and result as masked_attention. `tile`: one of tiles_for(head_dim) to launch
     with instead of the tuned choice (how tests and bench/gpu.py check every configuration)."""
     if triton is None:
@@ -277,8 +280,9 @@ def masked_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
     return out
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_mask=None, scale=None, attn_mask=None,
-                     softcap=None) -> torch.Tensor:
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_mask: torch.Tensor | None = None,
+                     scale: float | None = None, attn_mask: torch.Tensor | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     """Attention with heads ablated per sequence. q (B, H, S, D), k/v (B, Hkv, S', D), head_mask (B, H) or (H,)
     bool with True = ablated; attn_mask None (causal) or bool (B or 1, 1 or H, S, S') with True = attend;
     softcap None or the logit soft-cap. Returns (B, S, H, D)."""

