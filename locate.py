@@ -221,6 +221,8 @@ def plan_batches(lengths, heads, token_budget, world=1):
 @torch.inference_mode()
 def locate(model, samples, n, token_budget, state, on_layer_done, progress=True):
     """Algorithm 1, from the layers `state` has not finished yet (it holds the circuit and loss rows so far).
+    Beside the H candidates of a layer, one more runs with no head of the layer masked: the loss with only the
+    circuit below masked, from which the heat map shows each head's own effect (state["circuit_below_loss"]).
     Batches of at most `token_budget` padded tokens; nothing in the layer loop waits for the GPU but the ranking
     of each layer's heads."""
     check_locatable(model)
@@ -230,6 +232,7 @@ def locate(model, samples, n, token_budget, state, on_layer_done, progress=True)
     hidden = None  # the kept output of the layers below the current one (None: below layer 0)
     circuit = {int(k): v for k, v in state["circuit"].items()}
     done = len(state["loss_matrix"])
+    state.setdefault("circuit_below_loss", [])
 
     def advance(hidden, layer):  # the kept input of the next layer: `layer` run once with its circuit heads masked
         mask = circuit_mask({layer: circuit[layer]}, layers, heads)[:, None].expand(layers, n_samples, heads)
@@ -237,23 +240,24 @@ def locate(model, samples, n, token_budget, state, on_layer_done, progress=True)
 
     for layer in range(done):  # resume: replay the finished layers
         hidden = advance(hidden, layer)
-    plan = plan_batches(samples.lengths, heads, token_budget, distributed.world())
+    plan = plan_batches(samples.lengths, heads + 1, token_budget, distributed.world())  # candidate H: no head
     batches = [(b, torch.tensor(c, device=device), torch.tensor(s, device=device), width,
                 AnswerIndex(samples, s, device)) for b, (c, s, width) in distributed.mine(list(enumerate(plan))) if c]
     for layer in tqdm(range(done, layers), desc="locating", initial=done, total=layers, disable=not progress):
         # one row per batch, summed over the ranks and then over the rows: the same sum in any number of processes
-        loss = torch.zeros(len(plan), heads, device=device)
+        loss = torch.zeros(len(plan), heads + 1, device=device)
         for b, c, s, width, index in batches:
-            mask = torch.zeros(layers, len(c), heads, dtype=torch.bool, device=device)
+            mask = torch.zeros(layers, len(c), heads + 1, dtype=torch.bool, device=device)
             mask[layer, torch.arange(len(c), device=device), c] = True  # row r masks its own candidate
             out = run_layers(model, samples.ids[s, :width], None if hidden is None else hidden[s, :width], layer,
-                             layers, mask)
+                             layers, mask[..., :heads])  # column H, "no head", masks nothing
             loss[b].index_add_(0, c, answer_loss(model, out, index))
-        loss = distributed.all_sum(loss).sum(0)
-        order = sorted(range(heads), key=lambda h: (-loss[h].item(), h))  # ties: the lower head index wins
+        loss = distributed.all_sum(loss).sum(0).tolist()
+        order = sorted(range(heads), key=lambda h: (-loss[h], h))  # ties: the lower head index wins
         circuit[layer] = sorted(order[:n])
         state["circuit"][str(layer)] = circuit[layer]
-        state["loss_matrix"].append(loss.tolist())
+        state["loss_matrix"].append(loss[:heads])
+        state["circuit_below_loss"].append(loss[heads])
         hidden = advance(hidden, layer)
         on_layer_done(state)
     return circuit
@@ -292,9 +296,20 @@ def validate(model, tokenizer, examples, circuit, trials, seed, batch_size, prog
 
     g = torch.Generator().manual_seed(seed)
     random_accs = [acc(random_circuit_like(circuit, heads, g)) for _ in range(trials)]
+    golds = [ex.gold for ex in examples]
     return {"rows": len(examples), "unmasked": acc(None), "circuit_masked": acc(circuit),
             "random_masked_mean": statistics.mean(random_accs),
-            "random_masked_std": statistics.stdev(random_accs) if trials > 1 else 0.0, "random_masked": random_accs}
+            "random_masked_std": statistics.stdev(random_accs) if trials > 1 else 0.0, "random_masked": random_accs,
+            # what a model that knows nothing of the task scores: guessing, or always giving the commonest answer
+            "chance": statistics.mean(1 / len(ex.choices) for ex in examples),
+            "majority": max(map(golds.count, set(golds))) / len(golds)}
+
+
+def knows_the_task(v: dict) -> bool:
+    """Whether the unmasked accuracy is clearly (two standard errors) above both chance and the majority class:
+    only then is a circuit whose masking lowers it a circuit of task knowledge."""
+    floor = max(v["chance"], v["majority"])
+    return v["unmasked"] > floor + 2 * math.sqrt(floor * (1 - floor) / v["rows"])
 
 
 # ---------------------------------------------------------------- main
@@ -311,7 +326,7 @@ def main(argv=None):
     saved = None  # the interrupted run, read and checked before the model loads
     if args.resume and distributed.rank() == 0 and os.path.exists(progress_path):
         saved = read_json(progress_path, "progress file", "delete it to start over")
-        if not isinstance(saved, dict) or not {"settings", "circuit", "loss_matrix"} <= set(saved):
+        if not isinstance(saved, dict) or not {"settings", "circuit", "loss_matrix", "circuit_below_loss"} <= set(saved):
             raise UsageError(f"progress file {progress_path} is not one locate.py wrote; delete it to start over")
     saved = distributed.from_rank0(saved)  # under torchrun, only rank 0 reads and writes files
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
@@ -329,7 +344,7 @@ def main(argv=None):
                 "prompt": args.prompt, "samples": args.samples, "heads_per_layer": n,
                 "validate": not args.no_validate, "validate_split": args.validate_split,
                 "validate_limit": args.validate_limit, "random_trials": args.random_trials, "seed": args.seed}
-    state = {"settings": settings, "circuit": {}, "loss_matrix": [], "seconds": 0.0}
+    state = {"settings": settings, "circuit": {}, "loss_matrix": [], "circuit_below_loss": [], "seconds": 0.0}
     if saved is not None:
         check_same_run(progress_path, saved["settings"], settings)
         state = saved
@@ -354,8 +369,10 @@ def main(argv=None):
     budget = args.token_budget or (65536 if device.type == "cuda" else 4096)
     circuit = locate(model, samples, n, budget, state, save_progress, not args.no_progress)
     seconds = time.time() - started
-    result = {**circuit_entry(circuit), **settings, "layers": layers, "heads": heads, "sample_indices": state["sample_indices"],
-              "loss_matrix": state["loss_matrix"], "unmasked_loss": unmasked_loss(model, samples),
+    result = {**circuit_entry(circuit), **settings, "layers": layers, "heads": heads,
+              "sample_indices": state["sample_indices"],
+              "loss_matrix": state["loss_matrix"], "circuit_below_loss": state["circuit_below_loss"],
+              "unmasked_loss": unmasked_loss(model, samples),
               "data": data_source(args.dataset, args.split, args.data_dir),
               "seconds": round(seconds, 1),
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
@@ -365,9 +382,15 @@ def main(argv=None):
                      not args.no_progress)
         val_split = args.validate_split or spec.eval_split
         result["validation"] = {"split": val_split, "data": data_source(args.dataset, val_split, args.data_dir), **v}
-        print(f"\naccuracy on {v['rows']} rows of {result['validation']['split']}: unmasked {v['unmasked']:.3f}, "
-              f"circuit masked {v['circuit_masked']:.3f}, random heads masked {v['random_masked_mean']:.3f} "
+        print(f"\naccuracy on {v['rows']} rows of {result['validation']['split']}: unmasked {v['unmasked']:.3f} "
+              f"(chance {v['chance']:.3f}, majority class {v['majority']:.3f}), circuit masked "
+              f"{v['circuit_masked']:.3f}, random heads masked {v['random_masked_mean']:.3f} "
               f"+- {v['random_masked_std']:.3f} ({args.random_trials} draws)")
+        if not knows_the_task(v):
+            print(f"warning: the unmasked model ({v['unmasked']:.3f}) is not clearly above chance ({v['chance']:.3f}) "
+                  f"and the majority class ({v['majority']:.3f}), so the circuit says little about task knowledge; "
+                  + ("try --prompt harness" if args.prompt == "paper" else "try a task the model can do"),
+                  file=sys.stderr)
     svg = os.path.splitext(args.out)[0] + ".svg"
     if distributed.rank() == 0:
         write_json(args.out, result)

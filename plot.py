@@ -1,14 +1,18 @@
-"""Figures for a paper or a notebook: the heat map of a located circuit, and the loss curves of fine-tuning runs.
-The output file's extension picks the format: .svg, .png or .pdf, all drawn by matplotlib (locate.py and
-finetune.py write SVGs beside their outputs).
+"""Figures for a paper or a notebook: the heat map of a located circuit, how circuits overlap, and the loss curves
+of fine-tuning runs. The output file's extension picks the format: .svg, .png or .pdf, all drawn by matplotlib
+(locate.py and finetune.py write SVGs beside their outputs).
 
-    python plot.py heatmap heads.json --out heads.png [--per-layer]
+    python plot.py heatmap heads.json --out heads.png [--cumulative | --per-layer]
+    python plot.py overlap boolq.json piqa.json arc_easy.json ... --out overlap.pdf
     python plot.py curves runs/lora runs/headmap --out curves.pdf [--labels LoRA,HeadMap]
 
-Heat map: each cell is the summed loss of D's gold answers with that head masked on top of the circuit already
-chosen in the layers below (docs/PROTOCOL.md's loss[l, h]), shown as the increase over the unmasked model in nats per
-sample, on one scale for all layers. --per-layer shades each layer from its lowest to its highest cell instead,
-which is how locate compares the heads of a layer. The circuit's heads are outlined.
+Heat map: loss[l, h] (docs/PROTOCOL.md) is the summed loss of D's gold answers with head h masked on top of the
+circuit already chosen in the layers below. Each cell shows the head's own effect: loss[l, h] minus the loss
+with only the circuit below masked (locate's "no head" candidate), in nats per sample, on one scale for all
+layers. --cumulative shows loss[l, h] over the unmasked model instead, which grows with depth for every head
+(the circuit below is masked too); --per-layer shades each layer from its lowest to its highest cell, which is
+how locate compares the heads of a layer. The circuit's heads are outlined.
+Overlap: the Jaccard index of every two circuits' head sets, and per layer how many of the circuits hold each head.
 Curves: the training loss of every step (thin line) and the validation loss (markers; step 0 is the base model).
 A curve takes a finetune.py output folder, or a copy of its training.json with its log beside it as
 <name>.log.jsonl (experiments/finetune/).
@@ -31,7 +35,13 @@ def parse_args(argv=None):
     h = sub.add_parser("heatmap", help="the circuit heat map of a heads.json written by locate.py")
     h.add_argument("circuit", help="heads.json from locate.py")
     h.add_argument("--out", required=True, help="figure file: .svg, .png or .pdf")
-    h.add_argument("--per-layer", action="store_true", help="shade each layer on its own scale")
+    view = h.add_mutually_exclusive_group()
+    view.add_argument("--cumulative", action="store_true", help="the increase over the unmasked model")
+    view.add_argument("--per-layer", action="store_true", help="shade each layer on its own scale")
+    o = sub.add_parser("overlap", help="how the circuits of several heads.json files overlap")
+    o.add_argument("circuits", nargs="+", help="heads.json files of one model")
+    o.add_argument("--out", required=True, help="figure file: .svg, .png or .pdf")
+    o.add_argument("--labels", help="comma-separated labels, one per circuit (default: each file's dataset)")
     c = sub.add_parser("curves", help="training and validation loss of one or more finetune.py runs")
     c.add_argument("runs", nargs="+", help="finetune.py output folders, or training.json copies")
     c.add_argument("--out", required=True, help="figure file: .svg, .png or .pdf")
@@ -51,21 +61,43 @@ def figure_format(path):
 
 # ---------------------------------------------------------------- what is drawn
 
-def heat_map_data(result, per_layer=False):
-    """The matrix to shade, its scale's label, the circuit's cells and the title, from locate.py's result."""
+def heat_map_data(result, view="marginal"):
+    """The matrix to shade, its scale's label, the circuit's cells and the title, from locate.py's result; `view`
+    is marginal (each head's own effect), cumulative or per-layer."""
     loss, samples = result["loss_matrix"], len(result["sample_indices"])
-    if per_layer:
+    if view == "per-layer":
         values = [[(v - min(row)) / (max(row) - min(row)) if max(row) > min(row) else 0.0 for v in row]
                   for row in loss]
         scale = "loss with the head masked, per layer (0 = the layer's lowest, 1 = its highest)"
-    else:
+    elif view == "cumulative":
         values = [[(v - result["unmasked_loss"]) / samples for v in row] for row in loss]
         scale = "loss increase over the unmasked model (nats per sample)"
+    else:
+        if "circuit_below_loss" not in result:
+            raise UsageError("this heads.json has no circuit_below_loss (an older locate.py wrote it), so each "
+                             "head's own effect is unknown; pass --cumulative or --per-layer")
+        values = [[(v - below) / samples for v in row] for row, below in zip(loss, result["circuit_below_loss"])]
+        scale = "loss increase from the head alone, over the circuit below (nats per sample)"
     circuit = {(int(layer), h) for layer, e in result["knowledge_circuit"].items() for h in e["retain_heads"]}
     model = os.path.basename(os.path.normpath(result["model"]))
     title = (f"Knowledge circuit of {model} on {result['dataset']} ({result['prompt']} prompts): "
              f"{len(circuit)} of {len(loss) * len(loss[0])} heads (outlined), D = {samples} samples")
     return values, scale, circuit, title
+
+
+def overlap_data(results, labels):
+    """(labels, Jaccard index of every two circuits' head sets, per (layer, head) how many circuits hold it, title)
+    from heads.json results of one model."""
+    shapes = {(r["layers"], r["heads"]) for r in results}
+    if len(shapes) != 1:
+        raise UsageError(f"the circuits come from models of different shapes {sorted(shapes)}; pass one model's")
+    layers, heads = shapes.pop()
+    sets = [{(int(layer), h) for layer, e in r["knowledge_circuit"].items() for h in e["retain_heads"]}
+            for r in results]
+    jaccard = [[len(a & b) / len(a | b) for b in sets] for a in sets]
+    counts = [[sum((layer, h) in s for s in sets) for h in range(heads)] for layer in range(layers)]
+    model = os.path.basename(os.path.normpath(results[0]["model"]))
+    return labels, jaccard, counts, f"How the knowledge circuits of {model} overlap ({len(sets)} circuits)"
 
 
 def read_run(path):
@@ -106,7 +138,7 @@ def heat_map_figure(values, scale, circuit, title):
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
-    fig.colorbar(image, ax=ax, shrink=0.9).set_label("\n".join(textwrap.wrap(scale, 40)), fontsize=8)
+    fig.colorbar(image, ax=ax, shrink=0.9).set_label("\n".join(textwrap.wrap(scale, 28)), fontsize=8)
     return fig
 
 
@@ -127,6 +159,29 @@ def curves_figure(runs, title):
     return fig
 
 
+def overlap_figure(labels, jaccard, counts, title):
+    plt = pyplot()
+    layers, heads = len(counts), len(counts[0])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(4.2 + 0.45 * len(labels) + max(3.0, 0.25 * heads),
+                                                       max(3.8, 0.45 * len(labels) + 1.6, 0.16 * layers + 1.6)),
+                                      layout="constrained", width_ratios=[len(labels), max(3, heads * 0.6)])
+    image = left.imshow(jaccard, cmap="viridis", vmin=0.0, vmax=1.0)
+    for i, row in enumerate(jaccard):
+        for j, v in enumerate(row):
+            left.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+    left.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    left.set_yticks(range(len(labels)), labels, fontsize=8)
+    left.set_title("shared heads (Jaccard index)", fontsize=9)
+    fig.colorbar(image, ax=left, shrink=0.8)
+    held = right.imshow(counts, cmap="magma", vmin=0, vmax=len(labels), aspect="auto", interpolation="nearest")
+    right.set_xlabel("head")
+    right.set_ylabel("layer")
+    right.set_title("circuits holding each head", fontsize=9)
+    fig.colorbar(held, ax=right, shrink=0.8).set_label("circuits", fontsize=8)
+    fig.suptitle("\n".join(textwrap.wrap(title, 80)), fontsize=10)
+    return fig
+
+
 # ---------------------------------------------------------------- writing
 
 def save(path, fig) -> None:
@@ -136,8 +191,12 @@ def save(path, fig) -> None:
     pyplot().close(fig)
 
 
-def heat_map(result, path, per_layer=False):
-    save(path, heat_map_figure(*heat_map_data(result, per_layer)))
+def heat_map(result, path, view="marginal"):
+    save(path, heat_map_figure(*heat_map_data(result, view)))
+
+
+def overlap(results, path, labels):
+    save(path, overlap_figure(*overlap_data(results, labels)))
 
 
 def curves(paths, path, labels=None, title="Training and validation loss"):
@@ -153,7 +212,13 @@ def main(argv=None):
         result = read_json(args.circuit, "circuit file")
         if "loss_matrix" not in result:
             raise UsageError(f"{args.circuit} has no loss matrix; pass a heads.json written by locate.py")
-        heat_map(result, args.out, args.per_layer)
+        heat_map(result, args.out, "cumulative" if args.cumulative else "per-layer" if args.per_layer else "marginal")
+    elif args.figure == "overlap":
+        results = [read_json(path, "circuit file") for path in args.circuits]
+        labels = args.labels.split(",") if args.labels else [r.get("dataset", "?") for r in results]
+        if len(labels) != len(results):
+            raise UsageError(f"--labels names {len(labels)} circuits but {len(results)} were given; give one label each")
+        overlap(results, args.out, labels)
     else:
         labels = args.labels.split(",") if args.labels else None
         if labels and len(labels) != len(args.runs):

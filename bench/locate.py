@@ -49,7 +49,7 @@ def timed(fn):
 state = {"circuit": {}, "loss_matrix": []}
 fast, t_fast = timed(lambda: locate.locate(model, locate.Samples(tok, examples, device), n, args.batch_size,
                                            state, lambda s: None))
-(naive, naive_losses), t_naive = timed(lambda: locate_brute_force(model, tok, examples, n))
+(naive, naive_losses, _), t_naive = timed(lambda: locate_brute_force(model, tok, examples, n))
 gap = (torch.tensor(state["loss_matrix"]) - torch.tensor(naive_losses)).abs().max().item()
 where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 print(f"{args.model} on {where}: {args.dataset} {args.prompt} prompts, {len(examples)} samples, "

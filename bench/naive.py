@@ -54,24 +54,26 @@ def ablate_with_hooks(model, mask):
 
 @torch.inference_mode()
 def locate_brute_force(model, tokenizer, examples, n):
-    """Algorithm 1 the naive way: for every candidate of every layer, one full forward pass of the stock model
-    over all samples (right-padded), with the circuit so far and the candidate zeroed by hooks."""
+    """Algorithm 1 the naive way: for every candidate of every layer (and for "no head of the layer"), one full
+    forward pass of the stock model over all samples (right-padded), with the circuit so far and the candidate
+    zeroed by hooks. Returns (circuit, loss matrix, loss with only the circuit below each layer masked)."""
     from data.scoring import pad_right
     config = model.config.get_text_config()  # a multimodal wrapper: its decoder's
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     device = next(model.parameters()).device
     pairs = [encode_pair(tokenizer, ex.prompts[ex.gold], ex.continuations[ex.gold]) for ex in examples]
     ids, attention = pad_right([ctx + cont for ctx, cont in pairs], 0, device)
-    circuit, loss_matrix = {}, []
+    circuit, loss_matrix, below = {}, [], []
     for layer in range(layers):
         losses = []
-        for h in range(heads):
-            handles = ablate_with_hooks(model, {**circuit, layer: [h]})
+        for h in [*range(heads), None]:
+            handles = ablate_with_hooks(model, {**circuit, layer: [] if h is None else [h]})
             logp = torch.log_softmax(model(ids, attention_mask=attention).logits.float(), -1)
             for handle in handles:
                 handle.remove()
             losses.append(-sum(logp[i, len(ctx) - 1 + k, t].item()
                                for i, (ctx, cont) in enumerate(pairs) for k, t in enumerate(cont)))
+        below.append(losses.pop())
         circuit[layer] = sorted(sorted(range(heads), key=lambda h: (-losses[h], h))[:n])
         loss_matrix.append(losses)
-    return circuit, loss_matrix
+    return circuit, loss_matrix, below

@@ -1,5 +1,5 @@
 """The paper's whole protocol for one 7B model, estimated from the rates bench/gpu_scale.py measured (H200,
-BENCHMARKS.md): the table in README ("locate and fine-tuning at 7B scale").
+BENCHMARKS.md): the table in docs/scaling.md, and experiments/paper.sh --plan's times.
 
     python bench/protocol_estimate.py
 
@@ -16,7 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import finetune  # noqa: E402
-from cli import load_model  # noqa: E402
 from data.scoring import encode_pair  # noqa: E402
 from data.tasks import default_data_dir, load_examples  # noqa: E402
 
@@ -34,11 +33,10 @@ def locate_rate(n: float) -> float:
     return 265e12 * n / 34 if n < 34 else 265e12 + 142e12 * min(1.0, (n - 34) / 117)
 
 
-_, tok = load_model()
-jobs, totals = [], {"locate": 0.0, "train": 0.0, "eval": 0.0}
-print("| dataset | locate prompt tokens | locate, min | steps per run | training-text tokens | HeadMap, min | "
-      "LoRA, min | DoRA, min | evaluation (5 models), min |\n|---|---|---|---|---|---|---|---|---|")
-for name, rows in FULL_TRAIN.items():
+def estimate(tok, name: str, rows: int, steps: int) -> dict:
+    """Seconds of each job of one dataset on one H200 for a 7B model: locate (with choosing D and validation),
+    one training run per method of `steps` optimizer steps over `rows` train rows, and scoring five models; with
+    the mean token lengths they come from."""
     split = "validation" if name == "boolq" else "train"
     texts = finetune.tokenize(tok, load_examples(name, split, "paper", default_data_dir(), 2000), 512)
     text_len = sum(map(len, texts)) / len(texts)
@@ -51,18 +49,37 @@ for name, rows in FULL_TRAIN.items():
                   for e in sample) / len(sample)
     locate = H * L * (L + 1) / 2 * D * (n * LAYER_FLOPS + 2 * n * n * HIDDEN) / locate_rate(n)
     locate += (1000 + 7 * 500) * 2 * n * FORWARD_FLOPS / SCORE_RATE  # choosing samples, validation
-    steps = math.ceil(rows / 16) * 2
+    trained_rows = min(rows * 2, steps * 16)
     validation = (steps // 200 + 1) * min(2000, rows // 10) * text_len * FORWARD_FLOPS / SCORE_RATE
-    train = {m: rows * 2 * text_len / rate + validation for m, rate in TOKENS_PER_S.items()}
-    evaluation = 5 * per_row * len(evals) * FORWARD_FLOPS / SCORE_RATE
-    totals["locate"] += locate
-    totals["train"] += sum(train.values())
-    totals["eval"] += evaluation
-    jobs += [locate + train["headmap"], train["headmap-random"], train["lora"], train["dora"], evaluation]
-    print(f"| {name} | {n:.0f} | {locate / 60:.1f} | {steps:,} | {text_len:.0f} | {train['headmap'] / 60:.0f} | "
-          f"{train['lora'] / 60:.0f} | {train['dora'] / 60:.0f} | {evaluation / 60:.1f} |")
-loads = [0.0] * 8
-for job in sorted(jobs, reverse=True):
-    loads[loads.index(min(loads))] += job
-print(f"\none GPU: {sum(totals.values()) / 3600:.1f} h (locate {totals['locate'] / 60:.0f} min, training "
-      f"{totals['train'] / 3600:.1f} h, evaluation {totals['eval'] / 60:.0f} min); 8 GPUs: {max(loads) / 3600:.1f} h")
+    train = {m: trained_rows * text_len / rate + validation for m, rate in TOKENS_PER_S.items()}
+    return {"prompt_tokens": n, "text_tokens": text_len, "locate": locate, "train": train,
+            "evaluation": 5 * per_row * len(evals) * FORWARD_FLOPS / SCORE_RATE}
+
+
+def main():
+    from cli import load_model
+    _, tok = load_model()
+    jobs, totals = [], {"locate": 0.0, "train": 0.0, "eval": 0.0}
+    print("| dataset | locate prompt tokens | locate, min | steps per run | training-text tokens | HeadMap, min | "
+          "LoRA, min | DoRA, min | evaluation (5 models), min |\n|---|---|---|---|---|---|---|---|---|")
+    for name, rows in FULL_TRAIN.items():
+        steps = math.ceil(rows / 16) * 2
+        e = estimate(tok, name, rows, steps)
+        train = e["train"]
+        totals["locate"] += e["locate"]
+        totals["train"] += sum(train.values())
+        totals["eval"] += e["evaluation"]
+        jobs += [e["locate"] + train["headmap"], train["headmap-random"], train["lora"], train["dora"],
+                 e["evaluation"]]
+        print(f"| {name} | {e['prompt_tokens']:.0f} | {e['locate'] / 60:.1f} | {steps:,} | {e['text_tokens']:.0f} | "
+              f"{train['headmap'] / 60:.0f} | {train['lora'] / 60:.0f} | {train['dora'] / 60:.0f} | "
+              f"{e['evaluation'] / 60:.1f} |")
+    loads = [0.0] * 8
+    for job in sorted(jobs, reverse=True):
+        loads[loads.index(min(loads))] += job
+    print(f"\none GPU: {sum(totals.values()) / 3600:.1f} h (locate {totals['locate'] / 60:.0f} min, training "
+          f"{totals['train'] / 3600:.1f} h, evaluation {totals['eval'] / 60:.0f} min); 8 GPUs: {max(loads) / 3600:.1f} h")
+
+
+if __name__ == "__main__":
+    main()

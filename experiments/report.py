@@ -203,7 +203,81 @@ def full_protocol():
                     f"{dataset}, full protocol, {prompt} prompts, seed 0")
 
 
+def head_set(circuit):
+    return {(int(layer), h) for layer, e in circuit["knowledge_circuit"].items() for h in e["retain_heads"]}
+
+
+def locating():
+    """Section 6: the circuit claim per model and dataset, how the circuits overlap, and the ablations of n and D
+    (experiments/locating.sh)."""
+    for folder in sorted(p for p in (here / "locating").glob("*") if p.is_dir()):
+        circuits = {p.stem: load(p) for p in sorted(folder.glob("*.json")) if p.stem.count(".") == 0}
+        if not circuits:
+            continue
+        model = next(iter(circuits.values()))["model"]
+        print(f"### {folder.name} ({model}): the circuit against random heads of the same per-layer counts\n")
+        print("| dataset | heads masked | eval rows | chance | majority | no mask | circuit masked | random masked: mean "
+              "± sd (min–max), draws | drop ratio | circuit below random by (random sds) | locate time |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        main = {}
+        for name, c in circuits.items():
+            runs = {p.name.split(".")[1]: load(p)["results"][c["dataset"]] for p in folder.glob(f"{name}.*.json")}
+            if "_" in name.replace(c["dataset"], "") or not {"none", "circuit"} <= set(runs):
+                continue  # an ablation, or not validated yet
+            main[name] = c
+            none, masked = runs["none"], runs["circuit"]["acc"]
+            randoms = [r["acc"] for k, r in sorted(runs.items()) if k.startswith("random")]
+            golds = [s["gold"] for s in none["samples"]]
+            chance = statistics.mean(1 / len(s["scores"]) for s in none["samples"])
+            majority = max(map(golds.count, set(golds))) / len(golds)
+            floor = max(chance, majority)
+            knows = none["acc"] > floor + 2 * math.sqrt(floor * (1 - floor) / none["n"])
+            mean = statistics.mean(randoms) if randoms else float("nan")
+            sd = statistics.stdev(randoms) if len(randoms) > 1 else float("nan")
+            drop_c, drop_r = none["acc"] - masked, none["acc"] - mean
+            ratio = f"{drop_c / drop_r:.1f}x" if drop_r > 0 else "n/a"
+            below = f"{(mean - masked) / sd:.1f}" if sd > 0 else "n/a"
+            spread = f"{mean:.3f} ± {sd:.3f} ({min(randoms):.3f}–{max(randoms):.3f}), {len(randoms)}" if randoms else "–"
+            print(f"| {name}{'' if knows else ' (not above chance/majority)'} | {len(head_set(c))} of "
+                  f"{c['layers'] * c['heads']} | {none['n']} | {chance:.3f} | {majority:.3f} | {none['acc']:.3f} | "
+                  f"{masked:.3f} | {spread} | {ratio} | {below} | {c['seconds'] / 60:.0f} min |")
+        print()
+        if len(main) > 1:
+            names = list(main)
+            plot.overlap(list(main.values()), str(folder / "overlap.svg"), names)
+            print(f"Shared heads (Jaccard index; figure: [overlap.svg]({(folder / 'overlap.svg').relative_to(here.parent)}))\n")
+            print("| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+            for a in names:
+                cells = [f"{len(head_set(main[a]) & head_set(main[b])) / len(head_set(main[a]) | head_set(main[b])):.2f}"
+                         for b in names]
+                print(f"| {a} | " + " | ".join(cells) + " |")
+            shared = {}
+            for layer, h in set.union(*(head_set(c) for c in main.values())):
+                k = sum((layer, h) in head_set(c) for c in main.values())
+                if k > 1:
+                    shared[layer] = shared.get(layer, 0) + 1
+            print("\nHeads held by two or more circuits, per layer: " +
+                  ", ".join(f"L{layer}: {shared.get(layer, 0)}" for layer in range(main[names[0]]["layers"])) + "\n")
+        ablations = [(n, c) for n, c in circuits.items() if "_" in n.replace(c["dataset"], "")]
+        if ablations:
+            print(f"Ablations of the locating ({folder.name}): heads shared with the D = 64 circuit of the default n, "
+                  "and the accuracy with each circuit masked\n")
+            print("| circuit | n | D | heads | shared with the main circuit | circuit masked | main circuit masked |")
+            print("|---|---|---|---|---|---|---|")
+            for name, c in ablations:
+                base = circuits.get(c["dataset"])
+                masked = folder / f"{name}.circuit.json"
+                main_masked = folder / f"{c['dataset']}.circuit.json"
+                shared = len(head_set(c) & head_set(base)) if base else "–"
+                acc = f"{load(masked)['results'][c['dataset']]['acc']:.3f}" if masked.exists() else "–"
+                main_acc = f"{load(main_masked)['results'][c['dataset']]['acc']:.3f}" if main_masked.exists() else "–"
+                print(f"| {name} | {c['heads_per_layer']} | {c['samples']} | {len(head_set(c))} | {shared} | {acc} | "
+                      f"{main_acc} |")
+            print()
+
+
 zero_shot()
 overlap(circuits())
 finetune()
 full_protocol()
+locating()

@@ -306,8 +306,9 @@ def check_mask(model, tok, circuit):
 def check_locate(model, tok, circuit):
     state = {"circuit": {}, "loss_matrix": []}
     got_circuit = locate.locate(model, locate.Samples(tok, EXAMPLES, "cpu"), 1, 5, state, lambda s: None, False)
-    want_circuit, want_losses = locate_brute_force(model, tok, EXAMPLES, 1)
+    want_circuit, want_losses, want_below = locate_brute_force(model, tok, EXAMPLES, 1)
     close(torch.tensor(state["loss_matrix"]), torch.tensor(want_losses), "locate's loss matrix")
+    close(torch.tensor(state["circuit_below_loss"]), torch.tensor(want_below), "locate's circuit-below loss")
     assert got_circuit == want_circuit
 
 

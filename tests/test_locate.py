@@ -38,10 +38,14 @@ def test_fast_locate_equals_brute_force(tiny, brute_force, token_budget):
     samples = locate.Samples(tok, EXAMPLES, "cpu")
     state = {"circuit": {}, "loss_matrix": []}
     circuit = locate.locate(model, samples, 2, token_budget, state, lambda s: None)
-    expected_circuit, expected_losses = brute_force
+    expected_circuit, expected_losses, expected_below = brute_force
     assert circuit == expected_circuit
     torch.testing.assert_close(torch.tensor(state["loss_matrix"]), torch.tensor(expected_losses),
                                atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(state["circuit_below_loss"]), torch.tensor(expected_below),
+                               atol=1e-3, rtol=1e-5)
+    # below layer 0 nothing is masked: the "no head" row of layer 0 is the unmasked model's loss
+    assert state["circuit_below_loss"][0] == pytest.approx(locate.unmasked_loss(model, samples), rel=1e-5)
 
 
 def test_batches_keep_to_the_token_budget_and_cover_every_row_once():
@@ -86,4 +90,4 @@ def test_resume_gives_the_uninterrupted_result(tiny):
         locate.locate(model, samples, 1, 64, {"circuit": {}, "loss_matrix": []}, stop_after_two)
     resumed = locate.locate(model, samples, 1, 64, saved, lambda s: None)
     assert resumed == {int(k): v for k, v in full["circuit"].items()}
-    assert saved["loss_matrix"] == full["loss_matrix"]
+    assert saved["loss_matrix"] == full["loss_matrix"] and saved["circuit_below_loss"] == full["circuit_below_loss"]

@@ -19,7 +19,8 @@ def locate_result(layers, heads, seed=0):
     matrix = [[50.0 + 3 * layer + g.uniform(-5, 20) for _ in range(heads)] for layer in range(layers)]
     per_layer = max(1, heads // 4)
     circuit = {str(layer): {"retain_heads": sorted(g.sample(range(heads), per_layer))} for layer in range(layers)}
-    return {"knowledge_circuit": circuit, "loss_matrix": matrix, "unmasked_loss": 55.0,
+    below = [50.0 + 3 * layer for layer in range(layers)]  # the "no head" row: the circuit below alone
+    return {"knowledge_circuit": circuit, "loss_matrix": matrix, "circuit_below_loss": below, "unmasked_loss": 55.0,
             "sample_indices": list(range(8)), "model": "/models/some-very-long-model-name-7b-instruct-v2",
             "dataset": "arc_challenge", "prompt": "harness", "layers": layers, "heads": heads}
 
@@ -41,14 +42,16 @@ def assert_drawn_inside(fig):
 
 
 @pytest.mark.parametrize("layers,heads", SIZES)
-@pytest.mark.parametrize("per_layer", [False, True])
-def test_heat_map_fits_its_canvas_and_its_scale_is_the_data_range(layers, heads, per_layer, tmp_path):
+@pytest.mark.parametrize("view", ["marginal", "cumulative", "per-layer"])
+def test_heat_map_fits_its_canvas_and_its_scale_is_the_data_range(layers, heads, view, tmp_path):
     result = locate_result(layers, heads)
-    values, scale, circuit, title = plot.heat_map_data(result, per_layer)
-    # the values shaded: loss increase over the unmasked model per sample, or each layer rescaled to 0..1
+    values, scale, circuit, title = plot.heat_map_data(result, view)
+    # the values shaded: each head's own effect (over the circuit below alone) or the increase over the unmasked
+    # model, per sample; or each layer rescaled to 0..1
     matrix = result["loss_matrix"]
-    expect = ([[(v - min(r)) / (max(r) - min(r)) for v in r] for r in matrix] if per_layer
-              else [[(v - 55.0) / 8 for v in r] for r in matrix])
+    expect = {"marginal": [[(v - (50.0 + 3 * layer)) / 8 for v in r] for layer, r in enumerate(matrix)],
+              "cumulative": [[(v - 55.0) / 8 for v in r] for r in matrix],
+              "per-layer": [[(v - min(r)) / (max(r) - min(r)) for v in r] for r in matrix]}[view]
     assert [v for row in values for v in row] == pytest.approx([v for row in expect for v in row])
     fig = plot.heat_map_figure(values, scale, circuit, title)
     assert_drawn_inside(fig)
@@ -61,9 +64,35 @@ def test_heat_map_fits_its_canvas_and_its_scale_is_the_data_range(layers, heads,
     assert outlined == {(int(layer), h) for layer, e in result["knowledge_circuit"].items() for h in e["retain_heads"]}
     plot.pyplot().close(fig)
     for ext, magic in (("svg", b"<?xml"), ("png", b"\x89PNG"), ("pdf", b"%PDF")):
-        plot.heat_map(result, str(tmp_path / f"heads.{ext}"), per_layer)
+        plot.heat_map(result, str(tmp_path / f"heads.{ext}"), view)
         assert (tmp_path / f"heads.{ext}").read_bytes().startswith(magic)
     assert ET.parse(tmp_path / "heads.svg").getroot().tag == SVG + "svg"
+
+
+def test_heat_map_of_an_older_heads_json_needs_another_view(tmp_path):
+    result = locate_result(4, 4)
+    del result["circuit_below_loss"]
+    with pytest.raises(plot.UsageError, match="no circuit_below_loss .* pass --cumulative or --per-layer"):
+        plot.heat_map(result, str(tmp_path / "h.svg"))
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_overlap_of_circuits(tmp_path):
+    a, b, c = (locate_result(6, 8, seed) for seed in range(3))
+    a["knowledge_circuit"] = {"0": {"retain_heads": [0, 1]}, "1": {"retain_heads": [2, 3]}}
+    b["knowledge_circuit"] = {"0": {"retain_heads": [1, 2]}, "1": {"retain_heads": [2, 3]}}
+    c["knowledge_circuit"] = {"5": {"retain_heads": [7]}}
+    labels, jaccard, counts, title = plot.overlap_data([a, b, c], ["a", "b", "c"])
+    assert jaccard[0][1] == jaccard[1][0] == pytest.approx(3 / 5)  # {0:0,0:1,1:2,1:3} and {0:1,0:2,1:2,1:3}
+    assert jaccard[0][2] == 0.0 and jaccard[2][2] == 1.0
+    assert counts[0][:3] == [1, 2, 1] and counts[1][2:4] == [2, 2] and counts[5][7] == 1 and sum(map(sum, counts)) == 9
+    fig = plot.overlap_figure(labels, jaccard, counts, title)
+    assert_drawn_inside(fig)
+    plot.pyplot().close(fig)
+    for ext in ("svg", "png"):
+        plot.overlap([a, b, c], str(tmp_path / f"o.{ext}"), labels)
+    with pytest.raises(plot.UsageError, match="models of different shapes"):
+        plot.overlap_data([a, locate_result(7, 8)], ["a", "x"])
 
 
 def training_run(folder, steps, seed, every=5):
@@ -97,9 +126,12 @@ def test_training_curves(tmp_path):
 def test_plot_cli(tmp_path):
     heads = tmp_path / "heads.json"
     heads.write_text(json.dumps(locate_result(30, 9)))
-    done = run("plot.py", "heatmap", str(heads), "--out", str(tmp_path / "h.png"), "--per-layer")
-    assert done.returncode == 0, done.stderr
-    assert (tmp_path / "h.png").read_bytes().startswith(b"\x89PNG")
+    for view in ("--per-layer", "--cumulative"):
+        done = run("plot.py", "heatmap", str(heads), "--out", str(tmp_path / "h.png"), view)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "h.png").read_bytes().startswith(b"\x89PNG")
+    done = run("plot.py", "overlap", str(heads), str(heads), "--out", str(tmp_path / "o.pdf"))
+    assert done.returncode == 0 and (tmp_path / "o.pdf").read_bytes().startswith(b"%PDF"), done.stderr
     assert_usage_error(run("plot.py", "heatmap", str(heads), "--out", str(tmp_path / "h.jpg")),
                        "cannot tell the figure format of")
     assert_usage_error(run("plot.py", "curves", str(tmp_path), "--out", str(tmp_path / "c.svg")),

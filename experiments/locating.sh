@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The paper's locating claims on all eight datasets and two model families (RESULTS.md section 6). One step per
+# call, each under an hour on 2 CPU cores; finished steps are skipped, an interrupted one resumes:
+#   bash experiments/locating.sh           # the next unfinished step
+#   bash experiments/locating.sh all       # every unfinished step, in order
+#   bash experiments/locating.sh list      # every step, done or not
+# Gemma's steps need models/gemma-3-270m-q4_k_m.gguf: bash experiments/get_gemma.sh
+# Writes experiments/locating/<model>/<circuit>.json (+ .svg heat map) and, beside it, <circuit>.<what>.json:
+# evaluate.py's scores on the first 500 evaluation rows with no mask, the circuit masked, or random heads of the
+# circuit's per-layer counts masked (seed k). experiments/report.py prints the tables from them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATASETS="arc_easy piqa siqa winogrande openbookqa arc_challenge boolq hellaswag"
+ROWS=500      # evaluation rows per dataset
+TRIALS=10     # random head sets per circuit
+declare -A MODEL=([smollm2]=smollm2-135m [gemma]=models/gemma-3-270m-q4_k_m.gguf)
+
+data_dir() {  # BoolQ's harness prompts read the passage, which only its validation split has (boolq_halves.py)
+  if [ "$1" = boolq ]; then
+    [ -f runs/boolq_halves/boolq/validation.jsonl ] || python experiments/boolq_halves.py runs/boolq_halves >&2
+    echo runs/boolq_halves
+  else
+    echo data/datasets
+  fi
+}
+
+# locate MODEL DATASET NAME [locate.py options]: D = 64 samples (unless given) from the first 1,000 train rows,
+# harness prompts (both models answer letters near chance), a quarter of the heads per layer unless given
+locate_step() {
+  local model=$1 dataset=$2 name=$3; shift 3
+  python locate.py --model "${MODEL[$model]}" --dataset "$dataset" --data-dir "$(data_dir "$dataset")" \
+    --prompt harness --split train --pool 1000 --samples 64 --no-validate --seed 0 \
+    --out "experiments/locating/$model/$name.json" --resume --no-progress "$@"
+}
+
+# eval MODEL DATASET NAME WHAT: WHAT is none, circuit or random<k>
+eval_step() {
+  local model=$1 dataset=$2 name=$3 what=$4 mask=()
+  local circuit=experiments/locating/$model/$name.json
+  case $what in
+    circuit) mask=(--mask "$circuit") ;;
+    random*) mask=(--mask "$circuit" --random-mask --seed "${what#random}") ;;
+  esac
+  python evaluate.py --model "${MODEL[$model]}" --dataset "$dataset" --data-dir "$(data_dir "$dataset")" \
+    --prompt harness --limit $ROWS --log-samples --no-progress "${mask[@]}" \
+    --out "experiments/locating/$model/$name.$what.json"
+}
+
+steps=()
+for model in smollm2 gemma; do  # the claim on every dataset first, model by model
+  for dataset in $DATASETS; do
+    steps+=("locate $model $dataset $dataset" "eval $model $dataset $dataset none" "eval $model $dataset $dataset circuit")
+    for k in $(seq 1 $TRIALS); do steps+=("eval $model $dataset $dataset random$k"); done
+  done
+done
+for model in smollm2 gemma; do  # then the ablations of the locating itself, on two datasets per model
+  for dataset in arc_easy piqa; do
+    if [ $model = smollm2 ]; then ns="1 3"; else ns="2"; fi  # the main circuits keep 2 of 9, 1 of 4
+    for n in $ns; do steps+=("locate $model $dataset ${dataset}_n$n --heads-per-layer $n"); done
+    for d in 8 16 32; do steps+=("locate $model $dataset ${dataset}_d$d --samples $d"); done
+    for n in $ns; do steps+=("eval $model $dataset ${dataset}_n$n circuit"); done
+    for d in 8 16 32; do steps+=("eval $model $dataset ${dataset}_d$d circuit"); done
+  done
+done
+
+output() {  # the file whose existence marks a step finished
+  set -- $1
+  if [ "$1" = locate ]; then echo "experiments/locating/$2/$4.json"; else echo "experiments/locating/$2/$4.$5.json"; fi
+}
+
+run_step() {
+  set -- $1
+  local kind=$1; shift
+  if [ $kind = locate ]; then locate_step "$@"; else eval_step "$@"; fi
+}
+
+case ${1:-next} in
+  list)
+    for step in "${steps[@]}"; do
+      if [ -f "$(output "$step")" ]; then echo "done  $step"; else echo "todo  $step"; fi
+    done ;;
+  next|all)
+    for step in "${steps[@]}"; do
+      [ -f "$(output "$step")" ] && continue
+      echo "== $step" >&2
+      mkdir -p "$(dirname "$(output "$step")")"
+      run_step "$step"
+      [ "$1" = all ] || exit 0
+    done ;;
+  *) echo "usage: bash experiments/locating.sh [next|all|list]" >&2; exit 2 ;;
+esac
