@@ -14,6 +14,7 @@ from pathlib import Path
 here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parent))
 import plot  # noqa: E402
+from locate import knows_the_task  # noqa: E402
 METHODS = {"headmap_mha": ("HeadMap (MHA)", "located"), "headmap_hs": ("HeadMap (HS)", "located"),
            "headmap_random": ("HeadMap (MHA)", "random"), "lora": ("LoRA", "-"), "dora": ("DoRA", "-")}
 
@@ -230,8 +231,7 @@ def locating():
             golds = [s["gold"] for s in none["samples"]]
             chance = statistics.mean(1 / len(s["scores"]) for s in none["samples"])
             majority = max(map(golds.count, set(golds))) / len(golds)
-            floor = max(chance, majority)
-            knows = none["acc"] > floor + 2 * math.sqrt(floor * (1 - floor) / none["n"])
+            knows = knows_the_task({"unmasked": none["acc"], "chance": chance, "majority": majority, "rows": none["n"]})
             mean = statistics.mean(randoms) if randoms else float("nan")
             sd = statistics.stdev(randoms) if len(randoms) > 1 else float("nan")
             drop_c, drop_r = none["acc"] - masked, none["acc"] - mean
@@ -244,20 +244,14 @@ def locating():
         print()
         if len(main) > 1:
             names = list(main)
+            _, jaccard, counts, _ = plot.overlap_data(list(main.values()), names)
             plot.overlap(list(main.values()), str(folder / "overlap.svg"), names)
             print(f"Shared heads (Jaccard index; figure: [overlap.svg]({(folder / 'overlap.svg').relative_to(here.parent)}))\n")
             print("| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
-            for a in names:
-                cells = [f"{len(head_set(main[a]) & head_set(main[b])) / len(head_set(main[a]) | head_set(main[b])):.2f}"
-                         for b in names]
-                print(f"| {a} | " + " | ".join(cells) + " |")
-            shared = {}
-            for layer, h in set.union(*(head_set(c) for c in main.values())):
-                k = sum((layer, h) in head_set(c) for c in main.values())
-                if k > 1:
-                    shared[layer] = shared.get(layer, 0) + 1
+            for a, row in zip(names, jaccard):
+                print(f"| {a} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
             print("\nHeads held by two or more circuits, per layer: " +
-                  ", ".join(f"L{layer}: {shared.get(layer, 0)}" for layer in range(main[names[0]]["layers"])) + "\n")
+                  ", ".join(f"L{layer}: {sum(k > 1 for k in row)}" for layer, row in enumerate(counts)) + "\n")
         ablations = [(n, c) for n, c in circuits.items() if "_" in n.replace(c["dataset"], "")]
         if ablations:
             print(f"Ablations of the locating ({folder.name}): heads shared with the D = 64 circuit of the default n, "
