@@ -47,8 +47,8 @@ eval_step() {
 }
 
 steps=()
-for model in smollm2 gemma; do  # the claim on every dataset first, model by model
-  for dataset in $DATASETS; do
+for dataset in $DATASETS; do  # the claim on every dataset first, both models dataset by dataset
+  for model in smollm2 gemma; do
     steps+=("locate $model $dataset $dataset" "eval $model $dataset $dataset none" "eval $model $dataset $dataset circuit")
     for k in $(seq 1 $TRIALS); do steps+=("eval $model $dataset $dataset random$k"); done
   done
