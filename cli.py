@@ -79,6 +79,18 @@ def add_model_arguments(p: argparse.ArgumentParser, model_default: str | None, m
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_task_arguments(p: argparse.ArgumentParser, dataset_help: str, prompt_help: str) -> None:
+    """--dataset and the options that shape a task's prompts: --prompt for the eight datasets, --target-delimiter for
+    the user's own files."""
+    from data.tasks import PROMPT_STYLES
+    p.add_argument("--dataset", help=dataset_help + "; or your own rows: a .jsonl/.jsonl.gz/.json/.csv/.parquet "
+                   "file or a folder of train/validation/test files (README: Your own task); or lm-eval:TASK, any "
+                   "multiple-choice task of lm-evaluation-harness (a task name or a task YAML file)")
+    p.add_argument("--prompt", choices=PROMPT_STYLES, help=prompt_help)
+    p.add_argument("--target-delimiter", help="your own file: what joins the prompt and each choice or target "
+                   "(default: one space, as lm-evaluation-harness's target_delimiter)")
+
+
 def check_at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
@@ -179,6 +191,16 @@ def settle(option: str, given, records: dict, default, force: bool = False, stri
                 raise UsageError(f"{problem}; pass --force to use it anyway")
             print(f"warning: {problem}", file=sys.stderr)
     return default if value is None else value
+
+
+def open_task_for(name: str, args: argparse.Namespace, prompt_records: dict | None = None):
+    """The task `name` with the script's options: the prompt style (one of the eight only) from --prompt, else what
+    an adapter or circuit recorded (`prompt_records`, see settle), else paper."""
+    from data.tasks import DATASETS, open_task
+    prompt = args.prompt
+    if name in DATASETS:
+        prompt = settle("prompt", prompt, prompt_records or {}, "paper", strict=False)
+    return open_task(name, prompt, args.data_dir, args.target_delimiter)
 
 
 def check_same_run(path: str, recorded: dict, given: dict) -> None:

@@ -1,13 +1,17 @@
-"""Zero-shot multiple-choice accuracy of a causal LM on the commonsense datasets.
+"""Zero-shot accuracy of a causal LM on the commonsense datasets, your own rows, or an lm-evaluation-harness task.
 
     python evaluate.py --dataset arc_easy --limit 200
     python evaluate.py --dataset all --prompt harness --out results.json
+    python evaluate.py --dataset examples/capitals               # your own rows (README: Your own task)
+    python evaluate.py --dataset lm-eval:sciq                    # any multiple-choice task of lm-evaluation-harness
     torchrun --nproc_per_node 8 evaluate.py --dataset all        # prompt batches split over 8 GPUs
-    python evaluate.py --dataset boolq --device-map auto        # a model larger than one GPU
-    python evaluate.py --dataset boolq --adapter runs/adapter     # base model and prompt style from the adapter
+    python evaluate.py --dataset boolq --device-map auto         # a model larger than one GPU
+    python evaluate.py --dataset boolq --adapter runs/adapter    # base model and prompt style from the adapter
 
-With --adapter or --mask, the base model and the prompt style default to what the adapter's training.json (or
-the circuit's heads.json) recorded; a --model that contradicts them is refused unless --force.
+Multiple-choice tasks report acc and acc_norm (lm-evaluation-harness's); one-target tasks report exact_match (the
+target is the greedy continuation) and nll_per_token. With --adapter or --mask, the base model and the prompt style
+default to what the adapter's training.json (or the circuit's heads.json) recorded; a --model that contradicts them
+is refused unless --force, and so is scoring an adapter on the very rows it was trained on.
 """
 import argparse
 import math
@@ -15,17 +19,17 @@ import os
 import sys
 from contextlib import nullcontext
 
-from cli import DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, check_at_least, run_script
-from data.tasks import DATASETS, PROMPT_STYLES, check_dataset
+from cli import (DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, add_task_arguments, check_at_least,
+                 run_script)
+from data.tasks import DATASETS
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASETS)}, a comma list, or 'all'")
-    p.add_argument("--split", help="default: validation (test for arc_easy, arc_challenge, openbookqa)")
+    add_task_arguments(p, f"one of {', '.join(DATASETS)}, a comma list of them, or 'all'", "the eight datasets' "
+                       "prompt style (default: the adapter's or circuit's, else paper)")
+    p.add_argument("--split", help="default: the task's evaluation split (test where it has one, else validation)")
     p.add_argument("--limit", type=int, help="score only the first N rows (default: all)")
-    p.add_argument("--prompt", choices=PROMPT_STYLES, help="prompt style (default: the adapter's or circuit's, "
-                   "else paper)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
     add_model_arguments(p, None, f"hub id, local folder or .gguf file (default: the adapter's or circuit's base "
                         f"model, else {DEFAULT_MODEL})")
@@ -36,12 +40,12 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="a folder written by finetune.py (or a PEFT LoRA/DoRA folder): score the base "
                    "model with that adapter")
     p.add_argument("--force", action="store_true", help="use --model even where the adapter or circuit recorded "
-                   "another base model")
+                   "another base model; score an adapter on the rows it was trained on")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--log-samples", action="store_true", help="store every example's scores in --out")
     args = p.parse_args(argv)
-    for name in list(DATASETS) if args.dataset == "all" else args.dataset.split(","):
-        check_dataset(name)
+    if not args.dataset:
+        raise UsageError("pass --dataset: one of the eight, all, a file or folder of your own rows, or lm-eval:TASK")
     check_at_least(args, 1, "limit", "batch_size")
     if args.random_mask and not args.mask:
         raise UsageError("--random-mask needs --mask heads.json to know how many heads to ablate per layer")
@@ -56,14 +60,43 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from cli import (check_adapter_weights, check_writable, load_model, pick_device, read_circuit_file, recorded,  # noqa: E402
-                 refused, settle, write_json)
+from cli import (check_adapter_weights, check_writable, load_model, open_task_for, pick_device,  # noqa: E402
+                 read_circuit_file, read_json, recorded, refused, settle, write_json)
 from data import distributed  # noqa: E402
-from data.scoring import accuracy, score_examples  # noqa: E402
-from data.tasks import data_source, load_examples  # noqa: E402
+from data.scoring import PRIMARY, metrics, score_continuations  # noqa: E402
+from data.tasks import CHOICE  # noqa: E402
 from headmap.adapters import load_adapter  # noqa: E402
 from headmap.circuit import check_circuit, circuit_mask, random_circuit_like  # noqa: E402
 from headmap.masking import layers_and_heads, mask_heads  # noqa: E402
+
+
+def same_rows(a: dict, b: dict) -> bool:
+    """Whether two provenance records ({dataset, split, data}) name the same rows: a file by its content."""
+    if "sha256" in a["data"] and "sha256" in b["data"]:
+        return a["data"]["sha256"] == b["data"]["sha256"]
+    return a == b
+
+
+def check_task_records(args, task, split: str) -> None:
+    """An adapter scored on the rows it was trained on gives no held-out number: refused unless --force. An adapter
+    or circuit made on another task, or on another version of this file, is a choice (transfer), warned of."""
+    here = {"dataset": task.name, "split": split, "data": task.source(split)}
+    for path, what in ((args.adapter and os.path.join(args.adapter, "training.json"), "adapter"),
+                       (args.mask if args.mask and args.mask.endswith(".json") else None, "circuit")):
+        if not path or not os.path.exists(path):
+            continue
+        record = read_json(path, f"{what} record")
+        made = {"dataset": record.get("dataset"), "split": record.get("split") or "train", "data": record.get("data") or {}}
+        if what == "adapter" and same_rows(made, here) and not args.force:
+            raise UsageError(f"{args.adapter} was trained on these rows ({task.name}, {split}), so its score here is not "
+                             "a held-out number (training.json's accuracy_after is); score another split, or pass "
+                             "--force")
+        if made["dataset"] not in (None, task.name):
+            print(f"warning: the {what} {path} was made on {made['dataset']}, not {task.name}", file=sys.stderr)
+        elif "sha256" in made["data"] and made["data"]["path"] == here["data"].get("path") \
+                and made["data"]["sha256"] != here["data"].get("sha256"):
+            print(f"warning: {here['data']['path']} has changed since the {what} {path} was made from it",
+                  file=sys.stderr)
 
 
 def main(argv=None) -> dict:
@@ -75,17 +108,23 @@ def main(argv=None) -> dict:
     if args.adapter:
         check_adapter_weights(args.adapter)
     args.model = settle("model", args.model, records["model"], DEFAULT_MODEL, args.force)
-    args.prompt = settle("prompt", args.prompt, records["prompt"], "paper", strict=False)
-    # Load every dataset before the model, so a missing file fails in a second, not after minutes.
-    examples = {n: load_examples(n, args.split, args.prompt, args.data_dir, args.limit) for n in names}
+    # Every task's rows load before the model, so a missing file or a bad row fails in a second, not after minutes.
+    tasks = {name: open_task_for(name, args, records["prompt"]) for name in names}
+    examples = {}
+    for name, task in tasks.items():
+        split = task.check_split(args.split)
+        check_task_records(args, task, split)
+        examples[name] = (split, task.examples(split, args.limit))
 
     circuit = read_circuit_file(args.mask) if args.mask else None
     distributed.start(pick_device(args.device))
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
     param = next(model.parameters())
-    results = {"model": args.model, "prompt": args.prompt, "adapter": args.adapter, "mask": None,
-               "split": args.split, "limit": args.limit, "dtype": str(param.dtype).replace("torch.", ""),
-               "device": str(param.device), "device_map": args.device_map, "data_dir": args.data_dir,
+    prompts = {task.prompt for task in tasks.values()} - {None}
+    results = {"model": args.model, "prompt": prompts.pop() if len(prompts) == 1 else None, "adapter": args.adapter,
+               "mask": None, "split": args.split, "limit": args.limit,
+               "dtype": str(param.dtype).replace("torch.", ""), "device": str(param.device),
+               "device_map": args.device_map, "data_dir": args.data_dir,
                "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                             "transformers": transformers.__version__},
                "results": {}}
@@ -102,19 +141,23 @@ def main(argv=None) -> dict:
         mask = circuit_mask(circuit, layers, heads)
         results["mask"] = {"file": args.mask, "random": args.random_mask, "seed": args.seed,
                            "heads": {str(layer): chosen for layer, chosen in circuit.items()}}
-    for name in names:
+    for name, task in tasks.items():
+        split, rows = examples[name]
         with mask_heads(model, mask) if mask is not None else nullcontext():
-            scores = score_examples(model, tokenizer, examples[name], args.batch_size,
-                                    progress=not args.no_progress, desc=name)
-        metrics = accuracy(examples[name], scores)
-        split = args.split or DATASETS[name].eval_split
-        n = metrics["n"]
-        entry = {"acc": metrics["acc"], "acc_stderr": math.sqrt(metrics["acc"] * (1 - metrics["acc"]) / max(1, n - 1)),
-                 "acc_norm": metrics["acc_norm"], "n": n, "split": split,
-                 "data": data_source(name, split, args.data_dir)}
+            scores = score_continuations(model, tokenizer, rows, args.batch_size, progress=not args.no_progress,
+                                         desc=name)
+        m = metrics(task.kind, rows, scores)
+        primary, n = PRIMARY[task.kind], m["n"]
+        entry = {"kind": task.kind, "prompt": task.prompt, primary: m[primary],
+                 primary + "_stderr": math.sqrt(m[primary] * (1 - m[primary]) / max(1, n - 1)),
+                 **({"acc_norm": m["acc_norm"]} if task.kind == CHOICE else {"nll_per_token": m["nll_per_token"]}),
+                 "n": n, "split": split, "data": task.source(split)}
         if args.log_samples:
-            entry["samples"] = [{"index": i, "scores": s, "gold": ex.gold, "pred": p}
-                                for i, (s, ex, p) in enumerate(zip(scores, examples[name], metrics["predictions"]))]
+            entry["samples"] = [{"index": i, "scores": s, "gold": ex.gold, "correct": c, "greedy": g}
+                                for i, (s, ex, c, g) in enumerate(zip(scores.logprob, rows, m["correct"], scores.greedy))]
+            if task.kind == CHOICE:
+                for sample, pred in zip(entry["samples"], m["predictions"]):
+                    sample["pred"] = pred
         results["results"][name] = entry
 
     applied = []
@@ -122,10 +165,14 @@ def main(argv=None) -> dict:
         applied.append(f"adapter {args.adapter}")
     if mask is not None:
         applied.append(f"{'random heads like' if args.random_mask else 'heads of'} {args.mask} masked")
-    print(f"\n{args.model}, {args.prompt} prompts, {'; '.join(applied) or 'no adapter, no mask'}")
-    print(f"{'dataset':<15}{'split':<12}{'n':>6}{'acc':>8}{'± stderr':>10}{'acc_norm':>10}")
+    print(f"\n{args.model}, {'; '.join(applied) or 'no adapter, no mask'}")
+    print(f"{'dataset':<24}{'split':<12}{'n':>6}  {'metric':<12}{'value':>7}{'± stderr':>10}  second")
     for name, r in results["results"].items():
-        print(f"{name:<15}{r['split']:<12}{r['n']:>6}{r['acc']:>8.3f}{r['acc_stderr']:>10.3f}{r['acc_norm']:>10.3f}")
+        primary = PRIMARY[r["kind"]]
+        second = f"acc_norm {r['acc_norm']:.3f}" if r["kind"] == CHOICE else f"nll/token {r['nll_per_token']:.3f}"
+        shown = name if len(name) <= 23 else "..." + name[-20:]
+        print(f"{shown:<24}{r['split']:<12}{r['n']:>6}  {primary:<12}{r[primary]:>7.3f}{r[primary + '_stderr']:>10.3f}"
+              f"  {second}")
     if args.out and distributed.rank() == 0:  # under torchrun every rank holds every score; rank 0 writes them
         write_json(args.out, results)
         print(f"wrote {args.out}")

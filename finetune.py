@@ -3,9 +3,10 @@
     python finetune.py --heads heads.json                       # HeadMap, MHA variant, the dataset of heads.json
     python finetune.py --heads heads.json --variant hs
     python finetune.py --method lora --dataset boolq            # baselines need no circuit
+    python finetune.py --heads runs/capitals/heads.json         # your own rows (README: Your own task)
     torchrun --nproc_per_node 8 finetune.py --heads heads.json  # data parallel: the batch of 16 split over 8 GPUs
 
-Per docs/PROTOCOL.md: train split, text = prompt + " " + gold answer + EOS, loss over every token, cut at 512 tokens,
+Per docs/PROTOCOL.md: train split, text = prompt + delimiter + gold answer (or target) + EOS, loss over every token, cut at 512 tokens,
 batch 16, 2 epochs, AdamW without weight decay, linear decay after 100 warm-up steps, gradient clipping at 1.0,
 bf16 autocast on GPU; lr 1e-3 (HeadMap) or 2e-4 (LoRA, DoRA). The validation loss is measured every
 --eval-every steps and the best adapter is kept. Only the adapter trains; the base model is frozen.
@@ -18,8 +19,8 @@ import random
 import sys
 import time
 
-from cli import DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, check_at_least, run_script
-from data.tasks import DATASETS, PROMPT_STYLES, check_dataset
+from cli import (DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, add_task_arguments, check_at_least,
+                 run_script)
 
 
 def parse_args(argv=None):
@@ -30,8 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--variant", default="mha", choices=("mha", "hs"), help="HeadMap: add the map to the attention "
                    "output (mha) or to the layer's output hidden state (hs)")
     p.add_argument("--random-heads", action="store_true", help="HeadMap on random heads, as many per layer as --heads")
-    p.add_argument("--dataset", help="default: the dataset of --heads")
-    p.add_argument("--prompt", choices=PROMPT_STYLES, help="default: the prompt style of --heads, else paper")
+    add_task_arguments(p, "default: the dataset of --heads", "the eight datasets' prompt style (default: the one of "
+                       "--heads, else paper)")
     add_model_arguments(p, None, "hub id, local folder or .gguf file (default: the model of --heads, else "
                         f"{DEFAULT_MODEL})", device_map=False)  # one device per process; several under torchrun
     p.add_argument("--force", action="store_true", help="use --model even where --heads recorded another model")
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=200, help="measure the validation loss every N steps")
     p.add_argument("--checkpoint-every", type=int, default=20, help="save what --resume needs every N steps")
     p.add_argument("--val-limit", type=int, help="cap the held-out validation set at N rows (default: all)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="where the task has no validation split of its "
+                   "own to spare: the share of the training rows held out (at most 2000 rows, drawn with --seed)")
     p.add_argument("--eval-limit", type=int, help="rows of the evaluation split for the final accuracy "
                    "(default: all)")
     p.add_argument("--seed", type=int, default=0, help="data order, held-out rows, initialisation, dropout")
@@ -77,8 +80,8 @@ def parse_args(argv=None):
                          "--overwrite to start a new one in it, or another --out")
     if args.method == "headmap" and not args.heads:
         raise UsageError("HeadMap needs --heads heads.json (run locate.py first), or pass --method lora|dora")
-    if args.dataset:
-        check_dataset(args.dataset)
+    if not 0.0 < args.val_fraction < 1.0:  # also refuses nan
+        raise UsageError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     return args
 
 
@@ -88,12 +91,11 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cli import (check_same_run, hub_id_of, load_model, pick_device, read_checked, read_circuit_file,  # noqa: E402
-                 read_json, recorded, refused, settle, write_json)
+from cli import (check_same_run, hub_id_of, load_model, open_task_for, pick_device, read_checked,  # noqa: E402
+                 read_circuit_file, read_json, recorded, refused, settle, write_json)
 from data import distributed  # noqa: E402
-from data.scoring import (accuracy, length_groups, pad_id_of, pad_right, pass_overhead_tokens,  # noqa: E402
-                          score_examples)
-from data.tasks import data_source, load_examples  # noqa: E402
+from data.scoring import (PRIMARY, length_groups, metrics, pad_id_of, pad_right, pass_overhead_tokens,  # noqa: E402
+                          score_continuations)
 from headmap.adapters import attach_headmap, attach_lora, save_adapter  # noqa: E402
 from headmap.circuit import check_circuit, random_circuit_like  # noqa: E402
 from headmap.files import atomic  # noqa: E402
@@ -106,16 +108,21 @@ def tokenize(tokenizer, examples, max_length):
     return [(tokenizer(ex.train_text).input_ids + [eos])[:max_length] for ex in examples]
 
 
-def split_train_val(name, examples, args):
-    """The protocol's held-out set: the validation split where a test split exists, else 10% of train
-    (at most 2000 rows), carved out of train with the run's seed."""
-    if DATASETS[name].eval_split != "validation":  # ARC and OpenBookQA evaluate on test: validation is free
-        return examples, load_examples(name, "validation", args.prompt, args.data_dir)
+def split_train_val(task, examples, args) -> tuple[list, list, str]:
+    """The protocol's held-out set: the validation split where the task evaluates on another (ARC and OpenBookQA
+    evaluate on test), else --val-fraction of train (10%, at most 2000 rows), carved out with the run's seed.
+    Returns (train, held out, where the held-out rows came from)."""
+    if "validation" in task.splits and task.eval_split not in ("validation", task.train_split):
+        return examples, task.examples("validation"), "the validation split"
     order = list(range(len(examples)))
     random.Random(args.seed).shuffle(order)
-    n_val = min(2000, max(1, len(examples) // 10))
+    n_val = min(2000, max(1, round(len(examples) * args.val_fraction)))
+    if n_val >= len(examples):
+        raise UsageError(f"{task.name} has {len(examples)} training rows: too few to hold {n_val} out; add rows or "
+                         "give it a validation split")
     held = set(order[:n_val])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+    return ([e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)],
+            f"{n_val} row{'s' * (n_val != 1)} ({args.val_fraction:.0%}) carved out of {task.train_split} with seed {args.seed}")
 
 
 def lm_loss(model, seqs, pad_id):
@@ -291,20 +298,20 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
 
 # ---------------------------------------------------------------- main
 
-def settle_run(args) -> dict[int, list[int]] | None:
+def settle_run(args):
     """Fill in --model, --dataset and --prompt from the circuit file where the user left them out; return the
-    circuit. A circuit found on another model is refused; on another dataset or prompt style it is a choice, and
-    warned of."""
+    circuit and the task. A circuit found on another model is refused; on another dataset or prompt style it is a
+    choice, and warned of."""
     circuit = read_circuit_file(args.heads) if args.heads else None
     records = recorded(circuit=args.heads)
     args.model = settle("model", args.model, records["model"], DEFAULT_MODEL, args.force)
     args.dataset = settle("dataset", args.dataset, records["dataset"], None, strict=False)
-    args.prompt = settle("prompt", args.prompt, records["prompt"], "paper", strict=False)
     if not args.dataset:
         raise UsageError("pass --dataset (the circuit file does not name one)")
-    check_dataset(args.dataset)
+    task = open_task_for(args.dataset, args, records["prompt"])
+    args.prompt = task.prompt
     args.lr = args.lr or (1e-3 if args.method == "headmap" else 2e-4)
-    return circuit
+    return circuit, task
 
 
 def read_run(args, settings) -> tuple[dict | None, dict | None]:
@@ -337,18 +344,24 @@ def attach(model, circuit, args):
     return adapter
 
 
-def eval_accuracy(model, tokenizer, examples, args, desc) -> float:
-    return accuracy(examples, score_examples(model, tokenizer, examples, args.batch_size, not args.no_progress,
-                                             desc))["acc"]
+def eval_accuracy(model, tokenizer, task, examples, args, desc) -> float:
+    """The task's metric: acc, or exact_match for a one-target task."""
+    scores = score_continuations(model, tokenizer, examples, args.batch_size, not args.no_progress, desc)
+    return metrics(task.kind, examples, scores)[PRIMARY[task.kind]]
 
 
 def main(argv=None):
     args = parse_args(argv)
-    circuit = settle_run(args)
-    examples = load_examples(args.dataset, "train", args.prompt, args.data_dir, args.train_limit)
-    train_examples, val_examples = split_train_val(args.dataset, examples, args)
+    circuit, task = settle_run(args)
+    examples = task.examples(task.train_split, args.train_limit)
+    train_examples, val_examples, held_out = split_train_val(task, examples, args)
     val_examples = val_examples[:args.val_limit]
-    eval_examples = load_examples(args.dataset, None, args.prompt, args.data_dir, args.eval_limit)
+    print(f"{len(train_examples)} training rows of {task.train_split}; held out: {held_out}")
+    if task.eval_split == task.train_split:  # one file (or only a train split): the held-out rows are all it has
+        eval_split, eval_examples = "held-out rows", val_examples[:args.eval_limit]
+        print(f"{task.name} has no evaluation split of its own: the accuracy is measured on the held-out rows")
+    else:
+        eval_split, eval_examples = task.eval_split, task.examples(task.eval_split, args.eval_limit)
     steps = total_steps(len(train_examples), args)
     if args.warmup >= steps:
         print(f"warning: --warmup {args.warmup} is not shorter than the run's {steps} steps, so the learning rate "
@@ -358,7 +371,7 @@ def main(argv=None):
     settings = {k: getattr(args, k) for k in ("method", "variant", "random_heads", "dataset", "prompt", "model", "rank",
                                               "scaling", "alpha", "dropout", "lr", "batch_size", "token_budget",
                                               "epochs", "warmup", "max_steps", "max_length", "train_limit",
-                                              "eval_every", "val_limit", "eval_limit", "seed")}
+                                              "eval_every", "val_limit", "val_fraction", "eval_limit", "seed")}
     settings["circuit"] = {str(k): v for k, v in sorted(circuit.items())} if args.method == "headmap" else None
     distributed.start(pick_device(args.device))
     recorded_run, ckpt = read_run(args, settings)
@@ -376,7 +389,7 @@ def main(argv=None):
     if recorded_run is not None:  # the base model's numbers (the adapter starts as the identity), measured once
         before, val_loss_before = recorded_run["accuracy"], recorded_run["val_loss"]
     else:
-        before = eval_accuracy(model, tokenizer, eval_examples, args, "accuracy before")
+        before = eval_accuracy(model, tokenizer, task, eval_examples, args, "accuracy before")
         val_loss_before = validation_loss(model, val_seqs, pad_id, args.token_budget)
         if distributed.rank() == 0:
             write_json(os.path.join(args.out, "before.json"),
@@ -389,22 +402,25 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     adapter.eval()
-    after = eval_accuracy(model, tokenizer, eval_examples, args, "accuracy after")
+    after = eval_accuracy(model, tokenizer, task, eval_examples, args, "accuracy after")
 
     record = {"method": adapter.method, "adapter": adapter.config, "base_model": args.model,
-              "dataset": args.dataset, "prompt": args.prompt, "random_heads": args.random_heads,
-              "data": data_source(args.dataset, "train", args.data_dir),
+              "dataset": task.name, "prompt": task.prompt, "random_heads": args.random_heads, "kind": task.kind,
+              "split": task.train_split, "data": task.source(task.train_split), "held_out": held_out,
+              "eval_split": eval_split,
               "val_loss_before": val_loss_before, "best_val_loss": best["loss"], "best_step": best["step"],
               "steps": steps, "trainable_parameters": trainable,
               "hyper_parameters": {k: getattr(args, k) for k in ("lr", "batch_size", "token_budget", "epochs", "warmup",
-                                   "max_steps", "max_length", "train_limit", "eval_every", "val_limit", "seed")},
-              "processes": distributed.world(), "accuracy_before": before, "accuracy_after": after,
+                                   "max_steps", "max_length", "train_limit", "eval_every", "val_limit", "val_fraction",
+                                   "seed")},
+              "processes": distributed.world(), "metric": PRIMARY[task.kind], "accuracy_before": before,
+              "accuracy_after": after,
               "eval_rows": len(eval_examples)}
     if distributed.rank() == 0:
         save_adapter(adapter, args.out)
         write_json(os.path.join(args.out, "training.json"), record)
         curves([args.out], os.path.join(args.out, "curves.svg"), title=f"{adapter.method} on {args.dataset}")
-    print(f"accuracy on {len(eval_examples)} rows of {DATASETS[args.dataset].eval_split}: {before:.3f} -> {after:.3f} "
+    print(f"{PRIMARY[task.kind]} on {len(eval_examples)} rows of {eval_split}: {before:.3f} -> {after:.3f} "
           f"(best validation loss {best['loss']:.4f} at step {best['step']}); adapter in {args.out}")
     return record
 

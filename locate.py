@@ -1,12 +1,13 @@
 """Locate a task's knowledge circuit: layer-conditioned locating (HeadMap, Algorithm 1).
 
     python locate.py --dataset boolq --out heads.json
+    python locate.py --dataset examples/capitals              # your own rows (README: Your own task)
     torchrun --nproc_per_node 8 locate.py --dataset boolq      # each layer's candidate rows split over 8 GPUs
 
 For each layer l in order, with the heads already chosen in the layers below masked, every head h of layer l
 is masked in turn and scored by the summed loss of the gold answers of D; the n heads whose masking hurts most
-join the circuit. D holds the --samples samples of the split that the unmasked model gets right with the
-lowest loss.
+join the circuit. D holds the --samples samples of the split that the unmasked model gets right (its top choice;
+for a one-target task, the target reproduced greedily, every token the argmax) with the lowest loss.
 
 The result is exact (a test compares it with one full masked forward per candidate); the speed comes from the
 algorithm's structure: the layers below l are fixed while l is scored, so their output is kept and advanced one
@@ -21,17 +22,18 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 
-from cli import DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, check_at_least, run_script
-from data.tasks import DATASETS, PROMPT_STYLES, check_dataset
+from cli import (DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, add_task_arguments, check_at_least,
+                 run_script)
+from data.tasks import DATASETS
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--dataset", required=True, help=", ".join(DATASETS))
+    add_task_arguments(p, ", ".join(DATASETS), "the eight datasets' prompt style (default: paper)")
     add_model_arguments(p, DEFAULT_MODEL, "hub id, local folder or .gguf file")
-    p.add_argument("--split", default="train", help="where the samples come from")
+    p.add_argument("--split", help="where the samples come from (default: the task's train split; a single file's "
+                   "rows)")
     p.add_argument("--pool", type=int, help="draw the samples from the first N rows of the split (default: all)")
-    p.add_argument("--prompt", default="paper", choices=PROMPT_STYLES, help="prompt style")
     p.add_argument("--samples", type=int, default=64, help="D: the samples each head is scored on")
     p.add_argument("--heads-per-layer", type=int, help="n (default: a quarter of the heads, 8 of 32)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per scoring pass (choosing samples, validation)")
@@ -41,11 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the random head sets of the validation")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.progress.json")
     p.add_argument("--no-validate", action="store_true", help="skip the accuracy check with heads masked")
-    p.add_argument("--validate-split", help="default: the dataset's evaluation split")
+    p.add_argument("--validate-split", help="default: the task's evaluation split")
     p.add_argument("--validate-limit", type=int, default=500, help="rows of the validation split (0 = all)")
     p.add_argument("--random-trials", type=int, default=5, help="random head sets the circuit is compared with")
     args = p.parse_args(argv)
-    check_dataset(args.dataset)
+    if not args.dataset:
+        raise UsageError("pass --dataset: one of the eight, a file or folder of your own rows, or lm-eval:TASK")
     check_at_least(args, 1, "samples", "batch_size", "token_budget", "random_trials", "pool", "heads_per_layer")
     check_at_least(args, 0, "validate_limit")
     return args
@@ -58,22 +61,23 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cli import check_same_run, check_writable, load_model, pick_device, read_json, write_json  # noqa: E402
+from cli import check_same_run, check_writable, load_model, open_task_for, pick_device, read_json, write_json  # noqa: E402
 from data import distributed  # noqa: E402
-from data.scoring import accuracy, encode_pair, pad_id_of, pad_right, score_examples  # noqa: E402
-from data.tasks import data_source, load_examples  # noqa: E402
+from data.scoring import PRIMARY, encode_pair, metrics, pad_id_of, pad_right, score_continuations  # noqa: E402
+from data.tasks import CHOICE  # noqa: E402
 from headmap.circuit import circuit_entry, circuit_mask, random_circuit_like  # noqa: E402
 from headmap.masking import UnsupportedModel, check_maskable, decoder_layers, layers_and_heads, mask_heads, probe  # noqa: E402
 from plot import heat_map  # noqa: E402
 
 
-def select_samples(model, tokenizer, examples, count, batch_size, progress=True):
+def select_samples(model, tokenizer, task, examples, count, batch_size, progress=True):
     """Indices of the `count` examples the unmasked model answers correctly with the lowest gold loss."""
-    scores = score_examples(model, tokenizer, examples, batch_size, progress, "choosing samples")
-    correct = [i for i, p in enumerate(accuracy(examples, scores)["predictions"]) if p == examples[i].gold]
+    scores = score_continuations(model, tokenizer, examples, batch_size, progress, "choosing samples")
+    correct = [i for i, right in enumerate(metrics(task.kind, examples, scores)["correct"]) if right]
     if not correct:
-        raise UsageError("the unmasked model answers no example of the pool correctly; try --prompt harness, "
-                         "another --split or a larger --pool")
+        raise UsageError("the unmasked model answers no example of the pool correctly; try "
+                         + ("--prompt harness, " if task.prompt == "paper" else "") + "another --split or a larger --pool")
+    scores = scores.logprob
     if len(correct) < count:
         print(f"warning: only {len(correct)} correct samples (asked for {count}); using them all", file=sys.stderr)
     correct.sort(key=lambda i: -scores[i][examples[i].gold])
@@ -286,23 +290,26 @@ def print_heat_map(loss_matrix, circuit):
         print(f"L{layer:<3}" + "".join(cells))
 
 
-def validate(model, tokenizer, examples, circuit, trials, seed, batch_size, progress=True):
-    """Accuracy with no mask, with the circuit masked, and with random heads of the same per-layer counts."""
+def validate(model, tokenizer, task, examples, circuit, trials, seed, batch_size, progress=True):
+    """The task's metric (acc, or exact_match for one target) with no mask, with the circuit masked, and with random
+    heads of the same per-layer counts."""
     layers, heads = layers_and_heads(model)
 
-    def acc(circ):
+    def score(circ):
         with mask_heads(model, circuit_mask(circ, layers, heads)) if circ is not None else nullcontext():
-            return accuracy(examples, score_examples(model, tokenizer, examples, batch_size, progress, "validating"))["acc"]
+            scores = score_continuations(model, tokenizer, examples, batch_size, progress, "validating")
+        return metrics(task.kind, examples, scores)[PRIMARY[task.kind]]
 
     g = torch.Generator().manual_seed(seed)
-    random_accs = [acc(random_circuit_like(circuit, heads, g)) for _ in range(trials)]
-    golds = [ex.gold for ex in examples]
-    return {"rows": len(examples), "unmasked": acc(None), "circuit_masked": acc(circuit),
-            "random_masked_mean": statistics.mean(random_accs),
-            "random_masked_std": statistics.stdev(random_accs) if trials > 1 else 0.0, "random_masked": random_accs,
+    random_scores = [score(random_circuit_like(circuit, heads, g)) for _ in range(trials)]
+    # the commonest answer: the gold position for multiple choice, the target text for one target
+    answers = [ex.gold if task.kind == CHOICE else ex.continuations[0] for ex in examples]
+    return {"rows": len(examples), "metric": PRIMARY[task.kind], "unmasked": score(None),
+            "circuit_masked": score(circuit), "random_masked_mean": statistics.mean(random_scores),
+            "random_masked_std": statistics.stdev(random_scores) if trials > 1 else 0.0, "random_masked": random_scores,
             # what a model that knows nothing of the task scores: guessing, or always giving the commonest answer
-            "chance": statistics.mean(1 / len(ex.choices) for ex in examples),
-            "majority": max(map(golds.count, set(golds))) / len(golds)}
+            "chance": statistics.mean(1 / len(ex.choices) for ex in examples) if task.kind == CHOICE else 0.0,
+            "majority": max(map(answers.count, set(answers))) / len(answers)}
 
 
 def knows_the_task(v: dict) -> bool:
@@ -316,12 +323,16 @@ def knows_the_task(v: dict) -> bool:
 
 def main(argv=None):
     args = parse_args(argv)
-    spec = check_dataset(args.dataset)
+    task = open_task_for(args.dataset, args)
+    split = task.check_split(args.split or task.train_split)
+    val_split = task.check_split(args.validate_split)
     check_writable(args.out)
     progress_path = args.out + ".progress.json"
-    examples = load_examples(args.dataset, args.split, args.prompt, args.data_dir, args.pool)
-    val_examples = None if args.no_validate else load_examples(
-        args.dataset, args.validate_split, args.prompt, args.data_dir, args.validate_limit or None)
+    examples = task.examples(split, args.pool)
+    val_examples = None if args.no_validate else task.examples(val_split, args.validate_limit or None)
+    if val_examples is not None and split == val_split:
+        print(f"note: the samples and the validation both come from {split} of {task.name}: the validation includes "
+              "the samples", file=sys.stderr)
     distributed.start(pick_device(args.device))
     saved = None  # the interrupted run, read and checked before the model loads
     if args.resume and distributed.rank() == 0 and os.path.exists(progress_path):
@@ -340,8 +351,8 @@ def main(argv=None):
         raise UsageError(f"cannot locate heads in {args.model}: {err}") from None
 
     # what decides the result; batch sizes, budgets, progress bars and devices do not (beyond float rounding)
-    settings = {"model": args.model, "dataset": args.dataset, "split": args.split, "pool": args.pool,
-                "prompt": args.prompt, "samples": args.samples, "heads_per_layer": n,
+    settings = {"model": args.model, "dataset": task.name, "split": split, "pool": args.pool,
+                "prompt": task.prompt, "samples": args.samples, "heads_per_layer": n,
                 "validate": not args.no_validate, "validate_split": args.validate_split,
                 "validate_limit": args.validate_limit, "random_trials": args.random_trials, "seed": args.seed}
     state = {"settings": settings, "circuit": {}, "loss_matrix": [], "circuit_below_loss": [], "seconds": 0.0}
@@ -352,7 +363,7 @@ def main(argv=None):
     else:
         if args.resume:
             print(f"--resume: no {progress_path} yet; starting from the first layer")
-        state["sample_indices"] = select_samples(model, tokenizer, examples, args.samples, args.batch_size,
+        state["sample_indices"] = select_samples(model, tokenizer, task, examples, args.samples, args.batch_size,
                                                  not args.no_progress)
     chosen = [examples[i] for i in state["sample_indices"]]
     samples = Samples(tokenizer, chosen, next(model.parameters()).device)
@@ -373,23 +384,23 @@ def main(argv=None):
               "sample_indices": state["sample_indices"],
               "loss_matrix": state["loss_matrix"], "circuit_below_loss": state["circuit_below_loss"],
               "unmasked_loss": unmasked_loss(model, samples),
-              "data": data_source(args.dataset, args.split, args.data_dir),
+              "kind": task.kind, "data": task.source(split),
               "seconds": round(seconds, 1),
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     print_heat_map(state["loss_matrix"], circuit)
     if val_examples is not None:
-        v = validate(model, tokenizer, val_examples, circuit, args.random_trials, args.seed, args.batch_size,
+        v = validate(model, tokenizer, task, val_examples, circuit, args.random_trials, args.seed, args.batch_size,
                      not args.no_progress)
-        val_split = args.validate_split or spec.eval_split
-        result["validation"] = {"split": val_split, "data": data_source(args.dataset, val_split, args.data_dir), **v}
-        print(f"\naccuracy on {v['rows']} rows of {result['validation']['split']}: unmasked {v['unmasked']:.3f} "
-              f"(chance {v['chance']:.3f}, majority class {v['majority']:.3f}), circuit masked "
+        result["validation"] = {"split": val_split, "data": task.source(val_split), **v}
+        commonest = "majority class" if task.kind == CHOICE else "commonest target"
+        print(f"\n{v['metric']} on {v['rows']} rows of {val_split}: unmasked {v['unmasked']:.3f} "
+              f"(chance {v['chance']:.3f}, {commonest} {v['majority']:.3f}), circuit masked "
               f"{v['circuit_masked']:.3f}, random heads masked {v['random_masked_mean']:.3f} "
               f"+- {v['random_masked_std']:.3f} ({args.random_trials} draws)")
         if not knows_the_task(v):
             print(f"warning: the unmasked model ({v['unmasked']:.3f}) is not clearly above chance ({v['chance']:.3f}) "
-                  f"and the majority class ({v['majority']:.3f}), so the circuit says little about task knowledge; "
-                  + ("try --prompt harness" if args.prompt == "paper" else "try a task the model can do"),
+                  f"and the {commonest} ({v['majority']:.3f}), so the circuit says little about task knowledge; "
+                  + ("try --prompt harness" if task.prompt == "paper" else "try a task the model can do"),
                   file=sys.stderr)
     svg = os.path.splitext(args.out)[0] + ".svg"
     if distributed.rank() == 0:

@@ -1,4 +1,4 @@
-"""Tokenisation, length-sorted batching and log-likelihood scoring of multiple-choice examples."""
+"""Tokenisation, length-sorted batching, log-likelihood scoring of examples, and their metrics."""
 import copy
 import inspect
 import math
@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from data import distributed
-from data.tasks import Example
+from data.tasks import CHOICE, TARGET, Example
 from headmap.masking import UnsupportedModel
 
 
@@ -119,9 +119,10 @@ def _cache_name(model) -> str:
 ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention", "indexed_attention"}
 
 
-def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget: int) -> list[float]:
-    """log P(continuation | prompt) for every continuation of `batch` (equal-length prompts), in order.
-    The prompts run once; each continuation then runs against its prompt's key/value cache, so a prompt is never
+def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget: int) -> tuple[list[float], list[bool]]:
+    """log P(continuation | prompt) for every continuation of `batch` (equal-length prompts), in order, and whether
+    the continuation is the greedy one (each of its tokens the argmax after the tokens before it: lm-eval's
+    is_greedy). The prompts run once; each continuation then runs against its prompt's key/value cache, so a prompt is never
     recomputed per choice. Logits come from the model's own forward (its final norm, head and any logit transform);
     the prompt pass keeps only its last position's (logits_to_keep=1). A continuation of one token needs no second
     pass: the prompt's last logits score every such choice at once. Continuations run in groups of similar length
@@ -132,6 +133,7 @@ def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget:
     out = model(input_ids=torch.tensor([p.ids for p in batch], device=device), use_cache=bool(long), logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     scores = first[[i for i, _ in rows], [cont[0] for _, cont in rows]]
+    greedy = first.argmax(-1)[[i for i, _ in rows]] == torch.tensor([cont[0] for _, cont in rows], device=device)
     name = _cache_name(model)
     # only asked for when a continuation needs it: transformers >= 5.20 warns on any lookup of past_key_values
     prompt_cache = (out[name] if name in out else out.get("past_key_values")) if long else None
@@ -164,11 +166,14 @@ def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget:
         which = [k for k, r in enumerate(group) for _ in rows[r][1][1:]]
         pos = [p for r in group for p in range(len(rows[r][1]) - 1)]
         targets = torch.tensor([t for r in group for t in rows[r][1][1:]], device=device)
-        rest = torch.log_softmax(logits[which, pos].float(), dim=-1).gather(1, targets[:, None])[:, 0]
-        scores = scores.index_add(0, torch.tensor([group[k] for k in which], device=device), rest)
+        logprobs = torch.log_softmax(logits[which, pos].float(), dim=-1)
+        rows_of = torch.tensor([group[k] for k in which], device=device)
+        scores = scores.index_add(0, rows_of, logprobs.gather(1, targets[:, None])[:, 0])
+        missed = (logprobs.argmax(-1) != targets).int()  # a token that is not the argmax: not greedy
+        greedy &= torch.zeros_like(greedy, dtype=torch.int).index_add(0, rows_of, missed) == 0
     if long and windows and len(batch[0].ids) > min(windows):
         check_window_cache(model, batch, [rows[r] for r in long], scores[long])
-    return scores.tolist()
+    return scores.tolist(), greedy.tolist()
 
 
 def check_window_cache(model, batch: list[Prompt], rows: list[tuple[int, list[int]]], cached: torch.Tensor):
@@ -189,30 +194,45 @@ def check_window_cache(model, batch: list[Prompt], rows: list[tuple[int, list[in
                                "model does not apply the window its cache keeps; shorten the prompts below the window")
 
 
+@dataclass
+class Scores:
+    """Per example and choice: the summed log-likelihood, whether the continuation is greedy, and its tokens."""
+    logprob: list[list[float]]
+    greedy: list[list[bool]]
+    tokens: list[list[int]]
+
+
 @torch.inference_mode()
-def score_examples(model, tokenizer, examples: list[Example], batch_size: int = 16, progress: bool = True,
-                   desc: str = "scoring", token_budget: int = 4096) -> list[list[float]]:
-    """Summed log-likelihood of every choice of every example: scores[example][choice]. `batch_size` prompts run
-    together; their continuations in passes of at most `token_budget` padded tokens. Under torchrun the ranks take
-    turns along the batches and every rank gets all the scores; a batch is the same whichever rank runs it, so the
-    scores equal one process's bit for bit."""
+def score_continuations(model, tokenizer, examples: list[Example], batch_size: int = 16, progress: bool = True,
+                        desc: str = "scoring", token_budget: int = 4096) -> Scores:
+    """Score every choice of every example (continuation_logprobs). `batch_size` prompts run together; their
+    continuations in passes of at most `token_budget` padded tokens. Under torchrun the ranks take turns along the
+    batches and every rank gets all the scores; a batch is the same whichever rank runs it, so the scores equal one
+    process's bit for bit."""
     prompts = build_prompts(tokenizer, examples)
     batches = list(prompt_batches(prompts, batch_size))
     pad = pad_id_of(tokenizer)
-    values = {}  # batch index -> its continuations' scores, in order
+    values = {}  # batch index -> its continuations' (log-likelihoods, greedy flags), in order
     with tqdm(total=sum(map(len, distributed.mine(batches))), desc=desc, disable=not progress, leave=False) as bar:
         for b in distributed.mine(range(len(batches))):
             values[b] = continuation_logprobs(model, batches[b], pad, token_budget)
             bar.update(len(batches[b]))
     for part in distributed.all_gather(values):  # with one process: values itself
         values.update(part)
-    scores = [[math.nan] * len(ex.continuations) for ex in examples]
+    scores = Scores(*([[None] * len(ex.continuations) for ex in examples] for _ in range(3)))
     for b, batch in enumerate(batches):
-        got = iter(values[b])
+        got = iter(zip(*values[b]))
         for prompt in batch:
-            for e, c, _ in prompt.continuations:
-                scores[e][c] = next(got)
+            for e, c, cont in prompt.continuations:
+                scores.logprob[e][c], scores.greedy[e][c] = next(got)
+                scores.tokens[e][c] = len(cont)
     return scores
+
+
+def score_examples(model, tokenizer, examples: list[Example], batch_size: int = 16, progress: bool = True,
+                   desc: str = "scoring", token_budget: int = 4096) -> list[list[float]]:
+    """Summed log-likelihood of every choice of every example: scores[example][choice]."""
+    return score_continuations(model, tokenizer, examples, batch_size, progress, desc, token_budget).logprob
 
 
 def accuracy(examples: list[Example], scores: list[list[float]]) -> dict:
@@ -227,4 +247,20 @@ def accuracy(examples: list[Example], scores: list[list[float]]) -> dict:
     n = len(examples)
     return {"acc": sum(p == ex.gold for p, ex in zip(pred, examples)) / n,
             "acc_norm": sum(p == ex.gold for p, ex in zip(pred_norm, examples)) / n,
-            "n": n, "predictions": pred, "predictions_norm": pred_norm}
+            "n": n, "predictions": pred, "predictions_norm": pred_norm,
+            "correct": [p == ex.gold for p, ex in zip(pred, examples)]}
+
+
+PRIMARY = {CHOICE: "acc", TARGET: "exact_match"}  # the metric a circuit's masking is judged by
+
+
+def metrics(kind: str, examples: list[Example], scores: Scores) -> dict:
+    """A task's metrics: acc and acc_norm for multiple choice; for one target, exact_match (the target is the
+    greedy continuation, every token the argmax) and nll_per_token (the targets' summed negative log-likelihood over
+    their summed tokens: longer targets weigh more). "correct" says per example whether it counts as right."""
+    if kind == CHOICE:
+        return accuracy(examples, scores.logprob)
+    correct = [g[0] for g in scores.greedy]
+    return {"exact_match": sum(correct) / len(examples),
+            "nll_per_token": -sum(s[0] for s in scores.logprob) / sum(t[0] for t in scores.tokens),
+            "n": len(examples), "correct": correct}

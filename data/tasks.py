@@ -1,9 +1,12 @@
-"""The eight commonsense datasets: where they come from and how each row becomes a prompt.
+"""Tasks: what `--dataset` names, where its rows come from and how each row becomes an `Example`.
 
-Every dataset turns into a list of `Example`s. Choice i of an example is scored as
-log P(continuations[i] | prompts[i]); for almost every task all prompts are the same text and the
-continuations are " " + choice. WinoGrande's harness style ("partial scoring") is the exception:
-each option is written into its own prompt and the shared rest of the sentence is scored.
+A task is one of the paper's eight commonsense datasets (below), a file or folder of the user's own rows
+(data/user_files.py), or an lm-evaluation-harness task (data/lm_eval_tasks.py); `open_task` picks by name.
+Every task turns into a list of `Example`s. Choice i of an example is scored as log P(continuations[i] |
+prompts[i]); for almost every task all prompts are the same text and the continuations are delimiter + choice.
+WinoGrande's harness style ("partial scoring") is the exception: each option is written into its own prompt and
+the shared rest of the sentence is scored. A one-target task (a prompt and the one continuation it should get,
+"The capital of France is" -> " Paris") is an example with a single choice, scored by exact match.
 """
 import gzip
 import json
@@ -15,6 +18,8 @@ from pathlib import Path
 
 from cli import UsageError, read_checked
 
+CHOICE, TARGET = "multiple_choice", "target"  # the two kinds of task: what is scored, and how
+
 
 @dataclass(frozen=True)
 class Example:
@@ -24,14 +29,119 @@ class Example:
     choices: tuple[str, ...]        # what lm-evaluation-harness calls the choices: acc_norm divides by their lengths
 
     @classmethod
-    def with_choices(cls, prompt: str, choices: list[str], gold: int) -> "Example":
-        return cls((prompt,) * len(choices), tuple(" " + c for c in choices), gold, tuple(choices))
+    def with_choices(cls, prompt: str, choices: list[str], gold: int, delimiter: str = " ") -> "Example":
+        return cls((prompt,) * len(choices), tuple(delimiter + c for c in choices), gold, tuple(choices))
 
     @property
     def train_text(self) -> str:
         """Prompt + gold answer: the fine-tuning text (the caller appends EOS)."""
         return self.prompts[self.gold] + self.continuations[self.gold]
 
+
+class Task:
+    """What the scripts need of a task: its kind (CHOICE or TARGET), its splits (the one that trains and locates
+    by default, the one that is evaluated), its examples, and where its rows came from (for the output JSON)."""
+    name: str
+    kind: str = CHOICE
+    prompt: str | None = None  # the prompt style, for the eight datasets only: their rows carry no prompt
+    train_split: str
+    eval_split: str
+    splits: tuple[str, ...]
+
+    def check_split(self, split: str | None) -> str:
+        """`split` if the task has it (None: the evaluation split), else a one-line error naming the ones it has."""
+        split = split or self.eval_split
+        if split not in self.splits:
+            raise UsageError(f"{self.name} has no split {split!r} (it has {', '.join(self.splits)}); pass another --split")
+        return split
+
+    def examples(self, split: str | None = None, limit: int | None = None) -> list[Example]:
+        raise NotImplementedError
+
+    def source(self, split: str) -> dict:
+        raise NotImplementedError
+
+
+def open_task(name: str, prompt: str | None = None, data_dir: str | None = None, delimiter: str | None = None) -> Task:
+    """The task `--dataset name` names: one of the eight, `lm-eval:TASK` (a registered task or a task YAML file), or
+    a path (a .jsonl/.jsonl.gz/.json/.csv/.parquet file or a folder of split files). `prompt` and `data_dir` apply
+    to the eight only, `delimiter` (between prompt and answer, default " ") to files only: elsewhere they are
+    refused, since they would change nothing."""
+    if name.startswith("lm-eval:"):
+        from data.lm_eval_tasks import LmEvalTask
+        refuse_options(name, prompt=prompt, delimiter=delimiter)
+        return LmEvalTask(name[len("lm-eval:"):])
+    if name in DATASETS:
+        refuse_options(name, delimiter=delimiter)
+        return Commonsense(name, prompt or "paper", data_dir or default_data_dir())
+    if os.path.sep in name or os.path.exists(name) or name.endswith(FILE_FORMATS):
+        from data.user_files import FileTask
+        refuse_options(name, prompt=prompt)
+        return FileTask(name, " " if delimiter is None else delimiter)
+    raise UsageError(f"unknown dataset {name!r}: pass one of {', '.join(DATASETS)}, a file or folder of your own rows "
+                     "(README: Your own task), or lm-eval:TASK")
+
+
+def refuse_options(name: str, **given) -> None:
+    option = {"prompt": "--prompt (the eight datasets' prompt style)",
+              "delimiter": "--target-delimiter (between a file's prompts and answers)"}
+    for key, value in given.items():
+        if value is not None:
+            raise UsageError(f"{option[key]} does not apply to --dataset {name}; drop it")
+
+
+# ---------------------------------------------------------------- reading records from files
+
+FILE_FORMATS = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
+
+
+def read_records(path: Path, limit: int | None = None):
+    """(row number from 1, record) of a JSON Lines file (optionally gzip), a JSON array, a CSV file with a header or
+    a Parquet file, streamed: with `limit`, only the first `limit` records are read. A row that is not UTF-8 or not
+    JSON raises ValueError naming its row number."""
+    name = path.name
+    if name.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UsageError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        yield from _numbered((record for batch in batches for record in batch.to_pylist()), limit)
+        return
+    with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
+        if name.endswith(".csv"):
+            import csv
+            import io
+            yield from _numbered(csv.DictReader(io.TextIOWrapper(f, encoding="utf-8-sig", newline="")), limit)
+        elif name.endswith(".json") and f.read(4096).lstrip()[:1] == b"[":  # one array; else one record per line
+            f.seek(0)
+            try:
+                records = json.loads(f.read())
+            except UnicodeDecodeError:
+                raise ValueError("the file is not UTF-8 text; re-save it as UTF-8") from None
+            yield from _numbered(records, limit)
+        else:
+            f.seek(0)
+            yield from _numbered((json.loads(line) for line in f if line.strip()), limit)
+
+
+def _numbered(records, limit: int | None):
+    """Number `records` from 1, stop after `limit`, and name the row that fails to decode."""
+    records, number = iter(records), 0
+    while limit is None or number < limit:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except UnicodeDecodeError:
+            raise ValueError(f"row {number + 1} is not UTF-8 text; re-save the file as UTF-8") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"row {number + 1} is not JSON ({err.msg})") from None
+        number += 1
+        yield number, record
+
+
+# ---------------------------------------------------------------- the eight commonsense datasets
 
 @dataclass(frozen=True)
 class Dataset:
@@ -60,8 +170,6 @@ def check_dataset(name: str) -> Dataset:
     return DATASETS[name]
 
 
-# ---------------------------------------------------------------- loading rows
-
 BUNDLED = str(Path(__file__).resolve().parent / "datasets")  # the default source: shipped with the code
 HUB = "hub"  # --data-dir hub: the Hugging Face hub, an explicit choice
 FORMATS = ("jsonl", "jsonl.gz", "json", "parquet")
@@ -72,9 +180,30 @@ BUNDLED_CAVEATS = {
     ("boolq", "train"): "the bundled BoolQ train split has empty passages: only prompts without the passage "
                         "(--prompt paper) are faithful on it",
 }
-DATA_DIR_HELP = ("folder of <dataset>/<split>.jsonl[.gz]|json|parquet files in the HF schema, or 'hub' for the "
-                 "Hugging Face hub (env HEADMAP_DATA_DIR); default: the bundled copies in data/datasets")
+DATA_DIR_HELP = ("the eight datasets: folder of <dataset>/<split>.jsonl[.gz]|json|parquet files in the HF schema, or "
+                 "'hub' for the Hugging Face hub (env HEADMAP_DATA_DIR); default: the bundled copies in data/datasets")
 _warned = set()
+
+
+class Commonsense(Task):
+    """One of the paper's eight datasets, in one prompt style, from a data folder (or the hub)."""
+
+    def __init__(self, name: str, prompt: str = "paper", data_dir: str = BUNDLED):
+        check_dataset(name)
+        if prompt not in PROMPT_STYLES:
+            raise UsageError(f"unknown prompt style {prompt!r}; use paper or harness")
+        self.name, self.prompt, self.data_dir = name, prompt, data_dir
+        self.train_split, self.eval_split = "train", DATASETS[name].eval_split
+        self.splits = ("train", "validation", "test")  # what the folder has is checked on reading
+
+    def check_split(self, split: str | None) -> str:
+        return split or self.eval_split
+
+    def examples(self, split: str | None = None, limit: int | None = None) -> list[Example]:
+        return load_examples(self.name, split, self.prompt, self.data_dir, limit)
+
+    def source(self, split: str) -> dict:
+        return data_source(self.name, split, self.data_dir)
 
 
 def default_data_dir() -> str:
@@ -88,11 +217,12 @@ def data_source(name: str, split: str, data_dir: str) -> dict:
     return {"source": source, "caveat": BUNDLED_CAVEATS.get((name, split)) if bundled else None}
 
 
-def load_rows(name: str, split: str, data_dir: str = BUNDLED) -> list[dict]:
-    """Rows of one split in the HF schema: from `data_dir/<name>/<split>.<format>`, or the hub if data_dir is 'hub'."""
+def load_rows(name: str, split: str, data_dir: str = BUNDLED, limit: int | None = None) -> list[dict]:
+    """Rows of one split in the HF schema (the first `limit` only, if given): from
+    `data_dir/<name>/<split>.<format>`, or the hub if data_dir is 'hub'."""
     spec = check_dataset(name)
     if data_dir == HUB:
-        return _load_hub_rows(name, spec, split)
+        return _load_hub_rows(name, spec, split)[:limit]
     folder = Path(data_dir) / name
     for ext in FORMATS:
         path = folder / f"{split}.{ext}"
@@ -101,7 +231,8 @@ def load_rows(name: str, split: str, data_dir: str = BUNDLED) -> list[dict]:
             if caveat and (name, split) not in _warned:  # once per split and process, however often it is read
                 _warned.add((name, split))
                 print(f"note: {caveat} (data/datasets/SOURCES.md)", file=sys.stderr)
-            return _read_file(path)
+            return read_checked(str(path), "data file", lambda _: [r for _, r in read_records(path, limit)],
+                                "fix or replace it (UTF-8 JSON Lines, JSON or Parquet in the Hugging Face schema)")
     others = sorted(p.name for p in folder.glob(f"{split}.*")) if folder.is_dir() else []
     if others:
         raise UsageError(f"{folder / others[0]} is not a supported format; convert it to one of "
@@ -109,23 +240,6 @@ def load_rows(name: str, split: str, data_dir: str = BUNDLED) -> list[dict]:
     have = sorted({p.name.split(".")[0] for ext in FORMATS for p in folder.glob(f"*.{ext}")}) if folder.is_dir() else []
     where = f"available splits: {', '.join(have)}" if have else f"no folder {folder}"
     raise UsageError(f"no {split} split of {name} in {data_dir} ({where}); pass another --split or --data-dir")
-
-
-def _read_file(path: Path) -> list[dict]:
-    return read_checked(str(path), "data file", lambda _: _parse_file(path), "fix or replace it (UTF-8 JSON Lines, "
-                        "JSON, CSV or Parquet in the Hugging Face schema)")
-
-
-def _parse_file(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _load_hub_rows(name: str, spec: Dataset, split: str) -> list[dict]:
@@ -250,9 +364,7 @@ def load_examples(name: str, split: str | None = None, style: str = "paper", dat
     if style not in PROMPT_STYLES:
         raise UsageError(f"unknown prompt style {style!r}; use paper or harness")
     split = split or spec.eval_split
-    rows = load_rows(name, split, data_dir)
-    if limit is not None:
-        rows = rows[:limit]
+    rows = load_rows(name, split, data_dir, limit)
     if not rows:
         raise UsageError(f"{name} split {split} in {data_dir} has no rows; check the file or --data-dir")
     examples = []
