@@ -122,7 +122,7 @@ def read_records(path: Path, limit: int | None = None):
             yield from _numbered(records, limit)
         else:
             f.seek(0)
-            yield from _numbered((json.loads(line) for line in f if line.strip()), limit)
+            yield from _numbered((json.loads(line.decode()) for line in f if line.strip()), limit)
 
 
 def _numbered(records, limit: int | None):
