@@ -185,9 +185,13 @@ def overlap_figure(labels, jaccard, counts, title):
 # ---------------------------------------------------------------- writing
 
 def save(path, fig) -> None:
-    """Write a matplotlib figure in the format its path names, whole or not at all, and free it."""
-    with atomic(path) as tmp:
-        fig.savefig(tmp, format=figure_format(path), dpi=200)
+    """Write a matplotlib figure in the format its path names, whole or not at all, and free it. The same figure
+    gives the same bytes (no creation date, fixed SVG ids), so a committed figure redrawn from the same data does
+    not change."""
+    fmt = figure_format(path)
+    metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(fmt)
+    with pyplot().rc_context({"svg.hashsalt": "headmap"}), atomic(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=200, metadata=metadata)
     pyplot().close(fig)
 
 

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 import locate  # noqa: E402
 from bench.naive import locate_brute_force  # noqa: E402
 from cli import DEFAULT_MODEL, load_model  # noqa: E402
-from data.tasks import default_data_dir, load_examples  # noqa: E402
+from data.tasks import Commonsense, default_data_dir  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default=DEFAULT_MODEL)
@@ -23,7 +23,8 @@ p.add_argument("--pool", type=int, default=200)
 p.add_argument("--prompt", default="paper")
 p.add_argument("--samples", type=int, default=16)
 p.add_argument("--heads-per-layer", type=int)
-p.add_argument("--batch-size", type=int, default=64)
+p.add_argument("--batch-size", type=int, default=64, help="prompts per pass while choosing the samples")
+p.add_argument("--token-budget", type=int, help="locate's: default 65536 on a GPU, 4096 on a CPU")
 p.add_argument("--device", default="auto")
 p.add_argument("--data-dir", default=default_data_dir())
 args = p.parse_args()
@@ -31,9 +32,11 @@ args = p.parse_args()
 model, tok = load_model(args.model, args.device)
 heads = model.config.num_attention_heads
 n = args.heads_per_layer or max(1, round(heads / 4))
-pool = load_examples(args.dataset, args.split, args.prompt, args.data_dir, args.pool)
-examples = [pool[i] for i in locate.select_samples(model, tok, pool, args.samples, args.batch_size)]
+task = Commonsense(args.dataset, args.prompt, args.data_dir)
+pool = task.examples(args.split, args.pool)
+examples = [pool[i] for i in locate.select_samples(model, tok, task, pool, args.samples, args.batch_size)]
 device = next(model.parameters()).device
+budget = args.token_budget or (65536 if device.type == "cuda" else 4096)  # as locate.py chooses
 
 
 def timed(fn):
@@ -47,13 +50,13 @@ def timed(fn):
 
 
 state = {"circuit": {}, "loss_matrix": []}
-fast, t_fast = timed(lambda: locate.locate(model, locate.Samples(tok, examples, device), n, args.batch_size,
-                                           state, lambda s: None))
+fast, t_fast = timed(lambda: locate.locate(model, locate.Samples(tok, examples, device), n, budget, state,
+                                           lambda s: None, progress=False))
 (naive, naive_losses, _), t_naive = timed(lambda: locate_brute_force(model, tok, examples, n))
 gap = (torch.tensor(state["loss_matrix"]) - torch.tensor(naive_losses)).abs().max().item()
 where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 print(f"{args.model} on {where}: {args.dataset} {args.prompt} prompts, {len(examples)} samples, "
-      f"{model.config.num_hidden_layers} layers x {heads} heads, n={n}")
+      f"{model.config.num_hidden_layers} layers x {heads} heads, n={n}, token budget {budget}")
 print(f"locate.py          : {t_fast:8.1f} s")
 print(f"naive (fwd / cand) : {t_naive:8.1f} s")
 print(f"speed-up           : {t_naive / t_fast:8.2f}x   circuits identical: {fast == naive}   "

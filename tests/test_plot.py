@@ -138,3 +138,11 @@ def test_plot_cli(tmp_path):
                        "no training log")
     assert_usage_error(run("plot.py", "curves", training_run(tmp_path / "r", 4, 0), "--labels", "a,b",
                            "--out", str(tmp_path / "c.svg")), "--labels names 2 runs but 1 were given")
+
+
+@pytest.mark.parametrize("ext", ["svg", "pdf", "png"])
+def test_the_same_figure_gives_the_same_bytes(tmp_path, ext):
+    """A committed figure redrawn from the same data does not change: no creation date, fixed SVG ids."""
+    for name in ("a", "b"):
+        plot.heat_map(locate_result(4, 4), str(tmp_path / f"{name}.{ext}"))
+    assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes()

@@ -123,9 +123,10 @@ def test_an_empty_target_and_non_utf8_text(tmp_path):
 
 def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(tmp_path):
     path = write(tmp_path / "rows.jsonl", [CHOICE_ROWS[0], BAD_ROWS["duplicate choices"][0]])
-    for script in ("evaluate.py", "locate.py"):
+    for script, *extra in (("evaluate.py",), ("locate.py",), ("finetune.py", "--method", "lora", "--out",
+                                                                 str(tmp_path / "run"))):
         # a model that does not exist: reaching the model would be another error
-        done = subprocess.run([sys.executable, script, "--dataset", str(path), "--model", "/no/such/model"],
+        done = subprocess.run([sys.executable, script, "--dataset", str(path), "--model", "/no/such/model", *extra],
                               cwd=ROOT, capture_output=True, text=True)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert done.stderr.startswith(f"error: {path} row 2: field 'choices' names 'a' twice")
@@ -317,6 +318,23 @@ def test_locate_finetune_and_evaluate_on_a_file_of_ones_own(tiny_run, tmp_path):
     result = scored["results"][str(data)]
     assert result["kind"] == TARGET and result["data"] == source and result["n"] == 12
     assert set(result) >= {"exact_match", "exact_match_stderr", "nll_per_token"}
+
+
+def test_evaluate_on_multiple_choice_rows_equals_one_forward_per_choice(tiny_run, tmp_path):
+    import evaluate
+    from bench.naive import choice_scores_one_by_one
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    rows = json.loads("[" + ",".join((FACTS / "choice" / "test.jsonl").read_text().splitlines()[:12]) + "]")
+    path = write(tmp_path / "rows.csv", rows)
+    got = evaluate.main(["--dataset", str(path), "--model", str(tiny_run / "model"), "--target-delimiter", ": ",
+                         "--log-samples", "--no-progress"])["results"][str(path)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_run / "model").eval()
+    examples = [Example(((r["prompt"]),) * 4, tuple(": " + c for c in r["choices"]), r["answer"], tuple(r["choices"]))
+                for r in rows]
+    reference = choice_scores_one_by_one(model, AutoTokenizer.from_pretrained(tiny_run / "model"), examples)
+    assert [s["scores"] for s in got["samples"]] == [pytest.approx(r, abs=1e-4) for r in reference]
+    right = [max(range(4), key=r.__getitem__) == e.gold for r, e in zip(reference, examples)]
+    assert got["acc"] == sum(right) / 12 and got["kind"] == CHOICE
 
 
 def test_finetune_on_a_folder_evaluates_on_its_test_file(tiny_run, tmp_path):
