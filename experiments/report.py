@@ -270,8 +270,56 @@ def locating():
             print()
 
 
+def facts():
+    """Section 7: README's worked example, your own task (experiments/facts.sh): the circuit of a one-target task
+    and the methods fine-tuned on it."""
+    folder = here / "facts"
+    if not (folder / "recall.none.json").exists():
+        return
+    results = {p.name[:-len(".json")]: load(p) for p in folder.glob("*.*.json") if not p.name.endswith("training.json")}
+
+    def result(name):
+        return next(iter(results[name]["results"].values())) if name in results else None
+
+    base = result("recall.none")
+    print("### Your own task: the circuit of factual recall (exact match and NLL per target token, 90 test rows)\n")
+    print("| circuit | heads masked | exact match: no mask | circuit masked | random masked: mean ± sd, draws "
+          "| NLL/token: no mask | circuit masked | random masked: mean ± sd, draws | locate time |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in ("recall", "recall_n1"):
+        if not (folder / f"{name}.json").exists():
+            continue
+        c, v = load(folder / f"{name}.json"), load(folder / f"{name}.json")["validation"]
+        masked = result(f"{name}.circuit")
+        nll = [result(f"{name}.random{k}")["nll_per_token"] for k in range(1, 6) if result(f"{name}.random{k}")]
+        nll_masked = f"{masked['nll_per_token']:.3f}" if masked else "–"
+        print(f"| {name} (n = {c['heads_per_layer']}, D = {len(c['sample_indices'])}) | {len(head_set(c))} of "
+              f"{c['layers'] * c['heads']} | {v['unmasked']:.3f} | {v['circuit_masked']:.3f} | "
+              f"{v['random_masked_mean']:.3f} ± {v['random_masked_std']:.3f}, {len(v['random_masked'])} | "
+              f"{base['nll_per_token']:.3f} | {nll_masked} | {mean_sd(nll, 3) if nll else '–'}, {len(nll)} | "
+              f"{c['seconds'] / 60:.0f} min |")
+    print()
+    runs = {m: load(folder / f"{m}.training.json") for m in ("headmap", "headmap_random", "lora")
+            if (folder / f"{m}.training.json").exists()}
+    if not runs:
+        return
+    choice = result("choice.none")
+    print("### Your own task: fine-tuned on the 190 training facts (4 epochs, 48 steps)\n")
+    print("| method | trainable parameters | validation loss: before → best | exact match (test): before → after "
+          "| NLL/token after | 4-way choice acc (test): before → after |")
+    print("|---|---|---|---|---|---|")
+    for method, r in runs.items():
+        recall, picked = result(f"recall.{method}"), result(f"choice.{method}")
+        print(f"| {label({'headmap': 'headmap_mha'}.get(method, method))} | {r['trainable_parameters']:,} | "
+              f"{r['val_loss_before']:.3f} → {r['best_val_loss']:.3f} | {r['accuracy_before']:.3f} → "
+              f"{r['accuracy_after']:.3f} | {recall['nll_per_token']:.3f} | "
+              f"{choice['acc']:.3f} → {picked['acc']:.3f} |" if recall and picked and choice else f"| {method} | … |")
+    print()
+
+
 zero_shot()
 overlap(circuits())
 finetune()
 full_protocol()
 locating()
+facts()
