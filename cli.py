@@ -152,20 +152,21 @@ def check_adapter_weights(folder: str) -> None:
 
 def recorded(adapter: str | None = None, circuit: str | None = None) -> dict[str, dict[str, object]]:
     """What an adapter folder (finetune.py's training.json, else PEFT's adapter_config.json) and a circuit file
-    (locate.py's heads.json) recorded of the run that made them: {setting: {file: value}}, for model, prompt and
-    dataset; settle() turns them into option values."""
-    found: dict[str, dict[str, object]] = {"model": {}, "prompt": {}, "dataset": {}}
+    (locate.py's heads.json) recorded of the run that made them: {setting: {file: value}}, for model, prompt,
+    dataset, split and data (where the rows came from); settle() turns them into option values."""
+    found: dict[str, dict[str, object]] = {"model": {}, "prompt": {}, "dataset": {}, "split": {}, "data": {}}
     sources = []
     if adapter:
         training = os.path.join(adapter, "training.json")
         if os.path.exists(training):
             sources.append((training, "adapter record", {"model": "base_model", "prompt": "prompt",
-                                                          "dataset": "dataset"}))
+                                                          "dataset": "dataset", "split": "split", "data": "data"}))
         else:  # a PEFT folder names its base model only
             sources.append((os.path.join(adapter, "adapter_config.json"), "adapter config",
                             {"model": "base_model_name_or_path"}))
     if circuit and circuit.endswith(".json"):  # the official .pt circuit records nothing else
-        sources.append((circuit, "circuit file", {"model": "model", "prompt": "prompt", "dataset": "dataset"}))
+        sources.append((circuit, "circuit file", {"model": "model", "prompt": "prompt", "dataset": "dataset",
+                                                  "split": "split", "data": "data"}))
     for path, what, keys in sources:
         meta = read_json(path, what)
         if not isinstance(meta, dict):

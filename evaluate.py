@@ -61,7 +61,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from cli import (check_adapter_weights, check_writable, load_model, open_task_for, pick_device,  # noqa: E402
-                 read_circuit_file, read_json, recorded, refused, settle, write_json)
+                 read_circuit_file, recorded, refused, settle, write_json)
 from data import distributed  # noqa: E402
 from data.scoring import PRIMARY, metrics, score_continuations  # noqa: E402
 from data.tasks import CHOICE  # noqa: E402
@@ -77,22 +77,21 @@ def same_rows(a: dict, b: dict) -> bool:
     return a == b
 
 
-def check_task_records(args, task, split: str) -> None:
+def check_task_records(args, records: dict, task, split: str) -> None:
     """An adapter scored on the rows it was trained on gives no held-out number: refused unless --force. An adapter
-    or circuit made on another task, or on another version of this file, is a choice (transfer), warned of."""
+    or circuit made on another task, or on another version of this file, is a choice (transfer), warned of.
+    `records` is what recorded() read of the adapter and circuit files."""
     here = {"dataset": task.name, "split": split, "data": task.source(split)}
-    for path, what in ((args.adapter and os.path.join(args.adapter, "training.json"), "adapter"),
-                       (args.mask if args.mask and args.mask.endswith(".json") else None, "circuit")):
-        if not path or not os.path.exists(path):
-            continue
-        record = read_json(path, f"{what} record")
-        made = {"dataset": record.get("dataset"), "split": record.get("split") or "train", "data": record.get("data") or {}}
+    adapter_record = args.adapter and os.path.join(args.adapter, "training.json")
+    for path, dataset in records["dataset"].items():
+        what = "adapter" if path == adapter_record else "circuit"
+        made = {"dataset": dataset, "split": records["split"][path] or "train", "data": records["data"][path] or {}}
         if what == "adapter" and same_rows(made, here) and not args.force:
             raise UsageError(f"{args.adapter} was trained on these rows ({task.name}, {split}), so its score here is not "
                              "a held-out number (training.json's accuracy_after is); score another split, or pass "
                              "--force")
-        if made["dataset"] not in (None, task.name):
-            print(f"warning: the {what} {path} was made on {made['dataset']}, not {task.name}", file=sys.stderr)
+        if dataset not in (None, task.name):
+            print(f"warning: the {what} {path} was made on {dataset}, not {task.name}", file=sys.stderr)
         elif "sha256" in made["data"] and made["data"]["path"] == here["data"].get("path") \
                 and made["data"]["sha256"] != here["data"].get("sha256"):
             print(f"warning: {here['data']['path']} has changed since the {what} {path} was made from it",
@@ -113,7 +112,7 @@ def main(argv=None) -> dict:
     examples = {}
     for name, task in tasks.items():
         split = task.check_split(args.split)
-        check_task_records(args, task, split)
+        check_task_records(args, records, task, split)
         examples[name] = (split, task.examples(split, args.limit))
 
     circuit = read_circuit_file(args.mask) if args.mask else None

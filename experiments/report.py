@@ -310,10 +310,11 @@ def facts():
     print("|---|---|---|---|---|---|")
     for method, r in runs.items():
         recall, picked = result(f"recall.{method}"), result(f"choice.{method}")
+        if not (recall and picked and choice):
+            continue  # not evaluated yet
         print(f"| {label({'headmap': 'headmap_mha'}.get(method, method))} | {r['trainable_parameters']:,} | "
               f"{r['val_loss_before']:.3f} → {r['best_val_loss']:.3f} | {r['accuracy_before']:.3f} → "
-              f"{r['accuracy_after']:.3f} | {recall['nll_per_token']:.3f} | "
-              f"{choice['acc']:.3f} → {picked['acc']:.3f} |" if recall and picked and choice else f"| {method} | … |")
+              f"{r['accuracy_after']:.3f} | {recall['nll_per_token']:.3f} | {choice['acc']:.3f} → {picked['acc']:.3f} |")
     print()
 
 
