@@ -4,10 +4,12 @@
 #   bash experiments/locating.sh           # the next unfinished step
 #   bash experiments/locating.sh all       # every unfinished step, in order
 #   bash experiments/locating.sh list      # every step, done or not
+#   bash experiments/locating.sh all gemma # only one model's steps (two such runs share the machine's cores)
 # Gemma's steps need models/gemma-3-270m-q4_k_m.gguf: bash experiments/get_gemma.sh
 # Writes experiments/locating/<model>/<circuit>.json (+ .svg heat map) and, beside it, <circuit>.<what>.json:
 # evaluate.py's scores on the first 500 evaluation rows with no mask, the circuit masked, or random heads of the
-# circuit's per-layer counts masked (seed k). experiments/report.py prints the tables from them.
+# circuit's per-layer counts masked (seed k). experiments/report.py prints the tables from them. Each finished
+# step's wall time goes to experiments/locating/steps.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATASETS="arc_easy piqa siqa winogrande openbookqa arc_challenge boolq hellaswag"
@@ -74,18 +76,30 @@ run_step() {
   if [ $kind = locate ]; then locate_step "$@"; else eval_step "$@"; fi
 }
 
-case ${1:-next} in
+mode=${1:-next} only=${2:-}  # a model name keeps that model's steps only
+if [ -n "$only" ] && [ -z "${MODEL[$only]:-}" ]; then
+  echo "error: unknown model '$only'; use one of: ${!MODEL[*]}" >&2; exit 2
+fi
+mine=()
+for step in "${steps[@]}"; do
+  set -- $step
+  if [ -z "$only" ] || [ "$2" = "$only" ]; then mine+=("$step"); fi
+done
+
+case $mode in
   list)
-    for step in "${steps[@]}"; do
+    for step in "${mine[@]}"; do
       if [ -f "$(output "$step")" ]; then echo "done  $step"; else echo "todo  $step"; fi
     done ;;
   next|all)
-    for step in "${steps[@]}"; do
+    for step in "${mine[@]}"; do
       [ -f "$(output "$step")" ] && continue
       echo "== $step" >&2
       mkdir -p "$(dirname "$(output "$step")")"
+      start=$SECONDS
       run_step "$step"
-      [ "$1" = all ] || exit 0
+      echo "$(date -u +%Y-%m-%dT%H:%M:%S) $((SECONDS - start))s $step" >> experiments/locating/steps.log
+      [ "$mode" = all ] || exit 0
     done ;;
-  *) echo "usage: bash experiments/locating.sh [next|all|list]" >&2; exit 2 ;;
+  *) echo "usage: bash experiments/locating.sh [next|all|list] [MODEL]" >&2; exit 2 ;;
 esac
