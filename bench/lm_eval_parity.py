@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cli import DEFAULT_MODEL, load_model  # noqa: E402
@@ -59,14 +61,16 @@ with tempfile.TemporaryDirectory() as tmp:
         rows = load_rows(name, split, args.data_dir)[:args.limit]
         if name == "hellaswag":
             rows = [{**r, "ctx_a": r["ctx"], "ctx_b": ""} if r.get("ctx_a") is None else r for r in rows]
-        path = Path(tmp) / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        overrides = {"dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": {split: str(path)}},
-                     "training_split": None, "validation_split": split if split == "validation" else None,
-                     "test_split": split if split == "test" else None, "metric_list": metrics}
-        # the built-in task's whole config (includes and !function resolved) with the data source swapped;
-        # lm-eval 0.4.13 has no public call for "this registered task, but these fields"
-        spec = manager._factory._load_full_config(manager._entry(LM_EVAL_TASK[name]), overrides)
+        data = Path(tmp) / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        # lm-eval's own way to run a registered task on other data: a task YAML that includes it and swaps the source
+        config = Path(tmp) / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({
+            "include": str(manager.task_index[LM_EVAL_TASK[name]].yaml_path), "task": LM_EVAL_TASK[name],
+            "dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": {split: str(data)}},
+            "training_split": None, "validation_split": split if split == "validation" else None,
+            "test_split": split if split == "test" else None, "metric_list": metrics}))
+        (spec,) = TaskManager(include_defaults=False).load([str(config)])["tasks"].values()
         out = simple_evaluate(model=lm, tasks=[spec], task_manager=manager, log_samples=True, verbosity="ERROR")
         samples = sorted(out["samples"][LM_EVAL_TASK[name]], key=lambda s: s["doc_id"])
         theirs = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
