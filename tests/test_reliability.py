@@ -45,12 +45,13 @@ def test_merge_writes_again_over_its_own_checkpoint_with_the_users_umask(tiny_ru
     assert stat.S_IMODE((out / "merge.json").stat().st_mode) == 0o666 & ~current_umask()
 
 
-def test_a_truncated_adapter_is_refused_before_the_model_loads(tiny_run, tmp_path):
+@pytest.mark.parametrize("cut", [slice(None, 40), slice(None, -8)], ids=["in the header", "at the end"])
+def test_a_truncated_adapter_is_refused_before_the_model_loads(tiny_run, tmp_path, cut):
     broken = tmp_path / "adapter"
     broken.mkdir()
     source = tiny_run / "runs" / "adapter"
     (broken / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
-    (broken / "adapter_model.safetensors").write_bytes((source / "adapter_model.safetensors").read_bytes()[:40])
+    (broken / "adapter_model.safetensors").write_bytes((source / "adapter_model.safetensors").read_bytes()[cut])
     for script, extra in [("evaluate.py", ["--dataset", "boolq", "--limit", "2"]),
                           ("merge.py", ["--out", str(tmp_path / "merged")])]:
         assert_usage_error(run(script, "--adapter", str(broken), *extra), "adapter weights")
