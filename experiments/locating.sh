@@ -65,15 +65,43 @@ for model in smollm2 gemma; do  # then the ablations of the locating itself, on 
   done
 done
 
+# Last, fine-tuning on the second model (RESULTS.md section 4's harness block on SmolLM2): ARC-Easy, seed 0,
+# PROTOCOL's full budget (finetune.py's defaults: 282 steps at batch 16), trained on harness-style text (prompt +
+# " " + answer) and scored with harness prompts, here on the first 500 test rows (section 6's evaluation rows).
+for method in headmap_mha headmap_random lora; do steps+=("finetune gemma arc_easy $method"); done
+
+# finetune MODEL DATASET METHOD: HeadMap (MHA) on the circuit's heads (headmap_mha), on random heads of its
+# per-layer counts (headmap_random), or LoRA (lora). Adapters go to runs/locating/ (not committed); training.json
+# and log.jsonl to finetune/ beside the circuits, named as full_protocol.sh names its runs (report.py reads both
+# alike). A step interrupted resumes from its last checkpoint.
+finetune_step() {
+  local model=$1 dataset=$2 method=$3 heads=(--heads "experiments/locating/$1/$2.json" --method headmap --variant mha)
+  local name=${dataset}_harness_${method}_s0
+  local out=runs/locating/${model}_$name kept=experiments/locating/$model/finetune/$name
+  case $method in
+    headmap_random) heads+=(--random-heads) ;;
+    lora) heads=(--method lora) ;;
+  esac
+  python finetune.py --model "${MODEL[$model]}" --dataset "$dataset" --prompt harness --eval-limit $ROWS --seed 0 \
+    "${heads[@]}" --out "$out" --resume --no-progress
+  mkdir -p "$(dirname "$kept")"
+  cp "$out/log.jsonl" "$kept.log.jsonl"
+  cp "$out/training.json" "$kept.json"
+}
+
 output() {  # the file whose existence marks a step finished
   set -- $1
-  if [ "$1" = locate ]; then echo "experiments/locating/$2/$4.json"; else echo "experiments/locating/$2/$4.$5.json"; fi
+  case $1 in
+    locate) echo "experiments/locating/$2/$4.json" ;;
+    eval) echo "experiments/locating/$2/$4.$5.json" ;;
+    finetune) echo "experiments/locating/$2/finetune/$3_harness_$4_s0.json" ;;
+  esac
 }
 
 run_step() {
   set -- $1
   local kind=$1; shift
-  if [ $kind = locate ]; then locate_step "$@"; else eval_step "$@"; fi
+  "${kind}_step" "$@"
 }
 
 mode=${1:-next} only=${2:-}  # a model name keeps that model's steps only

@@ -147,10 +147,11 @@ def mean_sd(values, decimals):
     return f"{mean} ± {statistics.stdev(values):.{decimals}f}" if len(values) > 1 else mean
 
 
-def full_protocol():
-    """The full-protocol runs (full_protocol.sh): one table per dataset, seeds pooled, and the loss curves."""
+def full_protocol(folder=here / "full", model=""):
+    """The full-protocol runs in `folder` (full_protocol.sh's, or locating.sh's on `model`): one table per dataset,
+    seeds pooled, and the loss curves."""
     runs = {}  # (dataset, prompt style, run name) -> [(config, log path)] over seeds
-    for path in sorted((here / "full").glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         c = load(path)
         name = path.stem[len(c["dataset"]) + 1:].rsplit("_s", 1)[0].removeprefix("harness_")
         runs.setdefault((c["dataset"], c["prompt"], name), []).append((c, path.with_suffix(".log.jsonl")))
@@ -158,8 +159,8 @@ def full_protocol():
         names = [n for n in METHODS if (dataset, prompt, n) in runs]
         first = runs[dataset, prompt, names[0]][0][0]
         steps, rows = first["steps"], first["eval_rows"]
-        print(f"### {dataset}: full protocol ({steps} steps at batch 16, {prompt} prompts, accuracy on all {rows} "
-              f"rows of the test split)\n")
+        print(f"### {model + ', ' if model else ''}{dataset}: full protocol ({steps} steps at batch 16, {prompt} prompts, "
+              f"accuracy on {rows} rows of the test split)\n")
         print("| method | heads | seeds | trainable parameters | s / step | best validation loss (mean ± sd over "
               "seeds) | test accuracy (mean ± sd over seeds) | standard error of one run | accuracy before |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -200,8 +201,8 @@ def full_protocol():
         print()
         seed0 = [(n, log) for n in names for c, log in runs[dataset, prompt, n] if c["hyper_parameters"]["seed"] == 0]
         style = "" if prompt == "paper" else f"_{prompt}"
-        draw_curves(seed0, here / "full" / f"{dataset}{style}_curves.svg",
-                    f"{dataset}, full protocol, {prompt} prompts, seed 0")
+        draw_curves(seed0, folder / f"{dataset}{style}_curves.svg",
+                    f"{model + ', ' if model else ''}{dataset}, full protocol, {prompt} prompts, seed 0")
 
 
 def head_set(circuit):
@@ -209,8 +210,8 @@ def head_set(circuit):
 
 
 def locating():
-    """Section 6: the circuit claim per model and dataset, how the circuits overlap, and the ablations of n and D
-    (experiments/locating.sh)."""
+    """Section 6: the circuit claim per model and dataset, how the circuits overlap, the ablations of n and D and the
+    fine-tuning runs (experiments/locating.sh)."""
     for folder in sorted(p for p in (here / "locating").glob("*") if p.is_dir()):
         circuits = {p.stem: load(p) for p in sorted(folder.glob("*.json")) if p.stem.count(".") == 0}
         if not circuits:
@@ -268,6 +269,8 @@ def locating():
                 print(f"| {name} | {c['heads_per_layer']} | {c['samples']} | {len(head_set(c))} | {shared} | {acc} | "
                       f"{main_acc} |")
             print()
+        if (folder / "finetune").is_dir():  # fine-tuning on this model: HeadMap on its circuit, on random heads, LoRA
+            full_protocol(folder / "finetune", folder.name)
 
 
 def facts():
