@@ -251,6 +251,10 @@ def locating():
             print("| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
             for a, row in zip(names, jaccard):
                 print(f"| {a} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+            c = next(iter(main.values()))  # every main circuit keeps the same number of heads per layer
+            shared = sum(len(e["retain_heads"]) ** 2 / c["heads"] for e in c["knowledge_circuit"].values())
+            print(f"\nTwo random circuits of these per-layer counts share {shared:.1f} of {len(head_set(c))} heads on "
+                  f"average (Jaccard about {shared / (2 * len(head_set(c)) - shared):.2f}).")
             print("\nHeads held by two or more circuits, per layer: " +
                   ", ".join(f"L{layer}: {sum(k > 1 for k in row)}" for layer, row in enumerate(counts)) + "\n")
         ablations = [(n, c) for n, c in circuits.items() if "_" in n.replace(c["dataset"], "")]
