@@ -25,13 +25,10 @@ locate_d64() {
 # 200 rows, RESULTS.md section 1), so there are no answers it gets right to locate a circuit from.
 finetune_run() {  # dataset, name, seed, then finetune.py arguments; a name harness_* trains on harness prompts
   local dataset=$1 name=$2 seed=$3; shift 3
-  local out=runs/full/${dataset}_${name}_s$seed prompt=paper style=""
-  if [[ $name == harness_* ]]; then prompt=harness style=harness_; fi
-  # The base model's test accuracy and validation loss (before.json) are the same for every run of a dataset and
-  # prompt style: each adapter starts as the identity and scoring has no randomness. Reusing the first run's saves
-  # ~6 minutes.
-  local first=runs/full/${dataset}_${style}headmap_mha_s0/before.json
-  if [ -f "$first" ] && [ ! -f "$out/before.json" ]; then mkdir -p "$out" && cp "$first" "$out/"; fi
+  local out=runs/full/${dataset}_${name}_s$seed prompt=paper
+  if [[ $name == harness_* ]]; then prompt=harness; fi
+  # Each run measures the base model itself (~6 minutes): a before.json copied from another run would record that
+  # run's settings, and --resume refuses it as another run.
   python finetune.py --dataset "$dataset" --prompt $prompt --seed "$seed" --out "$out" --resume --no-progress "$@"
   cp "$out/log.jsonl" "experiments/full/${dataset}_${name}_s$seed.log.jsonl"
   cp "$out/training.json" "experiments/full/${dataset}_${name}_s$seed.json"
