@@ -75,7 +75,8 @@ for method in headmap_mha headmap_random lora; do steps+=("finetune gemma arc_ea
 # and log.jsonl to finetune/ beside the circuits, named as full_protocol.sh names its runs (report.py reads both
 # alike). A step interrupted resumes from its last checkpoint.
 finetune_step() {
-  local model=$1 dataset=$2 method=$3 heads=(--heads "experiments/locating/$1/$2.json" --method headmap --variant mha)
+  local model=$1 dataset=$2 method=$3
+  local heads=(--heads "experiments/locating/$model/$dataset.json" --method headmap --variant mha)
   local name=${dataset}_harness_${method}_s0
   local out=runs/locating/${model}_$name kept=experiments/locating/$model/finetune/$name
   case $method in

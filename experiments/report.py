@@ -68,6 +68,12 @@ def circuits():
     return found
 
 
+def random_shared(circuit, k):
+    """Heads that k random circuits with `circuit`'s per-layer counts share, on average."""
+    return sum(len(e["retain_heads"]) * (len(e["retain_heads"]) / circuit["heads"]) ** (k - 1)
+               for e in circuit["knowledge_circuit"].values())
+
+
 def overlap(found):
     if len(found) < 2:
         return
@@ -75,14 +81,10 @@ def overlap(found):
             for name, c in found.items()}
     c = next(iter(found.values()))
     size = len(next(iter(sets.values())))
-    per_layer = size / c["layers"]
-
-    def chance(k):  # expected heads shared by k independent random circuits of this shape
-        return c["layers"] * per_layer * (per_layer / c["heads"]) ** (k - 1)
     print("### Shared heads between circuits\n")
-    print(f"Circuits drawn at random ({per_layer:.0f} of {c['heads']} heads in each of {c['layers']} layers) share "
-          f"{chance(2):.1f} heads on average when there are two of them, {chance(len(sets)):.1f} when there are "
-          f"{len(sets)}.\n")
+    print(f"Circuits drawn at random ({size / c['layers']:.0f} of {c['heads']} heads in each of {c['layers']} layers) "
+          f"share {random_shared(c, 2):.1f} heads on average when there are two of them, "
+          f"{random_shared(c, len(sets)):.1f} when there are {len(sets)}.\n")
     print("| circuits | shared heads (of each circuit's heads) | Jaccard |")
     print("|---|---|---|")
     for a, b in itertools.combinations(sets, 2):
@@ -252,9 +254,9 @@ def locating():
             for a, row in zip(names, jaccard):
                 print(f"| {a} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
             c = next(iter(main.values()))  # every main circuit keeps the same number of heads per layer
-            shared = sum(len(e["retain_heads"]) ** 2 / c["heads"] for e in c["knowledge_circuit"].values())
-            print(f"\nTwo random circuits of these per-layer counts share {shared:.1f} of {len(head_set(c))} heads on "
-                  f"average (Jaccard about {shared / (2 * len(head_set(c)) - shared):.2f}).")
+            shared, size = random_shared(c, 2), len(head_set(c))
+            print(f"\nTwo random circuits of these per-layer counts share {shared:.1f} of {size} heads on average "
+                  f"(Jaccard about {shared / (2 * size - shared):.2f}).")
             print("\nHeads held by two or more circuits, per layer: " +
                   ", ".join(f"L{layer}: {sum(k > 1 for k in row)}" for layer, row in enumerate(counts)) + "\n")
         ablations = [(n, c) for n, c in circuits.items() if "_" in n.replace(c["dataset"], "")]
