@@ -77,21 +77,22 @@ def same_rows(a: dict, b: dict) -> bool:
     return a == b
 
 
-def check_task_records(args, records: dict, task, split: str) -> None:
+def check_task_records(args, records: dict, here: dict) -> None:
     """An adapter scored on the rows it was trained on gives no held-out number: refused unless --force. An adapter
     or circuit made on another task, or on another version of this file, is a choice (transfer), warned of.
-    `records` is what recorded() read of the adapter and circuit files."""
-    here = {"dataset": task.name, "split": split, "data": task.source(split)}
+    `records` is what recorded() read of the adapter and circuit files, `here` the rows to score ({dataset, split,
+    data})."""
+    name, split = here["dataset"], here["split"]
     adapter_record = args.adapter and os.path.join(args.adapter, "training.json")
     for path, dataset in records["dataset"].items():
         what = "adapter" if path == adapter_record else "circuit"
         made = {"dataset": dataset, "split": records["split"][path] or "train", "data": records["data"][path] or {}}
         if what == "adapter" and same_rows(made, here) and not args.force:
-            raise UsageError(f"{args.adapter} was trained on these rows ({task.name}, {split}), so its score here is not "
+            raise UsageError(f"{args.adapter} was trained on these rows ({name}, {split}), so its score here is not "
                              "a held-out number (training.json's accuracy_after is); score another split, or pass "
                              "--force")
-        if dataset not in (None, task.name):
-            print(f"warning: the {what} {path} was made on {dataset}, not {task.name}", file=sys.stderr)
+        if dataset not in (None, name):
+            print(f"warning: the {what} {path} was made on {dataset}, not {name}", file=sys.stderr)
         elif "sha256" in made["data"] and made["data"]["path"] == here["data"].get("path") \
                 and made["data"]["sha256"] != here["data"].get("sha256"):
             print(f"warning: {here['data']['path']} has changed since the {what} {path} was made from it",
@@ -112,8 +113,9 @@ def main(argv=None) -> dict:
     examples = {}
     for name, task in tasks.items():
         split = task.check_split(args.split)
-        check_task_records(args, records, task, split)
-        examples[name] = (split, task.examples(split, args.limit))
+        source = task.source(split)
+        check_task_records(args, records, {"dataset": task.name, "split": split, "data": source})
+        examples[name] = (split, source, task.examples(split, args.limit))
 
     circuit = read_circuit_file(args.mask) if args.mask else None
     distributed.start(pick_device(args.device))
@@ -141,7 +143,7 @@ def main(argv=None) -> dict:
         results["mask"] = {"file": args.mask, "random": args.random_mask, "seed": args.seed,
                            "heads": {str(layer): chosen for layer, chosen in circuit.items()}}
     for name, task in tasks.items():
-        split, rows = examples[name]
+        split, source, rows = examples[name]
         with mask_heads(model, mask) if mask is not None else nullcontext():
             scores = score_continuations(model, tokenizer, rows, args.batch_size, progress=not args.no_progress,
                                          desc=name)
@@ -150,7 +152,7 @@ def main(argv=None) -> dict:
         entry = {"kind": task.kind, "prompt": task.prompt, primary: m[primary],
                  primary + "_stderr": math.sqrt(m[primary] * (1 - m[primary]) / max(1, n - 1)),
                  **({"acc_norm": m["acc_norm"]} if task.kind == CHOICE else {"nll_per_token": m["nll_per_token"]}),
-                 "n": n, "split": split, "data": task.source(split)}
+                 "n": n, "split": split, "data": source}
         if args.log_samples:
             entry["samples"] = [{"index": i, "scores": s, "gold": ex.gold, "correct": c, "greedy": g}
                                 for i, (s, ex, c, g) in enumerate(zip(scores.logprob, rows, m["correct"], scores.greedy))]

@@ -354,6 +354,7 @@ def main(argv=None):
     args = parse_args(argv)
     circuit, task = settle_run(args)
     examples = task.examples(task.train_split, args.train_limit)
+    source = task.source(task.train_split)  # the rows as read now, not as the file may be when training ends
     train_examples, val_examples, held_out = split_train_val(task, examples, args)
     val_examples = val_examples[:args.val_limit]
     print(f"{len(train_examples)} training rows of {task.train_split}; held out: {held_out}")
@@ -406,7 +407,7 @@ def main(argv=None):
 
     record = {"method": adapter.method, "adapter": adapter.config, "base_model": args.model,
               "dataset": task.name, "prompt": task.prompt, "random_heads": args.random_heads, "kind": task.kind,
-              "split": task.train_split, "data": task.source(task.train_split), "held_out": held_out,
+              "split": task.train_split, "data": source, "held_out": held_out,
               "eval_split": eval_split,
               "val_loss_before": val_loss_before, "best_val_loss": best["loss"], "best_step": best["step"],
               "steps": steps, "trainable_parameters": trainable,

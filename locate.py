@@ -330,6 +330,9 @@ def main(argv=None):
     progress_path = args.out + ".progress.json"
     examples = task.examples(split, args.pool)
     val_examples = None if args.no_validate else task.examples(val_split, args.validate_limit or None)
+    # The rows as read now, not as the file may be when the search ends; one file is hashed once.
+    source = task.source(split)
+    val_source = source if val_split == split or val_examples is None else task.source(val_split)
     if val_examples is not None and split == val_split:
         print(f"note: the samples and the validation both come from {split} of {task.name}: the validation includes "
               "the samples", file=sys.stderr)
@@ -384,14 +387,14 @@ def main(argv=None):
               "sample_indices": state["sample_indices"],
               "loss_matrix": state["loss_matrix"], "circuit_below_loss": state["circuit_below_loss"],
               "unmasked_loss": unmasked_loss(model, samples),
-              "kind": task.kind, "data": task.source(split),
+              "kind": task.kind, "data": source,
               "seconds": round(seconds, 1),
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     print_heat_map(state["loss_matrix"], circuit)
     if val_examples is not None:
         v = validate(model, tokenizer, task, val_examples, circuit, args.random_trials, args.seed, args.batch_size,
                      not args.no_progress)
-        result["validation"] = {"split": val_split, "data": task.source(val_split), **v}
+        result["validation"] = {"split": val_split, "data": val_source, **v}
         commonest = "majority class" if task.kind == CHOICE else "commonest target"
         print(f"\n{v['metric']} on {v['rows']} rows of {val_split}: unmasked {v['unmasked']:.3f} "
               f"(chance {v['chance']:.3f}, {commonest} {v['majority']:.3f}), circuit masked "

@@ -11,7 +11,6 @@ row and the field, before any model loads.
 """
 import hashlib
 import json
-from functools import cache
 from pathlib import Path
 
 from cli import UsageError
@@ -136,7 +135,6 @@ def text_field(row: dict, field: str) -> str:
     return value
 
 
-@cache
 def sha256(file: Path) -> str:
     digest = hashlib.sha256()
     with open(file, "rb") as f:
@@ -145,7 +143,6 @@ def sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
-@cache
 def count_rows(file: Path) -> int:
     """All rows of the file (not only those a --limit read): from Parquet's metadata, else one streamed pass."""
     if file.name.endswith(".parquet"):

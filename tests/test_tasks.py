@@ -293,7 +293,7 @@ def greedy_rows(model_dir: Path) -> tuple[list[dict], int]:
     return rows, greedy
 
 
-def test_locate_finetune_and_evaluate_on_a_file_of_ones_own(tiny_run, tmp_path):
+def test_locate_finetune_and_evaluate_on_a_file_of_ones_own(tiny_run, tmp_path, capsys):
     import evaluate
     import finetune
     import locate
@@ -318,6 +318,14 @@ def test_locate_finetune_and_evaluate_on_a_file_of_ones_own(tiny_run, tmp_path):
     result = scored["results"][str(data)]
     assert result["kind"] == TARGET and result["data"] == source and result["n"] == 12
     assert set(result) >= {"exact_match", "exact_match_stderr", "nll_per_token"}
+
+    # Scored on other rows, the adapter and the circuit are a transfer, said in one warning each.
+    write(data, rows[:11])
+    evaluate.main(["--dataset", str(data), "--adapter", str(tmp_path / "run"), "--no-progress"])
+    assert f"warning: {data} has changed since the adapter {tmp_path / 'run' / 'training.json'}" in capsys.readouterr().err
+    other = write(tmp_path / "other.jsonl", rows)
+    evaluate.main(["--dataset", str(other), "--mask", str(tmp_path / "heads.json"), "--no-progress"])
+    assert f"warning: the circuit {tmp_path / 'heads.json'} was made on {data}, not {other}" in capsys.readouterr().err
 
 
 def test_evaluate_on_multiple_choice_rows_equals_one_forward_per_choice(tiny_run, tmp_path):
