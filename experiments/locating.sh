@@ -4,7 +4,8 @@
 #   bash experiments/locating.sh           # the next unfinished step
 #   bash experiments/locating.sh all       # every unfinished step, in order
 #   bash experiments/locating.sh list      # every step, done or not
-#   bash experiments/locating.sh all gemma # only one model's steps (two such runs share the machine's cores)
+#   bash experiments/locating.sh all gemma # only one model's steps
+# Two runs at once (one thread each: OMP_NUM_THREADS=1) use both cores; they never take the same step.
 # Gemma's steps need models/gemma-3-270m-q4_k_m.gguf: bash experiments/get_gemma.sh
 # Writes experiments/locating/<model>/<circuit>.json (+ .svg heat map) and, beside it, <circuit>.<what>.json:
 # evaluate.py's scores on the first 500 evaluation rows with no mask, the circuit masked, or random heads of the
@@ -99,6 +100,14 @@ output() {  # the file whose existence marks a step finished
   esac
 }
 
+needs() {  # the file a step reads that another step writes: an evaluation or fine-tuning needs its circuit
+  set -- $1
+  case $1 in
+    eval) echo "experiments/locating/$2/$4.json" ;;
+    finetune) echo "experiments/locating/$2/$3.json" ;;
+  esac
+}
+
 run_step() {
   set -- $1
   local kind=$1; shift
@@ -115,20 +124,45 @@ for step in "${steps[@]}"; do
   if [ -z "$only" ] || [ "$2" = "$only" ]; then mine+=("$step"); fi
 done
 
+# Several runs of this script share the work: each step is claimed with a lock (flock, released when its holder
+# exits or dies), so two runs never take the same step, and a step waits until the circuit it needs exists.
+locks=runs/locating/locks
+mkdir -p $locks
+lock_of() { echo "$locks/${1// /_}.lock"; }
+
 case $mode in
   list)
     for step in "${mine[@]}"; do
-      if [ -f "$(output "$step")" ]; then echo "done  $step"; else echo "todo  $step"; fi
+      if [ -f "$(output "$step")" ]; then echo "done  $step"
+      elif [ -f "$(lock_of "$step")" ] && ! flock -n "$(lock_of "$step")" true; then echo "run   $step"
+      else echo "todo  $step"; fi
     done ;;
   next|all)
-    for step in "${mine[@]}"; do
-      [ -f "$(output "$step")" ] && continue
-      echo "== $step" >&2
-      mkdir -p "$(dirname "$(output "$step")")"
-      start=$SECONDS
-      run_step "$step"
-      echo "$(date -u +%Y-%m-%dT%H:%M:%S) $((SECONDS - start))s $step" >> experiments/locating/steps.log
-      [ "$mode" = all ] || exit 0
+    [ -f runs/boolq_halves/boolq/validation.jsonl ] || data_dir boolq > /dev/null  # once, before runs share it
+    while :; do
+      ran=0 waiting=0
+      for step in "${mine[@]}"; do
+        [ -f "$(output "$step")" ] && continue
+        need=$(needs "$step")
+        if [ -n "$need" ] && [ ! -f "$need" ]; then waiting=1; continue; fi
+        exec {lock}>"$(lock_of "$step")"
+        if ! flock -n $lock; then exec {lock}>&-; waiting=1; continue; fi  # another run has it
+        if [ -f "$(output "$step")" ]; then exec {lock}>&-; continue; fi  # finished since the check above
+        echo "== $step" >&2
+        mkdir -p "$(dirname "$(output "$step")")"
+        start=$SECONDS
+        run_step "$step"
+        echo "$(date -u +%Y-%m-%dT%H:%M:%S) $((SECONDS - start))s $step" >> experiments/locating/steps.log
+        exec {lock}>&-
+        [ "$mode" = all ] || exit 0
+        ran=1
+        break  # from the first step again: a circuit just found makes its evaluations ready
+      done
+      if [ $ran = 0 ]; then
+        if [ $waiting = 0 ]; then echo "every step is done" >&2; exit 0; fi
+        if [ "$mode" = next ]; then echo "every unfinished step is running in another run or waits for one" >&2; exit 0; fi
+        sleep 60  # what is left runs elsewhere or waits for a circuit being located there
+      fi
     done ;;
   *) echo "usage: bash experiments/locating.sh [next|all|list] [MODEL]" >&2; exit 2 ;;
 esac
