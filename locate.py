@@ -362,12 +362,15 @@ def main(argv=None):
     if saved is not None:
         check_same_run(progress_path, saved["settings"], settings)
         state = saved
-        print(f"resuming after layer {len(state['loss_matrix']) - 1}")
+        done = len(state["loss_matrix"])
+        print(f"resuming after layer {done - 1}" if done else "resuming with the samples chosen before")
     else:
         if args.resume:
             print(f"--resume: no {progress_path} yet; starting from the first layer")
         state["sample_indices"] = select_samples(model, tokenizer, task, examples, args.samples, args.batch_size,
                                                  not args.no_progress)
+        if distributed.rank() == 0:  # choosing them scores the whole pool: minutes on a CPU, not to be redone
+            write_json(progress_path, state)
     chosen = [examples[i] for i in state["sample_indices"]]
     samples = Samples(tokenizer, chosen, next(model.parameters()).device)
 

@@ -174,6 +174,31 @@ def test_locate_killed_anywhere_resumes_to_the_same_circuit(tiny_run, tmp_path):
     assert not (tmp_path / "cut.json.progress.json").exists()
 
 
+def test_locate_resumes_with_the_samples_it_chose_without_scoring_the_pool_again(tiny_run, tmp_path, monkeypatch):
+    import locate
+    base = ["--dataset", "arc_easy", "--prompt", "harness", "--model", str(tiny_run / "model"), "--pool", "12",
+            "--samples", "4", "--heads-per-layer", "1", "--no-validate", "--no-progress"]
+    ref = locate.main(base + ["--out", str(tmp_path / "ref.json")])
+    search = locate.locate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(locate, "locate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        locate.main(base + ["--out", str(tmp_path / "cut.json")])
+    saved = json.loads((tmp_path / "cut.json.progress.json").read_text())
+    assert saved["sample_indices"] == ref["sample_indices"] and saved["loss_matrix"] == []
+
+    def never(*args, **kwargs):
+        raise AssertionError("the pool was scored again")
+
+    monkeypatch.setattr(locate, "locate", search)
+    monkeypatch.setattr(locate, "select_samples", never)
+    got = locate.main(base + ["--out", str(tmp_path / "cut.json"), "--resume"])
+    assert got["knowledge_circuit"] == ref["knowledge_circuit"] and got["loss_matrix"] == ref["loss_matrix"]
+
+
 def test_finetune_killed_anywhere_resumes_to_the_same_adapter(tiny_run, tmp_path):
     import sys
 
