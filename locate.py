@@ -329,6 +329,10 @@ def main(argv=None):
     check_writable(args.out)
     progress_path = args.out + ".progress.json"
     examples = task.examples(split, args.pool)
+    if args.samples > len(examples):
+        more = f" or a --pool above {args.pool}" if args.pool == len(examples) else ""
+        raise UsageError(f"--samples {args.samples} asks for more samples than the pool holds ({len(examples)} rows of "
+                         f"{task.name} {split}); pass --samples {len(examples)} or fewer{more}")
     val_examples = None if args.no_validate else task.examples(val_split, args.validate_limit or None)
     # The rows as read now, not as the file may be when the search ends; one file is hashed once.
     source = task.source(split)

@@ -11,13 +11,17 @@ import torch
 
 
 def read_circuit(path: str) -> dict[int, list[int]]:
-    """The circuit in a .json file (heads.json) or a torch file (the official format). Raises ValueError naming what
-    is wrong with the content; FileNotFoundError where there is no file."""
-    if path.endswith(".json"):
+    """The circuit in a JSON file (heads.json) or a torch file (the official format), told apart by their first
+    bytes. Raises ValueError naming what is wrong with the content; FileNotFoundError where there is no file."""
+    with open(path, "rb") as f:
+        start = f.read(64).lstrip()
+    if start.startswith(b"PK") or start.startswith(b"\x80"):  # torch.save's zip archive, or its older pickle
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    elif start.startswith(b"{") or path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        raise ValueError("it is neither JSON nor a torch file")
     try:
         circuit = {int(layer): sorted(int(h) for h in entry["retain_heads"])
                    for layer, entry in data["knowledge_circuit"].items()}

@@ -118,13 +118,15 @@ def test_evaluate_rejects_heads_out_of_range(smollm2, tmp_path):
     (["--dataset", "boolq", "--heads-per-layer", "9"], "--heads-per-layer must be in 1..8"),
     (["--dataset", "boolq", "--heads-per-layer", "0"], "--heads-per-layer must be at least 1, got 0"),
     (["--dataset", "boolq", "--samples", "0"], "--samples must be at least 1"),
+    (["--dataset", "boolq", "--samples", "64"], "--samples 64 asks for more samples than the pool holds (10 rows of "
+                                                "boolq train); pass --samples 10 or fewer or a --pool above 10"),
     (["--dataset", "boolq", "--out", "/proc/nope/heads.json"], "cannot write /proc/nope/heads.json"),
     (["--dataset", "boolq", "--device-map", '{"model.embed_tokens": "cpu"}'],
      "--device-map gives no device for model.layers.0."),
     (["--dataset", "boolq", "--device-map", '{"": "gpu7"}'], "--device-map does not fit"),
 ])
 def test_locate_bad_input_is_one_line_and_exit_2(args, message):
-    assert_usage_error(run("locate.py", "--pool", "10", *args), message)
+    assert_usage_error(run("locate.py", "--pool", "10", "--samples", "2", *args), message)
 
 
 def test_locate_end_to_end_on_the_real_model(smollm2, tmp_path):

@@ -88,6 +88,13 @@ def test_circuit_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UsageError, match="cannot be read \\(JSONDecodeError"):
         read_circuit_file(str(bad))
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my circuit\n")
+    with pytest.raises(UsageError, match="notes.md cannot be read \\(ValueError: it is neither JSON nor a torch file"):
+        read_circuit_file(str(notes))
+    official = tmp_path / "circuit"  # a torch file needs no extension
+    torch.save({"knowledge_circuit": {1: {"retain_heads": [2]}}}, official)
+    assert read_circuit(str(official)) == {1: [2]}
     bad.write_text('{"layers": []}')
     with pytest.raises(ValueError, match="not a knowledge circuit"):
         read_circuit(str(bad))

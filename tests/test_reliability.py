@@ -69,7 +69,7 @@ def test_locate_refuses_a_corrupt_progress_file(tiny_run, tmp_path):
     out = tmp_path / "heads.json"
     (tmp_path / "heads.json.progress.json").write_text('{"settings": {"mod')
     assert_usage_error(run("locate.py", "--dataset", "arc_easy", "--model", str(tiny_run / "model"), "--out", str(out),
-                           "--resume", "--pool", "4"), "progress file")
+                           "--resume", "--pool", "4", "--samples", "2"), "progress file")
 
 
 @pytest.mark.parametrize("value", ["-1", "0", "nan", "inf"])
