@@ -210,15 +210,24 @@ def curves(paths, path, labels=None, title="Training and validation loss"):
     save(path, curves_figure(runs, title))
 
 
+def read_located(path: str, fields: tuple[str, ...]) -> dict:
+    """A heads.json written by locate.py, with the fields a figure reads (a bare or official circuit has none of
+    its measurements or the model's shape)."""
+    result = read_json(path, "circuit file", "pass a heads.json written by locate.py")
+    missing = [f for f in fields if f not in result] if isinstance(result, dict) else list(fields)
+    if missing:
+        raise UsageError(f"{path} has no {', '.join(missing)}: pass a heads.json written by locate.py")
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.figure == "heatmap":
-        result = read_json(args.circuit, "circuit file")
-        if "loss_matrix" not in result:
-            raise UsageError(f"{args.circuit} has no loss matrix; pass a heads.json written by locate.py")
+        result = read_located(args.circuit, ("knowledge_circuit", "loss_matrix", "sample_indices", "unmasked_loss",
+                                             "model", "dataset", "prompt"))
         heat_map(result, args.out, "cumulative" if args.cumulative else "per-layer" if args.per_layer else "marginal")
     elif args.figure == "overlap":
-        results = [read_json(path, "circuit file") for path in args.circuits]
+        results = [read_located(path, ("knowledge_circuit", "layers", "heads", "model")) for path in args.circuits]
         labels = args.labels.split(",") if args.labels else [r.get("dataset", "?") for r in results]
         if len(labels) != len(results):
             raise UsageError(f"--labels names {len(labels)} circuits but {len(results)} were given; give one label each")

@@ -5,6 +5,7 @@ import random
 import xml.etree.ElementTree as ET
 
 import pytest
+import torch
 
 import plot
 from tests.test_cli import assert_usage_error, run
@@ -134,6 +135,14 @@ def test_plot_cli(tmp_path):
     assert done.returncode == 0 and (tmp_path / "o.pdf").read_bytes().startswith(b"%PDF"), done.stderr
     assert_usage_error(run("plot.py", "heatmap", str(heads), "--out", str(tmp_path / "h.jpg")),
                        "cannot tell the figure format of")
+    bare = tmp_path / "bare.json"  # a circuit alone: none of locate's measurements, no model shape
+    bare.write_text(json.dumps({"knowledge_circuit": {"0": {"retain_heads": [1]}}}))
+    assert_usage_error(run("plot.py", "overlap", str(heads), str(bare), "--out", str(tmp_path / "o.svg")),
+                       "bare.json has no layers, heads, model: pass a heads.json written by locate.py")
+    official = tmp_path / "official.pt"
+    torch.save({"knowledge_circuit": {0: {"retain_heads": [1]}}}, official)
+    assert_usage_error(run("plot.py", "heatmap", str(official), "--out", str(tmp_path / "h.svg")),
+                       "official.pt cannot be read (UnicodeDecodeError")
     assert_usage_error(run("plot.py", "curves", str(tmp_path), "--out", str(tmp_path / "c.svg")),
                        "no training log")
     assert_usage_error(run("plot.py", "curves", training_run(tmp_path / "r", 4, 0), "--labels", "a,b",
