@@ -126,8 +126,11 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=1)
 
 
-def check_writable(path: str) -> None:
-    """Fail before a long run, not after it, when the output cannot be written."""
+def check_writable(path: str, overwrite: bool) -> None:
+    """Fail before a long run, not after it: an output file that exists is kept unless the user passed --overwrite
+    (nothing of theirs is replaced without their flag), and one that cannot be written is named."""
+    if os.path.exists(path) and not overwrite:
+        raise UsageError(f"{path} exists; pass --overwrite to replace it, or another --out")
     folder = os.path.dirname(os.path.abspath(path)) or "."
     try:
         os.makedirs(folder, exist_ok=True)

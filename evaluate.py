@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="use --model even where the adapter or circuit recorded "
                    "another base model; score an adapter on the rows it was trained on")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--log-samples", action="store_true", help="store every example's scores in --out")
     args = p.parse_args(argv)
     if not args.dataset:
@@ -103,7 +104,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     names = list(DATASETS) if args.dataset == "all" else args.dataset.split(",")
     if args.out:
-        check_writable(args.out)
+        check_writable(args.out, args.overwrite)
     records = recorded(args.adapter, args.mask)
     if args.adapter:
         check_adapter_weights(args.adapter)

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="heads.json", help="the circuit file; the heat map goes beside it (.svg; plot.py draws PNG/PDF)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random head sets of the validation")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.progress.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its heat map (--resume "
+                   "replaces them too: they are the run's own)")
     p.add_argument("--no-validate", action="store_true", help="skip the accuracy check with heads masked")
     p.add_argument("--validate-split", help="default: the task's evaluation split")
     p.add_argument("--validate-limit", type=int, default=500, help="rows of the validation split (0 = all)")
@@ -326,7 +328,9 @@ def main(argv=None):
     task = open_task_for(args.dataset, args)
     split = task.check_split(args.split or task.train_split)
     val_split = task.check_split(args.validate_split)
-    check_writable(args.out)
+    svg = os.path.splitext(args.out)[0] + ".svg"
+    check_writable(args.out, args.overwrite or args.resume)  # --resume: this run's own files, as finetune's
+    check_writable(svg, args.overwrite or args.resume)
     progress_path = args.out + ".progress.json"
     examples = task.examples(split, args.pool)
     if args.samples > len(examples):
@@ -412,7 +416,6 @@ def main(argv=None):
                   f"and the {commonest} ({v['majority']:.3f}), so the circuit says little about task knowledge; "
                   + ("try --prompt harness" if task.prompt == "paper" else "try a task the model can do"),
                   file=sys.stderr)
-    svg = os.path.splitext(args.out)[0] + ".svg"
     if distributed.rank() == 0:
         write_json(args.out, result)
         heat_map(result, svg)

@@ -128,7 +128,7 @@ def test_plot_cli(tmp_path):
     heads = tmp_path / "heads.json"
     heads.write_text(json.dumps(locate_result(30, 9)))
     for view in ("--per-layer", "--cumulative"):
-        done = run("plot.py", "heatmap", str(heads), "--out", str(tmp_path / "h.png"), view)
+        done = run("plot.py", "heatmap", str(heads), "--out", str(tmp_path / "h.png"), view, "--overwrite")
         assert done.returncode == 0, done.stderr
         assert (tmp_path / "h.png").read_bytes().startswith(b"\x89PNG")
     done = run("plot.py", "overlap", str(heads), str(heads), "--out", str(tmp_path / "o.pdf"))

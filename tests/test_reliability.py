@@ -57,6 +57,26 @@ def test_a_truncated_adapter_is_refused_before_the_model_loads(tiny_run, tmp_pat
         assert_usage_error(run(script, "--adapter", str(broken), *extra), "adapter weights")
 
 
+def test_an_existing_out_file_is_kept_unless_overwrite(tiny_run, tmp_path):
+    """evaluate, locate (its circuit and the heat map beside it) and plot refuse to replace a file before any model
+    loads; --overwrite replaces it."""
+    mine = tmp_path / "mine.json"
+    mine.write_text("my notes")
+    heads = tmp_path / "heads.json"
+    (tmp_path / "heads.svg").write_text("my figure")
+    model = ["--model", str(tiny_run / "model")]
+    for args, taken in [(["evaluate.py", "--dataset", "arc_easy", *model, "--out", str(mine)], mine),
+                        (["locate.py", "--dataset", "arc_easy", *model, "--out", str(mine)], mine),
+                        (["locate.py", "--dataset", "arc_easy", *model, "--out", str(heads)], tmp_path / "heads.svg"),
+                        (["plot.py", "curves", str(tmp_path), "--out", str(tmp_path / "heads.svg")],
+                         tmp_path / "heads.svg")]:
+        assert_usage_error(run(*args), f"{taken} exists; pass --overwrite to replace it, or another --out")
+    assert mine.read_text() == "my notes" and (tmp_path / "heads.svg").read_text() == "my figure"
+    done = run("evaluate.py", "--dataset", "arc_easy", *model, "--limit", "2", "--out", str(mine), "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(mine.read_text())["results"]["arc_easy"]["n"] == 2
+
+
 def test_a_data_row_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "boolq").mkdir()
     with gzip.open(tmp_path / "boolq" / "validation.jsonl.gz", "wb") as f:
