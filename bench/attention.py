@@ -17,7 +17,6 @@ over every head, masked or not, so a kernel that skips masked heads shows a high
 Time: the median of CUDA-event timings (triton.testing.do_bench).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ def options(argv=None):
     p.add_argument("--tokens", type=int, default=16384, help="batch x sequence length of every case")
     p.add_argument("--budget", type=float, default=240, help="seconds; cases left when it runs out are skipped")
     p.add_argument("--out", help="write the table as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p.parse_args(argv)
 
 
@@ -40,6 +40,10 @@ if __name__ == "__main__":
     if ARGS.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before headmap/ is imported
 sys.path.insert(0, str(ROOT))
+from cli import check_writable, run_script, write_json  # noqa: E402
+
+if __name__ == "__main__" and ARGS.out:
+    run_script(lambda: check_writable(ARGS.out, ARGS.overwrite))  # one line, exit 2
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
@@ -174,4 +178,4 @@ if __name__ == "__main__":
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu (Triton interpreter)'}, torch {torch.__version__}\n{HEADER}")
     rows = measure(cuda, cases_for(ARGS.dry_run, ARGS.tokens), FRACTIONS, ARGS.budget)
     if ARGS.out:
-        Path(ARGS.out).write_text(json.dumps(rows, indent=1))
+        write_json(ARGS.out, rows)

@@ -17,7 +17,6 @@ Prints a table, writes JSON (--out), and exits 1 if any check fails. bench/gpu_s
 fine-tuning at 7B scale.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,12 +26,17 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU: Triton's interpreter and tiny shapes (what CI runs)")
     p.add_argument("--out", default="gpu.json", help="where to write the results as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--budget", type=float, default=170, help="seconds for the throughput table; cases left are skipped")
     ARGS = p.parse_args()
     if ARGS.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before headmap/ is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cli import check_writable, run_script, write_json  # noqa: E402
+
+if __name__ == "__main__":
+    run_script(lambda: check_writable(ARGS.out, ARGS.overwrite))  # one line, exit 2
 import torch  # noqa: E402
 
 from bench.attention import FRACTIONS, HEADER, cases_for, measure  # noqa: E402
@@ -187,7 +191,7 @@ def main(args):
     results["throughput"] = measure(device == "cuda", cases_for(args.dry_run, 16384), FRACTIONS, args.budget,
                                     log=lambda line: print(line, flush=True))
     results["failures"] = failures
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    write_json(args.out, results)
     print(f"\nwrote {args.out}; " + (f"FAILED: {', '.join(failures)}" if failures else "all checks passed"))
     sys.exit(1 if failures else 0)
 

@@ -30,7 +30,8 @@ from types import SimpleNamespace
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--dry-run", action="store_true", help="CPU: Triton's interpreter and tiny shapes (what CI runs)")
-p.add_argument("--out", default="scale.json", help="where to write the results as JSON")
+p.add_argument("--out", default="scale.json", help="where to write the results as JSON (after every section)")
+p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 p.add_argument("--budget", type=float, default=330, help="seconds for the whole run; partial locates stop at it")
 p.add_argument("--sections", help="run only these sections (comma-separated names, as in the JSON)")
 args = p.parse_args()
@@ -39,6 +40,9 @@ if args.dry_run:
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from cli import check_writable, run_script, write_json  # noqa: E402
+
+run_script(lambda: check_writable(args.out, args.overwrite))  # this run's own sections then replace it
 import torch  # noqa: E402
 
 import locate  # noqa: E402
@@ -65,7 +69,7 @@ results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu 
 
 def save():
     results["elapsed_s"] = time.time() - START
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    write_json(args.out, results)
 
 
 def lengths_of(name):

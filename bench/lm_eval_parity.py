@@ -21,7 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli import DEFAULT_MODEL, load_model  # noqa: E402
+from cli import DEFAULT_MODEL, check_writable, load_model, run_script, write_json  # noqa: E402
 from data.scoring import accuracy, score_examples  # noqa: E402
 from data.tasks import DATASETS, default_data_dir, load_examples, load_rows  # noqa: E402
 
@@ -37,7 +37,10 @@ p.add_argument("--batch-size", type=int, default=16)
 p.add_argument("--device", default="auto")
 p.add_argument("--data-dir", default=default_data_dir())
 p.add_argument("--out", help="write the table as JSON here")
+p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 args = p.parse_args()
+if args.out:
+    run_script(lambda: check_writable(args.out, args.overwrite))  # one line, exit 2
 
 try:
     from lm_eval import simple_evaluate
@@ -92,5 +95,5 @@ with tempfile.TemporaryDirectory() as tmp:
         print(f"{name:<15}{row['n']:>5}{row['acc']:>10.3f}{row['acc_lm_eval']:>9.3f}{row['acc_norm']:>15.3f}"
               f"{row['acc_norm_lm_eval']:>9.3f}{pred:>11}{norm:>11}{gap:>11.1e}", flush=True)
 if args.out:
-    Path(args.out).write_text(json.dumps(table, indent=1))
+    write_json(args.out, table)
 sys.exit(1 if mismatched else 0)
