@@ -91,6 +91,14 @@ def add_task_arguments(p: argparse.ArgumentParser, dataset_help: str, prompt_hel
                    "(default: one space, as lm-evaluation-harness's target_delimiter)")
 
 
+def add_out_arguments(p: argparse.ArgumentParser, out_help: str, default: str | None = None, required: bool = False,
+                      overwrite_help: str = "replace an existing --out") -> None:
+    """--out and the --overwrite that lets it replace a file: nothing of the user's is replaced without their flag
+    (check_writable enforces it before the run)."""
+    p.add_argument("--out", default=default, required=required, help=out_help)
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+
 def check_at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
     for name in names:
         value = getattr(args, name)

@@ -19,8 +19,8 @@ import os
 import sys
 from contextlib import nullcontext
 
-from cli import (DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, add_task_arguments, check_at_least,
-                 run_script)
+from cli import (DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments,
+                 check_at_least, run_script)
 from data.tasks import DATASETS
 
 
@@ -41,8 +41,7 @@ def parse_args(argv=None):
                    "model with that adapter")
     p.add_argument("--force", action="store_true", help="use --model even where the adapter or circuit recorded "
                    "another base model; score an adapter on the rows it was trained on")
-    p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_out_arguments(p, "write the results as JSON here")
     p.add_argument("--log-samples", action="store_true", help="store every example's scores in --out")
     args = p.parse_args(argv)
     if not args.dataset:

@@ -22,8 +22,8 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 
-from cli import (DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, add_task_arguments, check_at_least,
-                 run_script)
+from cli import (DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments,
+                 check_at_least, run_script)
 from data.tasks import DATASETS
 
 
@@ -39,11 +39,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="prompts per scoring pass (choosing samples, validation)")
     p.add_argument("--token-budget", type=int, help="most padded tokens in one locating pass (rows x longest row): "
                    "bounds memory (default: 65536 on a GPU, 4096 on a CPU)")
-    p.add_argument("--out", default="heads.json", help="the circuit file; the heat map goes beside it (.svg; plot.py draws PNG/PDF)")
+    add_out_arguments(p, "the circuit file; the heat map goes beside it (.svg; plot.py draws PNG/PDF)", "heads.json",
+                      overwrite_help="replace an existing --out and its heat map (--resume replaces them too: they "
+                      "are the run's own)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random head sets of the validation")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.progress.json")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its heat map (--resume "
-                   "replaces them too: they are the run's own)")
     p.add_argument("--no-validate", action="store_true", help="skip the accuracy check with heads masked")
     p.add_argument("--validate-split", help="default: the task's evaluation split")
     p.add_argument("--validate-limit", type=int, default=500, help="rows of the validation split (0 = all)")

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from cli import add_out_arguments, check_writable, run_script, write_json  # noqa: E402  (cli imports no torch)
 
 
 def options(argv=None):
@@ -30,8 +32,7 @@ def options(argv=None):
     p.add_argument("--dry-run", action="store_true", help="CPU: Triton's interpreter and tiny shapes (what CI runs)")
     p.add_argument("--tokens", type=int, default=16384, help="batch x sequence length of every case")
     p.add_argument("--budget", type=float, default=240, help="seconds; cases left when it runs out are skipped")
-    p.add_argument("--out", help="write the table as JSON here")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_out_arguments(p, "write the table as JSON here")
     return p.parse_args(argv)
 
 
@@ -39,11 +40,8 @@ if __name__ == "__main__":
     ARGS = options()
     if ARGS.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before headmap/ is imported
-sys.path.insert(0, str(ROOT))
-from cli import check_writable, run_script, write_json  # noqa: E402
-
-if __name__ == "__main__" and ARGS.out:
-    run_script(lambda: check_writable(ARGS.out, ARGS.overwrite))  # one line, exit 2
+    if ARGS.out:
+        run_script(lambda: check_writable(ARGS.out, ARGS.overwrite))  # one line, exit 2
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402

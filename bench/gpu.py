@@ -22,20 +22,17 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cli import add_out_arguments, check_writable, run_script, write_json  # noqa: E402  (cli imports no torch)
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU: Triton's interpreter and tiny shapes (what CI runs)")
-    p.add_argument("--out", default="gpu.json", help="where to write the results as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_out_arguments(p, "where to write the results as JSON", "gpu.json")
     p.add_argument("--budget", type=float, default=170, help="seconds for the throughput table; cases left are skipped")
     ARGS = p.parse_args()
     if ARGS.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before headmap/ is imported
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cli import check_writable, run_script, write_json  # noqa: E402
-
-if __name__ == "__main__":
     run_script(lambda: check_writable(ARGS.out, ARGS.overwrite))  # one line, exit 2
 import torch  # noqa: E402
 

@@ -28,19 +28,18 @@ import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from cli import add_out_arguments, check_writable, run_script, write_json  # noqa: E402  (cli imports no torch)
+
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--dry-run", action="store_true", help="CPU: Triton's interpreter and tiny shapes (what CI runs)")
-p.add_argument("--out", default="scale.json", help="where to write the results as JSON (after every section)")
-p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+add_out_arguments(p, "where to write the results as JSON (after every section)", "scale.json")
 p.add_argument("--budget", type=float, default=330, help="seconds for the whole run; partial locates stop at it")
 p.add_argument("--sections", help="run only these sections (comma-separated names, as in the JSON)")
 args = p.parse_args()
 if args.dry_run:
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before headmap/ is imported
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from cli import check_writable, run_script, write_json  # noqa: E402
 
 run_script(lambda: check_writable(args.out, args.overwrite))  # this run's own sections then replace it
 import torch  # noqa: E402

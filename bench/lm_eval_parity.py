@@ -21,7 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli import DEFAULT_MODEL, check_writable, load_model, run_script, write_json  # noqa: E402
+from cli import DEFAULT_MODEL, add_out_arguments, check_writable, load_model, run_script, write_json  # noqa: E402
 from data.scoring import accuracy, score_examples  # noqa: E402
 from data.tasks import DATASETS, default_data_dir, load_examples, load_rows  # noqa: E402
 
@@ -36,8 +36,7 @@ p.add_argument("--limit", type=int, default=200)
 p.add_argument("--batch-size", type=int, default=16)
 p.add_argument("--device", default="auto")
 p.add_argument("--data-dir", default=default_data_dir())
-p.add_argument("--out", help="write the table as JSON here")
-p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+add_out_arguments(p, "write the table as JSON here")
 args = p.parse_args()
 if args.out:
     run_script(lambda: check_writable(args.out, args.overwrite))  # one line, exit 2
