@@ -15,6 +15,7 @@ layer at a time; the H candidates run through the layers above together, as rows
 head masks (headmap/attention.py); the LM head runs only at the answer positions.
 """
 import argparse
+import json
 import math
 import os
 import statistics
@@ -35,6 +36,9 @@ def parse_args(argv=None):
                    "rows)")
     p.add_argument("--pool", type=int, help="draw the samples from the first N rows of the split (default: all)")
     p.add_argument("--samples", type=int, default=64, help="D: the samples each head is scored on")
+    p.add_argument("--samples-from", metavar="HEADS_JSON", help="D from an earlier locate run of the same model, task, "
+                   "split and pool, instead of scoring the pool again: its samples, or with a smaller --samples its "
+                   "lowest-loss ones (to vary n or D)")
     p.add_argument("--heads-per-layer", type=int, help="n (default: a quarter of the heads, 8 of 32)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per scoring pass (choosing samples, validation)")
     p.add_argument("--token-budget", type=int, help="most padded tokens in one locating pass (rows x longest row): "
@@ -72,18 +76,45 @@ from headmap.masking import UnsupportedModel, check_maskable, decoder_layers, la
 from plot import heat_map  # noqa: E402
 
 
-def select_samples(model, tokenizer, task, examples, count, batch_size, progress=True):
-    """Indices of the `count` examples the unmasked model answers correctly with the lowest gold loss."""
+def select_samples(model, tokenizer, task, examples, count, batch_size, progress=True) -> dict[str, list]:
+    """The `count` examples the unmasked model answers correctly with the lowest gold loss: their indices and those
+    losses (summed over the answer's tokens), in index order."""
     scores = score_continuations(model, tokenizer, examples, batch_size, progress, "choosing samples")
     correct = [i for i, right in enumerate(metrics(task.kind, examples, scores)["correct"]) if right]
     if not correct:
         raise UsageError("the unmasked model answers no example of the pool correctly; try "
                          + ("--prompt harness, " if task.prompt == "paper" else "") + "another --split or a larger --pool")
-    scores = scores.logprob
     if len(correct) < count:
         print(f"warning: only {len(correct)} correct samples (asked for {count}); using them all", file=sys.stderr)
-    correct.sort(key=lambda i: -scores[i][examples[i].gold])
-    return sorted(correct[:count])
+    return lowest_loss(correct, [-scores.logprob[i][examples[i].gold] for i in correct], count)
+
+
+def lowest_loss(indices: list[int], losses: list[float], count: int) -> dict[str, list]:
+    """The `count` of `indices` (in index order) with the lowest losses, ties to the lower index."""
+    kept = sorted(sorted(range(len(indices)), key=lambda k: losses[k])[:count])
+    return {"sample_indices": [indices[k] for k in kept], "sample_losses": [losses[k] for k in kept]}
+
+
+def samples_from(path: str, settings: dict, source: dict, count: int) -> dict[str, list]:
+    """The samples an earlier run chose (see select_samples), if it drew them from the same rows for the same model:
+    all of them, or the `count` of lowest loss (the same as scoring the pool again would choose)."""
+    earlier = read_json(path, "--samples-from", "pass a heads.json written by locate.py")
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("sample_indices"), list):
+        raise UsageError(f"--samples-from {path} records no samples; pass a heads.json written by locate.py")
+    same = {**{k: settings[k] for k in ("model", "dataset", "split", "pool", "prompt")}, "data": source}
+    for key, value in json.loads(json.dumps(same)).items():  # as the file holds them
+        if earlier.get(key) != value:
+            raise UsageError(f"--samples-from {path}: its samples were chosen with {key} {earlier.get(key)!r}, not "
+                             f"{value!r}; pass a run of the same model, task, split and pool")
+    held = len(earlier["sample_indices"])
+    if count > held:
+        raise UsageError(f"--samples-from {path} holds {held} samples; pass --samples {held} or fewer")
+    if count == held:
+        return {"sample_indices": earlier["sample_indices"], "sample_losses": earlier.get("sample_losses")}
+    if "sample_losses" not in earlier:  # runs before 2026-11-28 recorded none
+        raise UsageError(f"--samples-from {path} records no sample losses, so its {count} lowest-loss samples are "
+                         f"unknown; pass --samples {held}, or drop --samples-from")
+    return lowest_loss(earlier["sample_indices"], earlier["sample_losses"], count)
 
 
 class Samples:
@@ -344,6 +375,12 @@ def main(argv=None):
     if val_examples is not None and split == val_split:
         print(f"note: the samples and the validation both come from {split} of {task.name}: the validation includes "
               "the samples", file=sys.stderr)
+    # what decides the result; batch sizes, budgets, progress bars and devices do not (beyond float rounding)
+    settings = {"model": args.model, "dataset": task.name, "split": split, "pool": args.pool,
+                "prompt": task.prompt, "samples": args.samples, "samples_from": args.samples_from,
+                "validate": not args.no_validate, "validate_split": args.validate_split,
+                "validate_limit": args.validate_limit, "random_trials": args.random_trials, "seed": args.seed}
+    earlier = samples_from(args.samples_from, settings, source, args.samples) if args.samples_from else None
     distributed.start(pick_device(args.device))
     saved = None  # the interrupted run, read and checked before the model loads
     if args.resume and distributed.rank() == 0 and os.path.exists(progress_path):
@@ -361,11 +398,7 @@ def main(argv=None):
     except UnsupportedModel as err:
         raise UsageError(f"cannot locate heads in {args.model}: {err}") from None
 
-    # what decides the result; batch sizes, budgets, progress bars and devices do not (beyond float rounding)
-    settings = {"model": args.model, "dataset": task.name, "split": split, "pool": args.pool,
-                "prompt": task.prompt, "samples": args.samples, "heads_per_layer": n,
-                "validate": not args.no_validate, "validate_split": args.validate_split,
-                "validate_limit": args.validate_limit, "random_trials": args.random_trials, "seed": args.seed}
+    settings["heads_per_layer"] = n
     state = {"settings": settings, "circuit": {}, "loss_matrix": [], "circuit_below_loss": [], "seconds": 0.0}
     if saved is not None:
         check_same_run(progress_path, saved["settings"], settings)
@@ -375,8 +408,8 @@ def main(argv=None):
     else:
         if args.resume:
             print(f"--resume: no {progress_path} yet; starting from the first layer")
-        state["sample_indices"] = select_samples(model, tokenizer, task, examples, args.samples, args.batch_size,
-                                                 not args.no_progress)
+        state.update(earlier or select_samples(model, tokenizer, task, examples, args.samples, args.batch_size,
+                                               not args.no_progress))
         if distributed.rank() == 0:  # choosing them scores the whole pool: minutes on a CPU, not to be redone
             write_json(progress_path, state)
     chosen = [examples[i] for i in state["sample_indices"]]
@@ -395,7 +428,7 @@ def main(argv=None):
     circuit = locate(model, samples, n, budget, state, save_progress, not args.no_progress)
     seconds = time.time() - started
     result = {**circuit_entry(circuit), **settings, "layers": layers, "heads": heads,
-              "sample_indices": state["sample_indices"],
+              "sample_indices": state["sample_indices"], "sample_losses": state.get("sample_losses"),
               "loss_matrix": state["loss_matrix"], "circuit_below_loss": state["circuit_below_loss"],
               "unmasked_loss": unmasked_loss(model, samples),
               "kind": task.kind, "data": source,

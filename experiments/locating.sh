@@ -56,11 +56,16 @@ for dataset in $DATASETS; do  # the claim on every dataset first, both models da
     for k in $(seq 1 $TRIALS); do steps+=("eval $model $dataset $dataset random$k"); done
   done
 done
-for model in smollm2 gemma; do  # then the ablations of the locating itself, on two datasets per model
+# Then the ablations of the locating itself, on two datasets per model. Only D = 32 scores the pool again (its
+# losses are recorded): the n ablations take the D = 64 circuit's samples, D = 16 and 8 the lowest-loss of D = 32's,
+# the samples scoring the pool would choose (locate.py --samples-from).
+for model in smollm2 gemma; do
   for dataset in arc_easy piqa; do
     if [ $model = smollm2 ]; then ns="1 3"; else ns="2"; fi  # the main circuits keep 2 of 9, 1 of 4
-    for n in $ns; do steps+=("locate $model $dataset ${dataset}_n$n --heads-per-layer $n"); done
-    for d in 8 16 32; do steps+=("locate $model $dataset ${dataset}_d$d --samples $d"); done
+    from=experiments/locating/$model/$dataset
+    for n in $ns; do steps+=("locate $model $dataset ${dataset}_n$n --heads-per-layer $n --samples-from $from.json"); done
+    steps+=("locate $model $dataset ${dataset}_d32 --samples 32")
+    for d in 16 8; do steps+=("locate $model $dataset ${dataset}_d$d --samples $d --samples-from ${from}_d32.json"); done
     for n in $ns; do steps+=("eval $model $dataset ${dataset}_n$n circuit"); done
     for d in 8 16 32; do steps+=("eval $model $dataset ${dataset}_d$d circuit"); done
   done
@@ -100,11 +105,12 @@ output() {  # the file whose existence marks a step finished
   esac
 }
 
-needs() {  # the file a step reads that another step writes: an evaluation or fine-tuning needs its circuit
-  set -- $1
+needs() {  # the file a step reads that another step writes: an evaluation or fine-tuning needs its circuit, a
+  set -- $1  # locate with --samples-from the circuit whose samples it takes
   case $1 in
     eval) echo "experiments/locating/$2/$4.json" ;;
     finetune) echo "experiments/locating/$2/$3.json" ;;
+    locate) while [ $# -gt 1 ]; do [ "$1" = --samples-from ] && echo "$2"; shift; done ;;
   esac
 }
 

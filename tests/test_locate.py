@@ -8,6 +8,7 @@ import headmap.attention
 import locate
 from data.tasks import Example
 from bench.naive import locate_brute_force
+from tests.test_cli import assert_usage_error, run
 
 EXAMPLES = [
     Example.with_choices("Pick: (A) red (B) blue\nAnswer:", ["A", "B"], 1),
@@ -91,3 +92,41 @@ def test_resume_gives_the_uninterrupted_result(tiny):
     resumed = locate.locate(model, samples, 1, 64, saved, lambda s: None)
     assert resumed == {int(k): v for k, v in full["circuit"].items()}
     assert saved["loss_matrix"] == full["loss_matrix"] and saved["circuit_below_loss"] == full["circuit_below_loss"]
+
+
+def test_locate_samples_from_an_earlier_run_are_the_samples_scoring_the_pool_chooses(tiny_run, tmp_path, monkeypatch):
+    """--samples-from reuses an earlier run's D (to vary n) or its lowest-loss part (to vary D) without scoring the
+    pool: the same samples, and so the same circuit, as a fresh run that scores it."""
+    base = ["--dataset", "arc_easy", "--prompt", "harness", "--model", str(tiny_run / "model"), "--pool", "40",
+            "--no-validate", "--no-progress"]
+    fresh = {d: locate.main(base + ["--samples", str(d), "--heads-per-layer", "1", "--out", str(tmp_path / f"{d}.json")])
+             for d in (6, 3)}
+    assert len(fresh[6]["sample_indices"]) == 6 and len(fresh[6]["sample_losses"]) == 6
+    assert set(fresh[3]["sample_indices"]) < set(fresh[6]["sample_indices"])  # a subset, so the test can tell
+
+    def never(*args, **kwargs):
+        raise AssertionError("the pool was scored again")
+
+    monkeypatch.setattr(locate, "select_samples", never)
+    for d in (3, 6):
+        got = locate.main(base + ["--samples", str(d), "--heads-per-layer", "1", "--samples-from",
+                                  str(tmp_path / "6.json"), "--out", str(tmp_path / f"from{d}.json")])
+        for key in ("sample_indices", "sample_losses", "knowledge_circuit", "loss_matrix"):
+            assert got[key] == fresh[d][key], (d, key)
+        assert got["samples_from"] == str(tmp_path / "6.json")
+
+
+def test_locate_samples_from_a_run_of_other_rows_is_refused_before_the_model_loads(tiny_run, tmp_path):
+    earlier = tmp_path / "earlier.json"
+    recorded = {"model": "elsewhere", "dataset": "arc_easy", "split": "train", "pool": 40, "prompt": "harness",
+                "data": {"source": "bundled", "caveat": None}, "sample_indices": [1, 5, 7]}
+    base = ["locate.py", "--dataset", "arc_easy", "--prompt", "harness", "--model", "elsewhere", "--pool", "40",
+            "--samples", "3", "--samples-from", str(earlier), "--no-validate"]
+    for change, args, message in [
+            ({"pool": 30}, [], "its samples were chosen with pool 30, not 40; pass a run of the same model, task"),
+            ({"data": {"source": "x", "caveat": None}}, [], "its samples were chosen with data {'source': 'x'"),
+            ({}, ["--samples", "4"], "holds 3 samples; pass --samples 3 or fewer"),
+            ({}, ["--samples", "2"], "records no sample losses, so its 2 lowest-loss samples are unknown"),
+            ({"sample_indices": None}, [], "records no samples; pass a heads.json written by locate.py")]:
+        earlier.write_text(json.dumps({**recorded, **change}))
+        assert_usage_error(run(*base, *args), message)  # the model 'elsewhere' does not exist: refused before it loads
