@@ -34,7 +34,8 @@ heads = model.config.num_attention_heads
 n = args.heads_per_layer or max(1, round(heads / 4))
 task = Commonsense(args.dataset, args.prompt, args.data_dir)
 pool = task.examples(args.split, args.pool)
-examples = [pool[i] for i in locate.select_samples(model, tok, task, pool, args.samples, args.batch_size)]
+chosen = locate.select_samples(model, tok, task, pool, args.samples, args.batch_size)["sample_indices"]
+examples = [pool[i] for i in chosen]
 device = next(model.parameters()).device
 budget = args.token_budget or (65536 if device.type == "cuda" else 4096)  # as locate.py chooses
 

@@ -130,3 +130,10 @@ def test_locate_samples_from_a_run_of_other_rows_is_refused_before_the_model_loa
             ({"sample_indices": None}, [], "records no samples; pass a heads.json written by locate.py")]:
         earlier.write_text(json.dumps({**recorded, **change}))
         assert_usage_error(run(*base, *args), message)  # the model 'elsewhere' does not exist: refused before it loads
+
+
+def test_the_locate_benchmark_runs_and_agrees_with_the_naive_loop(tiny_run):
+    result = run("bench/locate.py", "--model", str(tiny_run / "model"), "--prompt", "harness", "--pool", "20",
+                 "--samples", "3")
+    assert result.returncode == 0, result.stderr
+    assert "circuits identical: True" in result.stdout, result.stdout
