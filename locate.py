@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--heads-per-layer", type=int, help="n (default: a quarter of the heads, 8 of 32)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per scoring pass (choosing samples, validation)")
     p.add_argument("--token-budget", type=int, help="most padded tokens in one locating pass (rows x longest row): "
-                   "bounds memory (default: 65536 on a GPU, 4096 on a CPU)")
+                   "bounds memory (default: 65536 on a GPU, 1024 on a CPU)")
     add_out_arguments(p, "the circuit file; the heat map goes beside it (.svg; plot.py draws PNG/PDF)", "heads.json",
                       overwrite_help="replace an existing --out and its heat map (--resume replaces them too: they "
                       "are the run's own)")
@@ -256,6 +256,12 @@ def plan_batches(lengths, heads, token_budget, world=1):
 
 
 @torch.inference_mode()
+def default_token_budget(device: torch.device) -> int:
+    """Padded tokens in one locating pass. A GPU pass is cheap per token only when it is large (bench/gpu_scale.py);
+    on a CPU, passes of 512 to 2,048 tokens ran about 20% faster than 4,096 (BENCHMARKS.md, bench/locate.py)."""
+    return 65536 if device.type == "cuda" else 1024
+
+
 def locate(model, samples, n, token_budget, state, on_layer_done, progress=True):
     """Algorithm 1, from the layers `state` has not finished yet (it holds the circuit and loss rows so far).
     Beside the H candidates of a layer, one more runs with no head of the layer masked: the loss with only the
@@ -422,9 +428,7 @@ def main(argv=None):
         if distributed.rank() == 0:
             write_json(progress_path, state)
 
-    device = next(model.parameters()).device
-    # a GPU pass is cheap per token only when it is large (BENCHMARKS.md, bench/gpu_scale.py); a CPU's is not
-    budget = args.token_budget or (65536 if device.type == "cuda" else 4096)
+    budget = args.token_budget or default_token_budget(next(model.parameters()).device)
     circuit = locate(model, samples, n, budget, state, save_progress, not args.no_progress)
     seconds = time.time() - started
     result = {**circuit_entry(circuit), **settings, "layers": layers, "heads": heads,

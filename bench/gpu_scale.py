@@ -185,7 +185,7 @@ if DEVICE == "cuda":
 shape7 = SHAPES["llama2-7b"]
 model = random_llama(shape7, DTYPE)
 arc = samples_of(lengths_of("arc_easy_locate"), shape7["vocab"])
-BUDGET_TOKENS = 65536 if DEVICE == "cuda" else 4096  # locate.py's defaults
+BUDGET_TOKENS = locate.default_token_budget(torch.device(DEVICE))
 
 
 @section("locate_7b_arc")

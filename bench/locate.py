@@ -24,7 +24,7 @@ p.add_argument("--prompt", default="paper")
 p.add_argument("--samples", type=int, default=16)
 p.add_argument("--heads-per-layer", type=int)
 p.add_argument("--batch-size", type=int, default=64, help="prompts per pass while choosing the samples")
-p.add_argument("--token-budget", type=int, help="locate's: default 65536 on a GPU, 4096 on a CPU")
+p.add_argument("--token-budget", type=int, help="default: locate.py's (65536 on a GPU, 1024 on a CPU)")
 p.add_argument("--device", default="auto")
 p.add_argument("--data-dir", default=default_data_dir())
 args = p.parse_args()
@@ -37,7 +37,7 @@ pool = task.examples(args.split, args.pool)
 chosen = locate.select_samples(model, tok, task, pool, args.samples, args.batch_size)["sample_indices"]
 examples = [pool[i] for i in chosen]
 device = next(model.parameters()).device
-budget = args.token_budget or (65536 if device.type == "cuda" else 4096)  # as locate.py chooses
+budget = args.token_budget or locate.default_token_budget(device)
 
 
 def timed(fn):
