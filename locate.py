@@ -255,13 +255,13 @@ def plan_batches(lengths, heads, token_budget, world=1):
     return batches + [([], [], 0)] * (-len(batches) % world)  # as many as a multiple of the ranks
 
 
-@torch.inference_mode()
 def default_token_budget(device: torch.device) -> int:
     """Padded tokens in one locating pass. A GPU pass is cheap per token only when it is large (bench/gpu_scale.py);
     on a CPU, passes of 512 to 2,048 tokens ran about 20% faster than 4,096 (BENCHMARKS.md, bench/locate.py)."""
     return 65536 if device.type == "cuda" else 1024
 
 
+@torch.inference_mode()
 def locate(model, samples, n, token_budget, state, on_layer_done, progress=True):
     """Algorithm 1, from the layers `state` has not finished yet (it holds the circuit and loss rows so far).
     Beside the H candidates of a layer, one more runs with no head of the layer masked: the loss with only the
