@@ -25,3 +25,29 @@ def test_paper_protocol_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
     assert plan.returncode == 0, plan.stderr
     lines = [line for line in plan.stdout.splitlines() if line.startswith("boolq:")]
     assert len(lines) == 5 and all(" yes " in line for line in lines) and "left to run: about 0.0 hours" in plan.stdout
+
+
+def test_report_claim_row_by_hand():
+    """experiments/report.py's circuit-claim row on hand-made evaluations: 4 rows of 4 choices (chance 0.25), golds
+    0, 0, 1, 2 (majority 0.5); acc_norm's row uses acc_norm's numbers, not acc's."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "experiments" / "report.py"
+    spec = importlib.util.spec_from_file_location("report_under_test", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    samples = [{"gold": g, "scores": [0.0] * 4} for g in (0, 0, 1, 2)]
+    runs = {"none": {"acc": 1.0, "acc_norm": 0.75, "n": 4, "samples": samples},
+            "circuit": {"acc": 0.25, "acc_norm": 0.5},
+            "random1": {"acc": 0.75, "acc_norm": 0.75}, "random2": {"acc": 0.5, "acc_norm": 0.75}}
+    circuit = {"layers": 2, "heads": 4, "seconds": 120,
+               "knowledge_circuit": {"0": {"retain_heads": [1]}, "1": {"retain_heads": [0, 3]}}}
+    # acc: random mean 0.625, sd 0.1768; drops 0.75 vs 0.375 = 2.0x; (0.625 - 0.25) / 0.1768 = 2.1 sds;
+    # 1.0 > 0.5 + 2 * sqrt(0.25 / 4) = 1.0 fails (not strictly above), so it is flagged
+    assert report.claim_row("t", circuit, runs, "acc") == (
+        "| t (not above chance/majority) | acc | 3 of 8 | 4 | 0.250 | 0.500 | 1.000 | 0.250 | 0.625 ± 0.177 "
+        "(0.500–0.750), 2 | 2.0x | 2.1 | 2 min |")
+    # acc_norm: the random draws do not lower it (sd 0), so no ratio and no distance in sds
+    assert report.claim_row("t", circuit, runs, "acc_norm") == (
+        "| t (not above chance/majority) | acc_norm | 3 of 8 | 4 | 0.250 | 0.500 | 0.750 | 0.500 | 0.750 ± 0.000 "
+        "(0.750–0.750), 2 | n/a | n/a | 2 min |")
