@@ -319,6 +319,22 @@ def parse_device_map(value: str | None):
                          f"names to devices ({err})") from None
 
 
+def cannot_load(name: str, folder: str, err: OSError) -> UsageError:
+    hint = "" if os.path.isdir(folder) else " (offline? pass a local folder or a .gguf path)"
+    return UsageError(f"cannot load model {name!r}{hint}: {str(err).splitlines()[0]}")
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer of --model `name` alone: no weights are loaded, and a GGUF file's is read without
+    de-quantising the model."""
+    from transformers import AutoTokenizer
+    folder, gguf_file = resolve_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    except OSError as err:
+        raise cannot_load(name, folder, err) from None
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", device_map: str | None = None):
     """Return (model, tokenizer), the model in eval mode on the chosen device and dtype and probed once (the
     library's probe: a model whose own forward fails is refused here, before any real compute). A device map
@@ -343,8 +359,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=placement)
     except OSError as err:
-        hint = "" if os.path.isdir(folder) else " (offline? pass a local folder or a .gguf path)"
-        raise UsageError(f"cannot load model {name!r}{hint}: {str(err).splitlines()[0]}") from None
+        raise cannot_load(name, folder, err) from None
     except ImportError as err:  # a part of the model needs an optional package (Gemma 3n's vision tower: timm)
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         raise UsageError(f"cannot load model {name!r}: {message}") from None

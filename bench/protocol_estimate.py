@@ -57,8 +57,8 @@ def estimate(tok, name: str, rows: int, steps: int) -> dict:
 
 
 def main():
-    from cli import load_model
-    _, tok = load_model()
+    from cli import load_tokenizer
+    tok = load_tokenizer()
     jobs, totals = [], {"locate": 0.0, "train": 0.0, "eval": 0.0}
     print("| dataset | locate prompt tokens | locate, min | steps per run | training-text tokens | HeadMap, min | "
           "LoRA, min | DoRA, min | evaluation (5 models), min |\n|---|---|---|---|---|---|---|---|---|")

@@ -81,9 +81,9 @@ def plan(args, todo) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from protocol_estimate import estimate  # noqa: E402 - loads nothing until called
 
-    from cli import load_model
+    from cli import load_tokenizer
     from data.tasks import load_rows
-    _, tok = load_model()  # token lengths by SmolLM2's tokenizer, as bench/protocol_estimate.py counts them
+    tok = load_tokenizer(args.model)  # the rows' token lengths in the user's model's own tokens
     total = 0.0
     print(f"{'step':<28}{'done':<6}{'train rows':>11}{'steps':>8}{'est. min':>10}  command")
     for name in args.datasets:

