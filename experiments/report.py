@@ -275,13 +275,17 @@ def locating():
         if ablations:
             print(f"Ablations of the locating ({folder.name}): heads shared with the D = 64 circuit of the default n, "
                   "and the accuracy with each circuit masked\n")
-            print("| circuit | n | D | heads | shared with the main circuit | circuit masked | main circuit masked |")
+            print("| circuit | n | D | heads | shared with the main circuit (by chance) | circuit masked | "
+                  "main circuit masked |")
             print("|---|---|---|---|---|---|---|")
             for name, c in ablations:
                 base = circuits.get(c["dataset"])
                 masked = folder / f"{name}.circuit.json"
                 main_masked = folder / f"{c['dataset']}.circuit.json"
-                shared = len(head_set(c) & head_set(base)) if base else "–"
+                # a random circuit of c's per-layer counts shares |c_l| |main_l| / heads of each layer's heads
+                by_chance = sum(len(e["retain_heads"]) * len(base["knowledge_circuit"][layer]["retain_heads"])
+                                for layer, e in c["knowledge_circuit"].items()) / c["heads"] if base else 0
+                shared = f"{len(head_set(c) & head_set(base))} ({by_chance:.1f})" if base else "–"
                 acc = f"{load(masked)['results'][c['dataset']]['acc']:.3f}" if masked.exists() else "–"
                 main_acc = f"{load(main_masked)['results'][c['dataset']]['acc']:.3f}" if main_masked.exists() else "–"
                 print(f"| {name} | {c['heads_per_layer']} | {c['samples']} | {len(head_set(c))} | {shared} | {acc} | "
