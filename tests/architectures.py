@@ -55,6 +55,12 @@ PER_TYPE = {"zaya": dict(num_experts_per_tok=1),  # what a type's own validation
             "moshi": dict(ffn_dim=96), "moshi.depth_decoder_config": dict(ffn_dim=64),
             "roc_bert": dict(pronunciation_embed_dim=16, shape_embed_dim=16, pronunciation_vocab_size=32,
                              shape_vocab_size=32),
+            "ergo": dict(first_dense_intermediate_size=96, shared_intermediate_size=32),
+            # 3 layers: a sliding one, an indexer, and an indexed layer reading the indexer's keys and values
+            "kolibri1_1": dict(num_hidden_layers=3, layer_types=["sliding_attention"] + ["indexed_attention"] * 2,
+                               index_layers=[1], kv_source_layers=[0, 1, 1], mlp_only_layers=[0],
+                               mlp_only_intermediate_size=96, index_num_heads=2, index_topk=4, index_pool_size=16,
+                               index_compression=2, index_num_local_tokens=2, index_num_sink_tokens=1),
             "xlstm": dict(embedding_dim=64, num_heads=4, num_blocks=2, qk_dim_factor=1.0),
             "reformer": dict(is_decoder=True, axial_pos_embds_dim=[32, 32], axial_pos_shape=[16, 16],
                              attention_head_size=16, feed_forward_size=96, local_attn_chunk_length=4,

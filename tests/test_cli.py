@@ -16,9 +16,10 @@ def assert_usage_error(result, message):
     assert "Traceback" not in result.stderr and last.startswith("error: ") and message in last, result.stderr
 
 
-def run(*args, env=None):
-    """A script as a user runs it: the production CPU path, not the Triton interpreter the tests switch on."""
-    env = env or {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def run(*args, **env_vars):
+    """A script as a user runs it: the production CPU path, not the Triton interpreter the tests switch on; env_vars
+    set further environment variables."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env_vars
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
