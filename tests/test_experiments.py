@@ -1,7 +1,12 @@
 """experiments/paper.sh, the paper's whole protocol for one model, end to end on a tiny random model with tiny
-limits: every step runs and writes its output, a second run skips them all, --plan lists them."""
+limits: every step runs and writes its output, a second run skips them all, --plan lists them. report.py's rows
+by hand, and locating.sh's bookkeeping with python stubbed out."""
 import json
+import os
+import shutil
+import subprocess
 
+from tests.conftest import ROOT
 from tests.test_cli import run
 
 
@@ -55,3 +60,38 @@ def test_report_claim_row_by_hand():
     assert report.claim_row("t", circuit, runs, "acc_norm") == (
         "| t (not above chance/majority) | acc_norm | 3 of 8 | 4 | 0.250 | 0.500 | 0.750 | 0.500 | 0.750 ± 0.000 "
         "(0.750–0.750), 2 | n/a | n/a | 2 min |")
+
+
+# a stand-in for python on PATH: writes what a step's script would write (its --out file, or a fine-tuning run's
+# log.jsonl and training.json), so that locating.sh's own bookkeeping runs without a model
+FAKE_PYTHON = """#!/usr/bin/env bash
+script=$1 out=
+while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
+if [ "$script" = finetune.py ]; then mkdir -p "$out" && touch "$out/log.jsonl" "$out/training.json"
+else mkdir -p "$(dirname "$out")" && echo '{}' > "$out"; fi
+"""
+
+
+def test_locating_runs_every_step_of_a_model_once(tmp_path):
+    """experiments/locating.sh claims each step with a lock, runs it, logs it and skips it next time (the
+    ablations' steps name paths, which the lock file names must survive), with python stubbed out."""
+    (tmp_path / "experiments").mkdir()
+    shutil.copy(ROOT / "experiments" / "locating.sh", tmp_path / "experiments")
+    (tmp_path / "runs" / "boolq_halves" / "boolq").mkdir(parents=True)
+    (tmp_path / "runs" / "boolq_halves" / "boolq" / "validation.jsonl").touch()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text(FAKE_PYTHON)
+    (tmp_path / "bin" / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+
+    def locating(*args):
+        return subprocess.run(["bash", "experiments/locating.sh", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+    steps = locating("list", "gemma").stdout.splitlines()
+    assert len(steps) == 8 * 13 + 2 * 8 + 3 and all(step.startswith("todo  ") for step in steps)
+    assert any("--samples-from experiments/locating/gemma/arc_easy.json" in step for step in steps)
+    done = locating("all", "gemma")
+    assert done.returncode == 0 and done.stderr.endswith("every step is done\n"), done.stderr
+    logged = (tmp_path / "experiments" / "locating" / "steps.log").read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in logged] == [step[6:] for step in steps]  # each once, in order
+    assert locating("list", "gemma").stdout.splitlines() == ["done  " + s[6:] for s in steps]
