@@ -134,7 +134,7 @@ done
 # exits or dies), so two runs never take the same step, and a step waits until the circuit it needs exists.
 locks=runs/locating/locks
 mkdir -p $locks
-lock_of() { local name=${1// /_}; echo "$locks/${name//\//_}.lock"; }  # paths in a step: no slashes
+lock_of() { echo "$locks/${1//[ \/]/_}.lock"; }  # a step names paths: no slashes in the file name
 
 case $mode in
   list)

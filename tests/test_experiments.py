@@ -94,4 +94,4 @@ def test_locating_runs_every_step_of_a_model_once(tmp_path):
     assert done.returncode == 0 and done.stderr.endswith("every step is done\n"), done.stderr
     logged = (tmp_path / "experiments" / "locating" / "steps.log").read_text().splitlines()
     assert [line.split(" ", 2)[2] for line in logged] == [step[6:] for step in steps]  # each once, in order
-    assert locating("list", "gemma").stdout.splitlines() == ["done  " + s[6:] for s in steps]
+    assert locating("list", "gemma").stdout.splitlines() == ["done  " + step[6:] for step in steps]
