@@ -5,7 +5,8 @@
 #   bash experiments/locating.sh all       # every unfinished step, in order
 #   bash experiments/locating.sh list      # every step, done or not
 #   bash experiments/locating.sh all gemma # only one model's steps
-# Two runs at once (one thread each: OMP_NUM_THREADS=1) use both cores; they never take the same step.
+# Two runs at once (one thread each: OMP_NUM_THREADS=1) use both cores; they never take the same step. A run with
+# nothing left to take looks again every LOCATING_POLL_SECONDS (60).
 # Gemma's steps need models/gemma-3-270m-q4_k_m.gguf: bash experiments/get_gemma.sh
 # Writes experiments/locating/<model>/<circuit>.json (+ .svg heat map) and, beside it, <circuit>.<what>.json:
 # evaluate.py's scores on the first 500 evaluation rows with no mask, the circuit masked, or random heads of the
@@ -167,7 +168,7 @@ case $mode in
       if [ $ran = 0 ]; then
         if [ $waiting = 0 ]; then echo "every step is done" >&2; exit 0; fi
         if [ "$mode" = next ]; then echo "every unfinished step is running in another run or waits for one" >&2; exit 0; fi
-        sleep 60  # what is left runs elsewhere or waits for a circuit being located there
+        sleep "${LOCATING_POLL_SECONDS:-60}"  # what is left runs elsewhere or waits for a circuit located there
       fi
     done ;;
   *) echo "usage: bash experiments/locating.sh [next|all|list] [MODEL]" >&2; exit 2 ;;

@@ -63,18 +63,28 @@ def test_report_claim_row_by_hand():
 
 
 # a stand-in for python on PATH: writes what a step's script would write (its --out file, or a fine-tuning run's
-# log.jsonl and training.json), so that locating.sh's own bookkeeping runs without a model
+# log.jsonl and training.json), so that locating.sh's own bookkeeping runs without a model; it fails when a file
+# another step writes (a circuit, or the circuit whose samples a locate takes) is not there yet
 FAKE_PYTHON = """#!/usr/bin/env bash
-script=$1 out=
-while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
+script=$1 out= option=
+for arg in "$@"; do
+  case $option in
+    --out) out=$arg ;;
+    --mask|--heads|--samples-from) [ -f "$arg" ] || { echo "$arg is not there yet" >&2; exit 1; } ;;
+  esac
+  option=$arg
+done
+echo "$out" >> ran.log
+if [ -n "${FAKE_SLOW:-}" ]; then  # locating takes longest, as it does for real
+  if [ "$script" = locate.py ]; then sleep 0.2; else sleep 0.05; fi
+fi
 if [ "$script" = finetune.py ]; then mkdir -p "$out" && touch "$out/log.jsonl" "$out/training.json"
 else mkdir -p "$(dirname "$out")" && echo '{}' > "$out"; fi
 """
 
 
-def test_locating_runs_every_step_of_a_model_once(tmp_path):
-    """experiments/locating.sh claims each step with a lock, runs it, logs it and skips it next time (the
-    ablations' steps name paths, which the lock file names must survive), with python stubbed out."""
+def locating_with_fake_python(tmp_path):
+    """experiments/locating.sh copied to tmp_path with python stubbed out: returns a function running it."""
     (tmp_path / "experiments").mkdir()
     shutil.copy(ROOT / "experiments" / "locating.sh", tmp_path / "experiments")
     (tmp_path / "runs" / "boolq_halves" / "boolq").mkdir(parents=True)
@@ -84,9 +94,18 @@ def test_locating_runs_every_step_of_a_model_once(tmp_path):
     (tmp_path / "bin" / "python").chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
 
-    def locating(*args):
-        return subprocess.run(["bash", "experiments/locating.sh", *args], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=600)
+    def locating(*args, background=False, **env_vars):
+        command = ["bash", "experiments/locating.sh", *args]
+        options = dict(cwd=tmp_path, env={**env, **env_vars}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+        return subprocess.Popen(command, **options) if background else subprocess.run(command, **options, timeout=600)
+    return locating
+
+
+def test_locating_runs_every_step_of_a_model_once(tmp_path):
+    """experiments/locating.sh claims each step with a lock, runs it, logs it and skips it next time (the
+    ablations' steps name paths, which the lock file names must survive)."""
+    locating = locating_with_fake_python(tmp_path)
     steps = locating("list", "gemma").stdout.splitlines()
     assert len(steps) == 8 * 13 + 2 * 8 + 3 and all(step.startswith("todo  ") for step in steps)
     assert any("--samples-from experiments/locating/gemma/arc_easy.json" in step for step in steps)
@@ -95,3 +114,23 @@ def test_locating_runs_every_step_of_a_model_once(tmp_path):
     logged = (tmp_path / "experiments" / "locating" / "steps.log").read_text().splitlines()
     assert [line.split(" ", 2)[2] for line in logged] == [step[6:] for step in steps]  # each once, in order
     assert locating("list", "gemma").stdout.splitlines() == ["done  " + step[6:] for step in steps]
+
+
+def test_two_locating_runs_share_the_steps(tmp_path):
+    """Two runs of experiments/locating.sh at once: every step runs exactly once, in one of them, and a step never
+    starts before the circuit it reads exists (a locate takes 0.2 s, other steps 0.05 s; a run with nothing to take
+    looks again at once)."""
+    locating = locating_with_fake_python(tmp_path)
+    steps = [step[6:] for step in locating("list", "gemma").stdout.splitlines()]
+    runs = [locating("all", "gemma", background=True, FAKE_SLOW="1", LOCATING_POLL_SECONDS="0.01")
+            for _ in range(2)]
+    taken = []
+    for run_ in runs:
+        _, stderr = run_.communicate(timeout=600)
+        assert run_.returncode == 0 and stderr.endswith("every step is done\n"), stderr
+        taken.append([line[3:] for line in stderr.splitlines() if line.startswith("== ")])
+    assert all(taken) and sorted(taken[0] + taken[1]) == sorted(steps)  # both worked, no step twice
+    ran = (tmp_path / "ran.log").read_text().splitlines()
+    assert len(ran) == len(set(ran)) == len(steps)
+    logged = (tmp_path / "experiments" / "locating" / "steps.log").read_text().splitlines()
+    assert sorted(line.split(" ", 2)[2] for line in logged) == sorted(steps)
