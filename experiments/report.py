@@ -236,6 +236,27 @@ def claim_row(name, circuit, runs, metric):
             f"{masked:.3f} | {spread} | {ratio} | {below} | {circuit['seconds'] / 60:.0f} min |")
 
 
+def wall_times(log_path, model):
+    """Rows of the wall-time table of `model`'s steps in locating.sh's steps.log: per circuit, its locate step and
+    its evaluations' median (min–max) in minutes, in the order they first ran. A step resumed across sessions logs
+    its last part only."""
+    locate, evals = {}, {}
+    for line in log_path.read_text().splitlines():
+        _, seconds, kind, step_model, _, name, *_ = line.split(" ")
+        if step_model == model and kind in ("locate", "eval"):
+            minutes = int(seconds.removesuffix("s")) / 60
+            if kind == "locate":
+                locate[name] = minutes
+            else:
+                evals.setdefault(name, []).append(minutes)
+    rows = []
+    for name in dict.fromkeys([*locate, *evals]):
+        e = sorted(evals.get(name, []))
+        spread = f"{statistics.median(e):.1f} ({e[0]:.1f}–{e[-1]:.1f}), {len(e)}" if e else "–"
+        rows.append(f"| {name} | {f'{locate[name]:.0f}' if name in locate else '–'} | {spread} |")
+    return rows
+
+
 def locating():
     """Section 6: the circuit claim per model and dataset, how the circuits overlap, the ablations of n and D and the
     fine-tuning runs (experiments/locating.sh)."""
@@ -291,6 +312,11 @@ def locating():
                 print(f"| {name} | {c['heads_per_layer']} | {c['samples']} | {len(head_set(c))} | {shared} | {acc} | "
                       f"{main_acc} |")
             print()
+        log = here / "locating" / "steps.log"
+        if log.exists():
+            print(f"Wall times of {folder.name}'s steps (steps.log; minutes on one of the 2 cores)\n")
+            print("| circuit | locate step | evaluations: median (min–max), count |\n|---|---|---|")
+            print("\n".join(wall_times(log, folder.name)) + "\n")
         if (folder / "finetune").is_dir():  # fine-tuning on this model: HeadMap on its circuit, on random heads, LoRA
             full_protocol(folder / "finetune", folder.name)
 

@@ -1,6 +1,7 @@
 """experiments/paper.sh, the paper's whole protocol for one model, end to end on a tiny random model with tiny
 limits: every step runs and writes its output, a second run skips them all, --plan lists them. report.py's rows
 by hand, and locating.sh's bookkeeping with python stubbed out."""
+import importlib.util
 import json
 import os
 import shutil
@@ -36,15 +37,18 @@ def test_paper_protocol_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
     assert len(lines) == 5 and all(" yes " in line for line in lines) and "left to run: about 0.0 hours" in plan.stdout
 
 
+def load_report():
+    """experiments/report.py as a module."""
+    spec = importlib.util.spec_from_file_location("report_under_test", ROOT / "experiments" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    return report
+
+
 def test_report_claim_row_by_hand():
     """experiments/report.py's circuit-claim row on hand-made evaluations: 4 rows of 4 choices (chance 0.25), golds
     0, 0, 1, 2 (majority 0.5); acc_norm's row uses acc_norm's numbers, not acc's."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "experiments" / "report.py"
-    spec = importlib.util.spec_from_file_location("report_under_test", path)
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_report()
     samples = [{"gold": g, "scores": [0.0] * 4} for g in (0, 0, 1, 2)]
     runs = {"none": {"acc": 1.0, "acc_norm": 0.75, "n": 4, "samples": samples},
             "circuit": {"acc": 0.25, "acc_norm": 0.5},
@@ -60,6 +64,19 @@ def test_report_claim_row_by_hand():
     assert report.claim_row("t", circuit, runs, "acc_norm") == (
         "| t (not above chance/majority) | acc_norm | 3 of 8 | 4 | 0.250 | 0.500 | 0.750 | 0.500 | 0.750 ± 0.000 "
         "(0.750–0.750), 2 | n/a | n/a | 2 min |")
+
+
+def test_report_wall_times_by_hand(tmp_path):
+    """report.py's wall-time rows from a hand-made steps.log: one model's steps only, circuits in the order they
+    first ran, the median and range of the evaluations in minutes, "–" where a circuit has none logged."""
+    log = tmp_path / "steps.log"
+    log.write_text("2026-12-01T10:00:00 1800s locate m piqa piqa\n"
+                   "2026-12-01T10:01:00 60s eval other piqa piqa none\n"
+                   "2026-12-01T10:03:00 120s eval m piqa piqa none\n"
+                   "2026-12-01T10:09:00 360s eval m piqa piqa circuit\n"
+                   "2026-12-01T10:12:00 180s eval m piqa piqa random1\n"
+                   "2026-12-01T11:00:00 90s locate m piqa piqa_d8 --samples 8 --samples-from x/piqa_d32.json\n")
+    assert load_report().wall_times(log, "m") == ["| piqa | 30 | 3.0 (2.0–6.0), 3 |", "| piqa_d8 | 2 | – |"]
 
 
 # a stand-in for python on PATH: writes what a step's script would write (its --out file, or a fine-tuning run's
