@@ -293,24 +293,26 @@ def locating():
             print("\nHeads held by two or more circuits, per layer: " +
                   ", ".join(f"L{layer}: {sum(k > 1 for k in row)}" for layer, row in enumerate(counts)) + "\n")
         ablations = [(n, c) for n, c in circuits.items() if "_" in n.replace(c["dataset"], "")]
-        if ablations:
-            print(f"Ablations of the locating ({folder.name}): heads shared with the D = 64 circuit of the default n, "
-                  "and the accuracy with each circuit masked\n")
-            print("| circuit | n | D | heads | shared with the main circuit (by chance) | circuit masked | "
-                  "main circuit masked |")
+        if ablations:  # with the main circuits they vary, in the order of (dataset, n, D)
+            ablations += [(c["dataset"], circuits[c["dataset"]]) for _, c in ablations if c["dataset"] in circuits]
+            ablations = sorted(dict(ablations).items(), key=lambda nc: (nc[1]["dataset"], nc[1]["heads_per_layer"],
+                                                                        nc[1]["samples"]))
+            print(f"Ablations of the locating ({folder.name}): heads shared with the main circuit (D = 64, the default "
+                  "n), and the accuracy with each circuit masked\n")
+            print("| circuit | n | D | heads | shared with the main circuit (by chance) | no mask | circuit masked |")
             print("|---|---|---|---|---|---|---|")
             for name, c in ablations:
                 base = circuits.get(c["dataset"])
-                masked = folder / f"{name}.circuit.json"
-                main_masked = folder / f"{c['dataset']}.circuit.json"
                 # a random circuit of c's per-layer counts shares |c_l| |main_l| / heads of each layer's heads
                 by_chance = sum(len(e["retain_heads"]) * len(base["knowledge_circuit"][layer]["retain_heads"])
                                 for layer, e in c["knowledge_circuit"].items()) / c["heads"] if base else 0
-                shared = f"{len(head_set(c) & head_set(base))} ({by_chance:.1f})" if base else "–"
-                acc = f"{load(masked)['results'][c['dataset']]['acc']:.3f}" if masked.exists() else "–"
-                main_acc = f"{load(main_masked)['results'][c['dataset']]['acc']:.3f}" if main_masked.exists() else "–"
-                print(f"| {name} | {c['heads_per_layer']} | {c['samples']} | {len(head_set(c))} | {shared} | {acc} | "
-                      f"{main_acc} |")
+                shared = ("(the main circuit)" if name == c["dataset"] else
+                          f"{len(head_set(c) & head_set(base))} ({by_chance:.1f})" if base else "–")
+                acc = {what: f"{load(path)['results'][c['dataset']]['acc']:.3f}" if path.exists() else "–"
+                       for what, path in (("none", folder / f"{c['dataset']}.none.json"),
+                                          ("circuit", folder / f"{name}.circuit.json"))}
+                print(f"| {name} | {c['heads_per_layer']} | {c['samples']} | {len(head_set(c))} | {shared} | "
+                      f"{acc['none']} | {acc['circuit']} |")
             print()
         log = here / "locating" / "steps.log"
         if log.exists():
