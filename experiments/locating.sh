@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 DATASETS="arc_easy piqa siqa winogrande openbookqa arc_challenge boolq hellaswag"
 ROWS=500      # evaluation rows per dataset
 TRIALS=10     # random head sets per circuit
+NTRIALS=3     # random head sets per circuit of the n ablations
 declare -A MODEL=([smollm2]=smollm2-135m [gemma]=models/gemma-3-270m-q4_k_m.gguf)
 
 data_dir() {  # BoolQ's harness prompts read the passage, which only its validation split has (boolq_halves.py)
@@ -67,7 +68,11 @@ for model in smollm2 gemma; do
     for n in $ns; do steps+=("locate $model $dataset ${dataset}_n$n --heads-per-layer $n --samples-from $from.json"); done
     steps+=("locate $model $dataset ${dataset}_d32 --samples 32")
     for d in 16 8; do steps+=("locate $model $dataset ${dataset}_d$d --samples $d --samples-from ${from}_d32.json"); done
-    for n in $ns; do steps+=("eval $model $dataset ${dataset}_n$n circuit"); done
+    for n in $ns; do
+      steps+=("eval $model $dataset ${dataset}_n$n circuit")
+      # random heads of its own per-layer counts (the D ablations keep the main circuit's, so share its draws)
+      for k in $(seq 1 $NTRIALS); do steps+=("eval $model $dataset ${dataset}_n$n random$k"); done
+    done
     for d in 8 16 32; do steps+=("eval $model $dataset ${dataset}_d$d circuit"); done
   done
 done

@@ -299,8 +299,9 @@ def locating():
                                                                         nc[1]["samples"]))
             print(f"Ablations of the locating ({folder.name}): heads shared with the main circuit (D = 64, the default "
                   "n), and the accuracy with each circuit masked\n")
-            print("| circuit | n | D | heads | shared with the main circuit (by chance) | no mask | circuit masked |")
-            print("|---|---|---|---|---|---|---|")
+            print("| circuit | n | D | heads | shared with the main circuit (by chance) | no mask | circuit masked | "
+                  "random heads of its per-layer counts masked: mean ± sd, draws |")
+            print("|---|---|---|---|---|---|---|---|")
             for name, c in ablations:
                 base = circuits.get(c["dataset"])
                 # a random circuit of c's per-layer counts shares |c_l| |main_l| / heads of each layer's heads
@@ -311,8 +312,12 @@ def locating():
                 acc = {what: f"{load(path)['results'][c['dataset']]['acc']:.3f}" if path.exists() else "–"
                        for what, path in (("none", folder / f"{c['dataset']}.none.json"),
                                           ("circuit", folder / f"{name}.circuit.json"))}
+                randoms = [load(path)["results"][c["dataset"]]["acc"] for path in folder.glob(f"{name}.random*.json")]
+                same_counts = base and c["heads_per_layer"] == base["heads_per_layer"]  # so the same random sets
+                spread = (f"{mean_sd(randoms, 3)}, {len(randoms)}" if randoms else
+                          "the main circuit's" if same_counts else "–")
                 print(f"| {name} | {c['heads_per_layer']} | {c['samples']} | {len(head_set(c))} | {shared} | "
-                      f"{acc['none']} | {acc['circuit']} |")
+                      f"{acc['none']} | {acc['circuit']} | {spread} |")
             print()
         log = here / "locating" / "steps.log"
         if log.exists():

@@ -124,7 +124,7 @@ def test_locating_runs_every_step_of_a_model_once(tmp_path):
     ablations' steps name paths, which the lock file names must survive)."""
     locating = locating_with_fake_python(tmp_path)
     steps = locating("list", "gemma").stdout.splitlines()
-    assert len(steps) == 8 * 13 + 2 * 8 + 3 and all(step.startswith("todo  ") for step in steps)
+    assert len(steps) == 8 * 13 + 2 * (8 + 3) + 3 and all(step.startswith("todo  ") for step in steps)
     assert any("--samples-from experiments/locating/gemma/arc_easy.json" in step for step in steps)
     done = locating("all", "gemma")
     assert done.returncode == 0 and done.stderr.endswith("every step is done\n"), done.stderr
