@@ -313,7 +313,8 @@ def locating():
                        for what, path in (("none", folder / f"{c['dataset']}.none.json"),
                                           ("circuit", folder / f"{name}.circuit.json"))}
                 randoms = [load(path)["results"][c["dataset"]]["acc"] for path in folder.glob(f"{name}.random*.json")]
-                same_counts = base and c["heads_per_layer"] == base["heads_per_layer"]  # so the same random sets
+                # a D ablation keeps the main circuit's per-layer counts, so the main circuit's draws are its own
+                same_counts = base is not None and c["heads_per_layer"] == base["heads_per_layer"]
                 spread = (f"{mean_sd(randoms, 3)}, {len(randoms)}" if randoms else
                           "the main circuit's" if same_counts else "–")
                 print(f"| {name} | {c['heads_per_layer']} | {c['samples']} | {len(head_set(c))} | {shared} | "
