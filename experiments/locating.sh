@@ -40,14 +40,16 @@ locate_step() {
 
 # eval MODEL DATASET NAME WHAT: WHAT is none, circuit or random<k>
 eval_step() {
-  local model=$1 dataset=$2 name=$3 what=$4 mask=()
+  # per-row scores (--log-samples) for no mask and the circuit only: the random draws need none, and 178 of them
+  # would double the repository
+  local model=$1 dataset=$2 name=$3 what=$4 options=(--log-samples)
   local circuit=experiments/locating/$model/$name.json
   case $what in
-    circuit) mask=(--mask "$circuit") ;;
-    random*) mask=(--mask "$circuit" --random-mask --seed "${what#random}") ;;
+    circuit) options=(--log-samples --mask "$circuit") ;;
+    random*) options=(--mask "$circuit" --random-mask --seed "${what#random}") ;;
   esac
   python evaluate.py --model "${MODEL[$model]}" --dataset "$dataset" --data-dir "$(data_dir "$dataset")" \
-    --prompt harness --limit $ROWS --log-samples --no-progress "${mask[@]}" \
+    --prompt harness --limit $ROWS --no-progress "${options[@]}" \
     --out "experiments/locating/$model/$name.$what.json"
 }
 
