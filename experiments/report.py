@@ -257,6 +257,36 @@ def wall_times(log_path, model):
     return rows
 
 
+def ablation_rows(folder, circuits):
+    """Rows of the ablation table of one model's `folder` (circuits: by name, e.g. piqa, piqa_d8, piqa_n1): each
+    ablation and its dataset's main circuit, in the order of (dataset, n, D); the heads each shares with the main
+    circuit, the accuracy unmasked, with it masked and with random heads of its per-layer counts masked."""
+    ablations = [(n, c) for n, c in circuits.items() if "_" in n.replace(c["dataset"], "")]
+    if not ablations:
+        return []
+    ablations += [(c["dataset"], circuits[c["dataset"]]) for _, c in ablations if c["dataset"] in circuits]
+    ablations = sorted(dict(ablations).items(), key=lambda nc: (nc[1]["dataset"], nc[1]["heads_per_layer"],
+                                                                nc[1]["samples"]))
+    rows = []
+    for name, c in ablations:
+        base = circuits.get(c["dataset"])
+        # a random circuit of c's per-layer counts shares |c_l| |main_l| / heads of each layer's heads
+        by_chance = sum(len(e["retain_heads"]) * len(base["knowledge_circuit"][layer]["retain_heads"])
+                        for layer, e in c["knowledge_circuit"].items()) / c["heads"] if base else 0
+        shared = ("(the main circuit)" if name == c["dataset"] else
+                  f"{len(head_set(c) & head_set(base))} ({by_chance:.1f})" if base else "–")
+        acc = {what: f"{load(path)['results'][c['dataset']]['acc']:.3f}" if path.exists() else "–"
+               for what, path in (("none", folder / f"{c['dataset']}.none.json"),
+                                  ("circuit", folder / f"{name}.circuit.json"))}
+        randoms = [load(path)["results"][c["dataset"]]["acc"] for path in sorted(folder.glob(f"{name}.random*.json"))]
+        # a D ablation keeps the main circuit's per-layer counts, so the main circuit's draws are its own
+        same_counts = base is not None and c["heads_per_layer"] == base["heads_per_layer"]
+        spread = f"{mean_sd(randoms, 3)}, {len(randoms)}" if randoms else "the main circuit's" if same_counts else "–"
+        rows.append(f"| {name} | {c['heads_per_layer']} | {c['samples']} | {len(head_set(c))} | {shared} | "
+                    f"{acc['none']} | {acc['circuit']} | {spread} |")
+    return rows
+
+
 def locating():
     """Section 6: the circuit claim per model and dataset, how the circuits overlap, the ablations of n and D and the
     fine-tuning runs (experiments/locating.sh)."""
@@ -292,34 +322,14 @@ def locating():
                   f"(Jaccard about {shared / (2 * size - shared):.2f}).")
             print("\nHeads held by two or more circuits, per layer: " +
                   ", ".join(f"L{layer}: {sum(k > 1 for k in row)}" for layer, row in enumerate(counts)) + "\n")
-        ablations = [(n, c) for n, c in circuits.items() if "_" in n.replace(c["dataset"], "")]
-        if ablations:  # with the main circuits they vary, in the order of (dataset, n, D)
-            ablations += [(c["dataset"], circuits[c["dataset"]]) for _, c in ablations if c["dataset"] in circuits]
-            ablations = sorted(dict(ablations).items(), key=lambda nc: (nc[1]["dataset"], nc[1]["heads_per_layer"],
-                                                                        nc[1]["samples"]))
+        rows = ablation_rows(folder, circuits)
+        if rows:
             print(f"Ablations of the locating ({folder.name}): heads shared with the main circuit (D = 64, the default "
                   "n), and the accuracy with each circuit masked\n")
             print("| circuit | n | D | heads | shared with the main circuit (by chance) | no mask | circuit masked | "
                   "random heads of its per-layer counts masked: mean ± sd, draws |")
             print("|---|---|---|---|---|---|---|---|")
-            for name, c in ablations:
-                base = circuits.get(c["dataset"])
-                # a random circuit of c's per-layer counts shares |c_l| |main_l| / heads of each layer's heads
-                by_chance = sum(len(e["retain_heads"]) * len(base["knowledge_circuit"][layer]["retain_heads"])
-                                for layer, e in c["knowledge_circuit"].items()) / c["heads"] if base else 0
-                shared = ("(the main circuit)" if name == c["dataset"] else
-                          f"{len(head_set(c) & head_set(base))} ({by_chance:.1f})" if base else "–")
-                acc = {what: f"{load(path)['results'][c['dataset']]['acc']:.3f}" if path.exists() else "–"
-                       for what, path in (("none", folder / f"{c['dataset']}.none.json"),
-                                          ("circuit", folder / f"{name}.circuit.json"))}
-                randoms = [load(path)["results"][c["dataset"]]["acc"] for path in folder.glob(f"{name}.random*.json")]
-                # a D ablation keeps the main circuit's per-layer counts, so the main circuit's draws are its own
-                same_counts = base is not None and c["heads_per_layer"] == base["heads_per_layer"]
-                spread = (f"{mean_sd(randoms, 3)}, {len(randoms)}" if randoms else
-                          "the main circuit's" if same_counts else "–")
-                print(f"| {name} | {c['heads_per_layer']} | {c['samples']} | {len(head_set(c))} | {shared} | "
-                      f"{acc['none']} | {acc['circuit']} | {spread} |")
-            print()
+            print("\n".join(rows) + "\n")
         log = here / "locating" / "steps.log"
         if log.exists():
             print(f"Wall times of {folder.name}'s steps (steps.log; minutes on one of the 2 cores)\n")

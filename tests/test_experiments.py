@@ -79,6 +79,30 @@ def test_report_wall_times_by_hand(tmp_path):
     assert load_report().wall_times(log, "m") == ["| piqa | 30 | 3.0 (2.0–6.0), 3 |", "| piqa_d8 | 2 | – |"]
 
 
+
+def test_report_ablation_rows_by_hand(tmp_path):
+    """report.py's ablation rows from hand-made circuits (2 layers of 4 heads) and evaluations: ordered by (dataset,
+    n, D), heads shared with the main circuit against the count expected by chance, the accuracy unmasked, masked
+    and with random heads masked; a D ablation borrows the main circuit's draws, an ablation without a main circuit
+    or an evaluation shows "–"."""
+    def circuit(dataset, n, samples, layer0, layer1):
+        return {"dataset": dataset, "heads_per_layer": n, "samples": samples, "layers": 2, "heads": 4,
+                "knowledge_circuit": {"0": {"retain_heads": layer0}, "1": {"retain_heads": layer1}}}
+    circuits = {"piqa": circuit("piqa", 2, 64, [0, 1], [2, 3]), "piqa_d8": circuit("piqa", 2, 8, [0, 2], [2, 3]),
+                "piqa_n1": circuit("piqa", 1, 64, [1], [0]), "arc_easy_d16": circuit("arc_easy", 2, 16, [0, 1], [0, 1])}
+    accuracies = {"piqa.none": ("piqa", 0.8), "piqa.circuit": ("piqa", 0.5), "piqa.random1": ("piqa", 0.7),
+                  "piqa.random2": ("piqa", 0.6), "piqa_d8.circuit": ("piqa", 0.55), "piqa_n1.circuit": ("piqa", 0.6),
+                  "piqa_n1.random1": ("piqa", 0.75), "arc_easy_d16.circuit": ("arc_easy", 0.3)}
+    for name, (dataset, acc) in accuracies.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"results": {dataset: {"acc": acc}}}))
+    # by chance: piqa_d8 (2 * 2 + 2 * 2) / 4 = 2.0 heads, piqa_n1 (1 * 2 + 1 * 2) / 4 = 1.0;
+    # piqa's draws 0.7 and 0.6: mean 0.65, sd 0.0707
+    assert load_report().ablation_rows(tmp_path, circuits) == [
+        "| arc_easy_d16 | 2 | 16 | 4 | – | – | 0.300 | – |",
+        "| piqa_n1 | 1 | 64 | 2 | 1 (1.0) | 0.800 | 0.600 | 0.750, 1 |",
+        "| piqa_d8 | 2 | 8 | 4 | 3 (2.0) | 0.800 | 0.550 | the main circuit's |",
+        "| piqa | 2 | 64 | 4 | (the main circuit) | 0.800 | 0.500 | 0.650 ± 0.071, 2 |"]
+
 # a stand-in for python on PATH: writes what a step's script would write (its --out file, or a fine-tuning run's
 # log.jsonl and training.json), so that locating.sh's own bookkeeping runs without a model; it fails when a file
 # another step writes (a circuit, or the circuit whose samples a locate takes) is not there yet
