@@ -42,14 +42,14 @@ locate_step() {
 eval_step() {
   # per-row scores (--log-samples) for no mask and the circuit only: the random draws need none, and 178 of them
   # would double the repository
-  local model=$1 dataset=$2 name=$3 what=$4 options=(--log-samples)
+  local model=$1 dataset=$2 name=$3 what=$4 mask=() samples=(--log-samples)
   local circuit=experiments/locating/$model/$name.json
   case $what in
-    circuit) options=(--log-samples --mask "$circuit") ;;
-    random*) options=(--mask "$circuit" --random-mask --seed "${what#random}") ;;
+    circuit) mask=(--mask "$circuit") ;;
+    random*) mask=(--mask "$circuit" --random-mask --seed "${what#random}") samples=() ;;
   esac
   python evaluate.py --model "${MODEL[$model]}" --dataset "$dataset" --data-dir "$(data_dir "$dataset")" \
-    --prompt harness --limit $ROWS --no-progress "${options[@]}" \
+    --prompt harness --limit $ROWS --no-progress "${samples[@]}" "${mask[@]}" \
     --out "experiments/locating/$model/$name.$what.json"
 }
 

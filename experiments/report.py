@@ -257,11 +257,16 @@ def wall_times(log_path, model):
     return rows
 
 
+def is_ablation(name, circuit):
+    """Whether circuit `name` is an ablation of its dataset's main circuit (piqa_d8, boolq_n1; not piqa or boolq)."""
+    return "_" in name.replace(circuit["dataset"], "")
+
+
 def ablation_rows(folder, circuits):
     """Rows of the ablation table of one model's `folder` (circuits: by name, e.g. piqa, piqa_d8, piqa_n1): each
     ablation and its dataset's main circuit, in the order of (dataset, n, D); the heads each shares with the main
     circuit, the accuracy unmasked, with it masked and with random heads of its per-layer counts masked."""
-    ablations = [(n, c) for n, c in circuits.items() if "_" in n.replace(c["dataset"], "")]
+    ablations = [(n, c) for n, c in circuits.items() if is_ablation(n, c)]
     if not ablations:
         return []
     ablations += [(c["dataset"], circuits[c["dataset"]]) for _, c in ablations if c["dataset"] in circuits]
@@ -270,11 +275,15 @@ def ablation_rows(folder, circuits):
     rows = []
     for name, c in ablations:
         base = circuits.get(c["dataset"])
-        # a random circuit of c's per-layer counts shares |c_l| |main_l| / heads of each layer's heads
-        by_chance = sum(len(e["retain_heads"]) * len(base["knowledge_circuit"][layer]["retain_heads"])
-                        for layer, e in c["knowledge_circuit"].items()) / c["heads"] if base else 0
-        shared = ("(the main circuit)" if name == c["dataset"] else
-                  f"{len(head_set(c) & head_set(base))} ({by_chance:.1f})" if base else "–")
+        if name == c["dataset"]:
+            shared = "(the main circuit)"
+        elif base:
+            # a random circuit of c's per-layer counts shares |c_l| |main_l| / heads of each layer's heads
+            by_chance = sum(len(e["retain_heads"]) * len(base["knowledge_circuit"][layer]["retain_heads"])
+                            for layer, e in c["knowledge_circuit"].items()) / c["heads"]
+            shared = f"{len(head_set(c) & head_set(base))} ({by_chance:.1f})"
+        else:
+            shared = "–"
         acc = {what: f"{load(path)['results'][c['dataset']]['acc']:.3f}" if path.exists() else "–"
                for what, path in (("none", folder / f"{c['dataset']}.none.json"),
                                   ("circuit", folder / f"{name}.circuit.json"))}
@@ -302,7 +311,7 @@ def locating():
         main = {}
         for name, c in circuits.items():
             runs = {p.name.split(".")[1]: load(p)["results"][c["dataset"]] for p in folder.glob(f"{name}.*.json")}
-            if "_" in name.replace(c["dataset"], "") or not {"none", "circuit"} <= set(runs):
+            if is_ablation(name, c) or not {"none", "circuit"} <= set(runs):
                 continue  # an ablation, or not validated yet
             main[name] = c
             for metric in ("acc", "acc_norm") if c["dataset"] in ACC_NORM_TOO else ("acc",):

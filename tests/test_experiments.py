@@ -79,7 +79,6 @@ def test_report_wall_times_by_hand(tmp_path):
     assert load_report().wall_times(log, "m") == ["| piqa | 30 | 3.0 (2.0–6.0), 3 |", "| piqa_d8 | 2 | – |"]
 
 
-
 def test_report_ablation_rows_by_hand(tmp_path):
     """report.py's ablation rows from hand-made circuits (2 layers of 4 heads) and evaluations: ordered by (dataset,
     n, D), heads shared with the main circuit against the count expected by chance, the accuracy unmasked, masked
@@ -102,6 +101,7 @@ def test_report_ablation_rows_by_hand(tmp_path):
         "| piqa_n1 | 1 | 64 | 2 | 1 (1.0) | 0.800 | 0.600 | 0.750, 1 |",
         "| piqa_d8 | 2 | 8 | 4 | 3 (2.0) | 0.800 | 0.550 | the main circuit's |",
         "| piqa | 2 | 64 | 4 | (the main circuit) | 0.800 | 0.500 | 0.650 ± 0.071, 2 |"]
+
 
 # a stand-in for python on PATH: writes what a step's script would write (its --out file, or a fine-tuning run's
 # log.jsonl and training.json), so that locating.sh's own bookkeeping runs without a model; it fails when a file
