@@ -9,10 +9,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import struct
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from data.files import DataError, read_checked
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -28,14 +31,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def _refusals() -> tuple:
-    """UsageError, and the library's UnsupportedModel once the library is loaded (not before: --help is fast)."""
-    masking = sys.modules.get("headmap.masking")
-    return (UsageError,) + ((masking.UnsupportedModel,) if masking else ())
+    """UsageError, data/'s DataError, and the library's UnsupportedModel and NoSpaceError (a full disk) once the
+    library is loaded (not before: --help is fast)."""
+    masking, files = sys.modules.get("headmap.masking"), sys.modules.get("headmap.files")
+    return ((UsageError, DataError) + ((masking.UnsupportedModel,) if masking else ())
+            + ((files.NoSpaceError,) if files else ()))
 
 
 def run_script(main, resumable: bool = False) -> None:
-    """Run a script's main(): bad input or an unsupported model becomes one 'error: ...' line and exit code 2, never
-    a traceback; Ctrl-C one line (with the command that continues the run, for a resumable script) and code 130."""
+    """Run a script's main(): bad input, an unsupported model or a full disk becomes one 'error: ...' line and exit
+    code 2, never a traceback; Ctrl-C one line (with the command that continues the run, for a resumable script) and code 130."""
     try:
         main()
     except _refusals() as err:
@@ -107,19 +112,15 @@ def check_at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}{hint}, got {value}")
 
 
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    import math
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name} must be a finite number above 0, got {value}")
+
+
 # ---------------------------------------------------------------- files the user hands over or an earlier run left
-
-def read_checked(path: str, what: str, load, fix: str):
-    """The one way the scripts read a file: `load(path)`, or a one-line error naming the file, what is wrong with
-    it (truncated, corrupt, not UTF-8, not the expected content ...) and `fix`."""
-    try:
-        return load(path)
-    except FileNotFoundError:
-        raise UsageError(f"{what} {path} does not exist; {fix}") from None
-    except Exception as err:  # any parser's complaint about the file's content: the file is the problem
-        detail = (str(err).strip().splitlines() or [""])[0][:200]
-        raise UsageError(f"{what} {path} cannot be read ({type(err).__name__}: {detail}); {fix}") from None
-
 
 def read_json(path: str, what: str, fix: str = "fix it or pass another file") -> dict:
     def load(p):
@@ -146,6 +147,94 @@ def check_writable(path: str, overwrite: bool) -> None:
             pass
     except OSError as err:
         raise UsageError(f"cannot write {path} ({err.strerror}); pass a writable path") from None
+
+
+def check_inputs_kept(replaced: dict[str, str], inputs: list[tuple[str, str]]) -> None:
+    """Refuse, before any work, an input that lies in an output this run would replace ({flag: path}; inputs as
+    input_paths gives them): an input file that is the output file, or any input inside the output folder. Inputs
+    that name no existing path (hub ids, dataset names) cannot be."""
+    for out_flag, out in replaced.items():
+        if not os.path.exists(out):
+            continue
+        target = os.path.realpath(out)
+        for in_flag, path in inputs:
+            if not path or not os.path.exists(path):
+                continue
+            real = os.path.realpath(path)
+            if real == target or real.startswith(target.rstrip(os.sep) + os.sep):
+                where = "is" if real == target else "lies inside"
+                raise UsageError(f"{in_flag} {path} {where} {out_flag} {out}, which this run replaces; move it "
+                                 f"elsewhere first, or pass another {out_flag}")
+
+
+def input_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(flag, path) of what a script reads: --model, each --dataset (a file, a folder, an lm-eval task YAML),
+    --data-dir, --mask, --adapter, --heads, --samples-from, --device-map, where the script has the flag and it is
+    set (check_inputs_kept skips values that name no path)."""
+    found = [("--" + name.replace("_", "-"), getattr(args, name)) for name in
+             ("model", "data_dir", "mask", "adapter", "heads", "samples_from", "device_map") if getattr(args, name, None)]
+    return found + [("--dataset", d.removeprefix("lm-eval:")) for d in (getattr(args, "dataset", None) or "").split(",")
+                    if d]
+
+
+def check_run_folder(out: str, resume: bool, overwrite: bool, inputs: list[tuple[str, str]]) -> None:
+    """A run's --out folder: a new or empty one, or one holding a run that --resume continues or --overwrite
+    replaces (nothing of the user's is replaced without their flag; none of the run's `inputs` may lie in a folder
+    --overwrite replaces)."""
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite starts a new one; pass one of them")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; pass a folder")
+    if os.path.isdir(out) and os.listdir(out) and not (resume or overwrite):
+        raise UsageError(f"--out {out} holds files already (a run?); pass --resume to continue that run, "
+                         "--overwrite to start a new one in it, or another --out")
+    if overwrite:
+        check_inputs_kept({"--out": out}, inputs)
+
+
+def read_checkpoint(out: str) -> dict | None:
+    """The checkpoint of the run in `out` (None where it has none yet), checked: a truncated or foreign file is
+    refused with one line, before any compute."""
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        return None
+    import torch
+    ckpt = read_checked(path, "checkpoint", lambda p: torch.load(p, map_location="cpu", weights_only=False),
+                        "delete it to start over")
+    if not isinstance(ckpt, dict) or not {"adapter", "optimizer", "schedule", "rng", "step", "best"} <= set(ckpt):
+        raise UsageError(f"checkpoint {path} is not one finetune.py wrote; delete it to start over")
+    return ckpt
+
+
+def open_log(out: str, step: int, main_rank: bool):
+    """log.jsonl, for appending: on resume cut back to the checkpoint's step (the steps after it run again)."""
+    path = os.path.join(out, "log.jsonl")
+    if not main_rank:
+        return open(os.devnull, "a")
+    kept = []
+    if step and os.path.exists(path):
+        def steps_so_far(p):
+            with open(p, encoding="utf-8") as f:
+                return [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = read_checked(path, "training log", steps_so_far, "delete it and checkpoint.pt to start over")
+    from headmap.files import atomic
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        f.writelines(kept)
+    return open(path, "a")
+
+
+def read_run(out: str, resume: bool, settings: dict) -> tuple[dict | None, dict | None]:
+    """With --resume, finetune.py's interrupted run in `out`: its record (before.json) and checkpoint, read and checked
+    on rank 0 before the model loads (another run's settings are refused by name)."""
+    from headmap import distributed
+    before_path = os.path.join(out, "before.json")
+    record = ckpt = None
+    if resume and distributed.rank() == 0:
+        if os.path.exists(before_path):
+            record = read_json(before_path, "run record", "delete it and checkpoint.pt to start over")
+            check_same_run(before_path, record.get("settings", settings), settings)
+        ckpt = read_checkpoint(out)
+    return distributed.from_rank0(record), ckpt
 
 
 def read_circuit_file(path: str) -> dict[int, list[int]]:
@@ -246,7 +335,88 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     # a hub id is "name" or "org/name"; anything else that names no folder is a path that does not exist
     if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise UsageError(f"model folder {name} does not exist; pass an existing folder, a .gguf file or a hub id")
+    if os.path.isdir(name):
+        check_model_folder(name)
     return name, None
+
+
+def gguf_declared_size(path: str) -> int:
+    """The bytes a GGUF file must hold, from its header: the tensors' data section starts after the metadata and
+    tensor table (aligned) and ends with the furthest tensor. Raises ValueError where the header itself is cut off
+    or is no GGUF header."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    with open(path, "rb") as f:
+        def read(fmt):
+            size = struct.calcsize("<" + fmt)
+            data = f.read(size)
+            if len(data) < size:
+                raise ValueError("its header is cut off")
+            return struct.unpack("<" + fmt, data)
+
+        def string():
+            (n,) = read("Q")
+            return read(f"{n}s")[0]
+
+        def value(kind):
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item, n = read("IQ")
+                return [value(item) for _ in range(n)]
+            if kind not in scalar:
+                raise ValueError(f"its metadata has an unknown value type {kind}")
+            return read(scalar[kind])[0]
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("it does not start with the GGUF magic bytes")
+        _, n_tensors, n_kv = read("IQQ")
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            (kind,) = read("I")
+            meta[key] = value(kind)
+        end = 0
+        for _ in range(n_tensors):
+            string()
+            (dims,) = read("I")
+            shape = read(f"{dims}Q")
+            kind, offset = read("IQ")
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            end = max(end, offset + int(np.prod(shape)) // block * type_size)
+        alignment = meta.get(b"general.alignment", 32)
+        return -(-f.tell() // alignment) * alignment + end
+
+
+def check_gguf(path: str) -> None:
+    """Refuse, in one line and before transformers reads it, a .gguf file that is not one or that is shorter than its
+    header declares (a download or copy cut short)."""
+    size = os.path.getsize(path)
+    try:
+        declared = gguf_declared_size(path)
+    except (ValueError, KeyError, OverflowError, MemoryError, struct.error) as err:
+        raise UsageError(f"GGUF file {path} is truncated or not a GGUF file ({size:,} bytes; {err}); download or "
+                         "copy it again") from None
+    if size < declared:
+        raise UsageError(f"GGUF file {path} is truncated: it holds {size:,} bytes, its header declares {declared:,}; "
+                         "download or copy it again")
+
+
+def check_model_folder(folder: str) -> None:
+    """A local model folder must hold what from_pretrained reads: config.json, weights and a tokenizer."""
+    held = sorted(os.listdir(folder))
+    needs = {"config.json": ["config.json"],
+             "weights (model.safetensors, pytorch_model.bin or their shards)":
+                 [f for f in held if f.endswith((".safetensors", ".bin")) or f.endswith(".index.json")],
+             "tokenizer files (tokenizer.json or tokenizer_config.json)":
+                 [f for f in held if f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")]}
+    missing = [what for what, files in needs.items() if not set(files) & set(held)]
+    if missing:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "") if held else "nothing"
+        raise UsageError(f"model folder {folder} has no {' and no '.join(missing)} (it holds {shown}); a model folder "
+                         "is what save_pretrained writes (config.json, weights, tokenizer files): pass one, a .gguf "
+                         "file or a hub id")
 
 
 def hub_id_of(name: str) -> str:
@@ -282,6 +452,30 @@ def convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_model(model, os.path.join(tmp, "model.safetensors"))  # save_model handles the tied embedding
+
+
+def start_distributed(device) -> None:
+    """Under torchrun, join the process group it describes: gloo for CPU tensors and Python objects, NCCL for CUDA
+    tensors. Ranks other than 0 print nothing but a crash, which names the rank (progress bars, notes and warnings:
+    rank 0 shows them). Without torchrun (no WORLD_SIZE) nothing happens."""
+    import atexit
+    import traceback
+
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        import torch
+        torch.cuda.set_device(device)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
+    if dist.get_rank():
+        rank = dist.get_rank()
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+
+        def report_crash(kind, value, tb):
+            sys.__stderr__.write(f"rank {rank} failed:\n{''.join(traceback.format_exception(kind, value, tb))}")
+        sys.excepthook = report_crash
 
 
 def pick_device(device: str):
@@ -329,6 +523,8 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     de-quantising the model."""
     from transformers import AutoTokenizer
     folder, gguf_file = resolve_model(name)
+    if gguf_file is not None:
+        check_gguf(os.path.join(folder, gguf_file))
     try:
         return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     except OSError as err:
@@ -352,6 +548,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     if gguf_file is not None:
         cached = gguf_cache_path(folder, gguf_file)
         if not (cached / "model.safetensors").exists():
+            check_gguf(os.path.join(folder, gguf_file))
             print(f"de-quantising {gguf_file} once; cached at {cached}", flush=True)
             convert_gguf(folder, gguf_file, cached)
         folder = str(cached)

@@ -60,11 +60,11 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from cli import (check_adapter_weights, check_writable, load_model, open_task_for, pick_device,  # noqa: E402
-                 read_circuit_file, recorded, refused, settle, write_json)
-from data import distributed  # noqa: E402
+from cli import (check_adapter_weights, check_inputs_kept, check_writable, input_paths, load_model,  # noqa: E402
+                 open_task_for, pick_device, read_circuit_file, recorded, refused, settle, start_distributed, write_json)
 from data.scoring import PRIMARY, metrics, score_continuations  # noqa: E402
 from data.tasks import CHOICE  # noqa: E402
+from headmap import distributed  # noqa: E402
 from headmap.adapters import load_adapter  # noqa: E402
 from headmap.circuit import check_circuit, circuit_mask, random_circuit_like  # noqa: E402
 from headmap.masking import layers_and_heads, mask_heads  # noqa: E402
@@ -104,6 +104,8 @@ def main(argv=None) -> dict:
     names = list(DATASETS) if args.dataset == "all" else args.dataset.split(",")
     if args.out:
         check_writable(args.out, args.overwrite)
+        if args.overwrite:
+            check_inputs_kept({"--out": args.out}, input_paths(args))
     records = recorded(args.adapter, args.mask)
     if args.adapter:
         check_adapter_weights(args.adapter)
@@ -118,7 +120,7 @@ def main(argv=None) -> dict:
         examples[name] = (split, source, task.examples(split, args.limit))
 
     circuit = read_circuit_file(args.mask) if args.mask else None
-    distributed.start(pick_device(args.device))
+    start_distributed(pick_device(args.device))
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
     param = next(model.parameters())
     prompts = {task.prompt for task in tasks.values()} - {None}

@@ -14,7 +14,8 @@ import json
 import os
 import tempfile
 
-from cli import DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, run_script
+from cli import (DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, check_inputs_kept, input_paths,
+                 run_script)
 
 
 def parse_args(argv=None):
@@ -29,6 +30,7 @@ def parse_args(argv=None):
     if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         raise UsageError(f"{args.adapter} has no adapter_config.json; pass a folder written by finetune.py")
     check_out(args.out, args.adapter, args.overwrite)
+    check_inputs_kept({"--out": args.out}, input_paths(args))
     return args
 
 
@@ -71,7 +73,7 @@ if __name__ == "__main__":
 
 from cli import check_adapter_weights, load_model, recorded, refused, settle  # noqa: E402
 from headmap.adapters import load_adapter, merge_adapter  # noqa: E402
-from headmap.files import atomic  # noqa: E402
+from headmap.files import atomic, space_for  # noqa: E402
 
 
 def main(argv=None):
@@ -100,13 +102,17 @@ def write_checkpoint(model, tokenizer, out: str, record: dict) -> None:
             json.dump({**record, "files": files}, f, indent=1)
         return files
 
+    # the weights' bytes (a tied embedding once): refused at once where the disk has less free
+    size = sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
     ours = own_files(out) if os.path.isdir(out) else None
     if not os.path.isdir(out) or set(os.listdir(out)) <= set(ours or []):
-        with atomic(out, folder=True) as tmp:
+        with atomic(out, folder=True, size=size) as tmp:
             save(tmp)
         return
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out)), prefix=".tmp-merge-") as tmp:
-        for name in save(tmp) + [MARKER]:
+        with space_for(out, tmp, size):
+            files = save(tmp)
+        for name in files + [MARKER]:
             with atomic(os.path.join(out, name)) as target:
                 os.replace(os.path.join(tmp, name), target)
 

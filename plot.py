@@ -23,7 +23,8 @@ import os
 import sys
 import textwrap
 
-from cli import HelpFormatter, UsageError, add_out_arguments, check_writable, read_json, run_script
+from cli import (HelpFormatter, UsageError, add_out_arguments, check_inputs_kept, check_writable, read_circuit_file,
+                 read_json, run_script)
 from headmap.files import atomic
 
 RUN_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
@@ -50,6 +51,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     figure_format(args.out)
     check_writable(args.out, args.overwrite)
+    if args.overwrite:
+        inputs = [args.circuit] if args.figure == "heatmap" else args.circuits if args.figure == "overlap" else args.runs
+        check_inputs_kept({"--out": args.out}, [(args.figure, path) for path in inputs])
     return args
 
 
@@ -211,10 +215,23 @@ def curves(paths, path, labels=None, title="Training and validation loss"):
     save(path, curves_figure(runs, title))
 
 
+def print_heat_map(loss_matrix, circuit):
+    shades = " .:-=+*#%@"
+    print("\nloss with each head masked (per layer, darker = higher); [ ] = circuit")
+    for layer, row in enumerate(loss_matrix):
+        lo, hi = min(row), max(row)
+        cells = []
+        for h, v in enumerate(row):
+            c = shades[min(9, int(10 * (v - lo) / (hi - lo))) if hi > lo else 0]
+            cells.append(f"[{c}]" if h in circuit.get(layer, []) else f" {c} ")
+        print(f"L{layer:<3}" + "".join(cells))
+
+
 def read_located(path: str, fields: tuple[str, ...]) -> dict:
     """A heads.json written by locate.py, with the fields a figure reads (a bare or official circuit has none of
     its measurements or the model's shape)."""
     result = read_json(path, "circuit file", "pass a heads.json written by locate.py")
+    read_circuit_file(path)  # its indices checked: integers, as the file format has them
     missing = [f for f in fields if f not in result] if isinstance(result, dict) else list(fields)
     if missing:
         raise UsageError(f"{path} has no {', '.join(missing)}: pass a heads.json written by locate.py")

@@ -4,7 +4,8 @@
 
 The same model, the same rows (the protocol's random batches of 16), the same LoRA/DoRA settings (r 32, alpha 64,
 dropout 0.05, PEFT's default targets here: LORA_TARGETS), bf16 autocast on a GPU:
-- `ours`: finetune.batch_loss (length-sorted micro-batches within --token-budget) and AdamW (fused on CUDA);
+- `ours`: headmap.train's batch_loss (length-sorted micro-batches within --token-budget), clipping and AdamW (fused
+  on CUDA), as train_adapter runs them;
 - `trainer, same batches`: PEFT's model under Trainer, sequential sampling over the same batches, each padded to
   its longest row as its collator does;
 - `trainer, by length`: Trainer's group_by_length sampling (batches of similar lengths: less padding, but not the
@@ -22,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
-import finetune  # noqa: E402
-from data.scoring import pad_right  # noqa: E402
+from data.scoring import lm_batch, pad_right, training_texts  # noqa: E402
 from headmap.adapters import LORA_TARGETS, attach_headmap, attach_lora  # noqa: E402
+from headmap.train import batch_loss  # noqa: E402
 
 
 def sync(device):
@@ -65,7 +66,7 @@ def ours(model, method, batches, pad_id, circuit=None, token_budget=4096) -> dic
     times, tokens, losses = [], [], []
     for batch in batches:
         start = time.perf_counter()
-        losses.append(finetune.batch_loss(model, batch, pad_id, token_budget, backward=True))
+        losses.append(batch_loss(model, lm_batch(batch, pad_id), token_budget, backward=True))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -183,7 +184,7 @@ if __name__ == "__main__":
     model.requires_grad_(False)
     examples = load_examples(args.dataset, "train", args.prompt, args.data_dir)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()  # random batches
-    seqs = finetune.tokenize(tok, [examples[i] for i in order[:args.steps * args.batch_size]], 512)
+    seqs = training_texts(tok, [examples[i] for i in order[:args.steps * args.batch_size]], 512)
     batches = [seqs[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.steps)]
     device = next(model.parameters()).device
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

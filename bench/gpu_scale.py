@@ -26,7 +26,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,9 +43,9 @@ if args.dry_run:
 run_script(lambda: check_writable(args.out, args.overwrite))  # this run's own sections then replace it
 import torch  # noqa: E402
 
-import locate  # noqa: E402
 from bench.finetune import compare, ours  # noqa: E402
 from data.scoring import pad_right  # noqa: E402
+from headmap.locate import default_token_budget, locate_circuit  # noqa: E402
 
 if not args.dry_run and not torch.cuda.is_available():
     sys.exit("error: no CUDA GPU here; run with --dry-run to check the script on a CPU")
@@ -111,11 +110,9 @@ def random_llama(shape, dtype, layers=None):
 
 
 def samples_of(lengths, vocab):
-    """D as locate.Samples holds it: random tokens of the given lengths, the last token the gold answer."""
+    """D as locate_circuit takes it: random tokens of the given lengths, the last token the gold answer."""
     g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-    return SimpleNamespace(ids=pad_right(seqs, 0, DEVICE)[0], lengths=list(lengths),
-                           pos=[[n - 2] for n in lengths], targets=[[s[-1]] for s in seqs])
+    return [(torch.randint(3, vocab, (n,), generator=g), n - 1) for n in lengths]
 
 
 def layer_flops(shape, lengths, layers=None):
@@ -142,12 +139,12 @@ def timed_locate(model, shape, samples, budget_tokens, stop_at=None, layers=None
     or `stop_at`; per-layer times, rate, MFU, and the projection of the layers not run."""
     layers = layers or shape["layers"]
     heads = shape["heads"]
-    flops = layer_flops(shape, samples.lengths, layers)
+    flops = layer_flops(shape, [len(ids) for ids, _ in samples], layers)
     warm = {"circuit": {str(l): list(range(N_KEEP)) for l in range(layers - 1)},
             "loss_matrix": [[0.0] * heads for _ in range(layers - 1)]}
     sync()
     start = time.perf_counter()
-    locate.locate(model, samples, N_KEEP, budget_tokens, warm, lambda s: None, progress=False)
+    locate_circuit(model, samples, N_KEEP, budget_tokens, state=warm)
     warm_up = time.perf_counter() - start
     state, ends = {"circuit": {}, "loss_matrix": []}, []
 
@@ -158,7 +155,7 @@ def timed_locate(model, shape, samples, budget_tokens, stop_at=None, layers=None
     sync()
     start = time.perf_counter()
     try:
-        locate.locate(model, samples, N_KEEP, budget_tokens, state, on_layer, progress=False)
+        locate_circuit(model, samples, N_KEEP, budget_tokens, on_layer, state)
     except OutOfTime:
         pass
     done = len(ends)
@@ -185,7 +182,7 @@ if DEVICE == "cuda":
 shape7 = SHAPES["llama2-7b"]
 model = random_llama(shape7, DTYPE)
 arc = samples_of(lengths_of("arc_easy_locate"), shape7["vocab"])
-BUDGET_TOKENS = locate.default_token_budget(torch.device(DEVICE))
+BUDGET_TOKENS = default_token_budget(torch.device(DEVICE))
 
 
 @section("locate_7b_arc")
@@ -210,9 +207,9 @@ def _():
 def _():
     heads, layers = shape7["heads"], shape7["layers"]
     head_dim = shape7["hidden"] // heads
-    ids, attention = arc.ids, pad_right([[1] * n for n in arc.lengths], 0, DEVICE)[1]  # right padding
-    pos = torch.tensor([n - 2 for n in arc.lengths], device=DEVICE)
-    target = torch.tensor([t[0] for t in arc.targets], device=DEVICE)
+    ids, attention = pad_right([seq.tolist() for seq, _ in arc], 0, DEVICE)  # right padding
+    pos = torch.tensor([start - 1 for _, start in arc], device=DEVICE)
+    target = torch.tensor([seq[-1].item() for seq, _ in arc], device=DEVICE)
 
     def candidate(layer, head):  # the naive loop's unit of work: a full forward with one more head zeroed
         def zero(module, inputs):

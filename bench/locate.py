@@ -1,4 +1,4 @@
-"""locate.py's algorithm vs the naive loop (one full masked forward per candidate), same samples, one run.
+"""locate_circuit (locate.py's algorithm) vs the naive loop (one full masked forward per candidate), same samples, one run.
 
     python bench/locate.py --dataset arc_easy --samples 16
 """
@@ -13,7 +13,9 @@ import torch  # noqa: E402
 import locate  # noqa: E402
 from bench.naive import locate_brute_force  # noqa: E402
 from cli import DEFAULT_MODEL, load_model  # noqa: E402
+from data.scoring import answer_samples  # noqa: E402
 from data.tasks import Commonsense, default_data_dir  # noqa: E402
+from headmap.locate import default_token_budget, locate_circuit  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default=DEFAULT_MODEL)
@@ -37,7 +39,7 @@ pool = task.examples(args.split, args.pool)
 chosen = locate.select_samples(model, tok, task, pool, args.samples, args.batch_size)["sample_indices"]
 examples = [pool[i] for i in chosen]
 device = next(model.parameters()).device
-budget = args.token_budget or locate.default_token_budget(device)
+budget = args.token_budget or default_token_budget(device)
 
 
 def timed(fn):
@@ -51,8 +53,7 @@ def timed(fn):
 
 
 state = {"circuit": {}, "loss_matrix": []}
-fast, t_fast = timed(lambda: locate.locate(model, locate.Samples(tok, examples, device), n, budget, state,
-                                           lambda s: None, progress=False))
+fast, t_fast = timed(lambda: locate_circuit(model, answer_samples(tok, examples), n, budget, state=state)[0])
 (naive, naive_losses, _), t_naive = timed(lambda: locate_brute_force(model, tok, examples, n))
 gap = (torch.tensor(state["loss_matrix"]) - torch.tensor(naive_losses)).abs().max().item()
 where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import finetune  # noqa: E402
-from data.scoring import encode_pair  # noqa: E402
+from data.scoring import encode_pair, training_texts  # noqa: E402
 from data.tasks import default_data_dir, load_examples  # noqa: E402
 
 FULL_TRAIN = {"boolq": 9427, "piqa": 16113, "siqa": 33410, "hellaswag": 39905, "winogrande": 40398,
@@ -38,7 +37,7 @@ def estimate(tok, name: str, rows: int, steps: int) -> dict:
     one training run per method of `steps` optimizer steps over `rows` train rows, and scoring five models; with
     the mean token lengths they come from."""
     split = "validation" if name == "boolq" else "train"
-    texts = finetune.tokenize(tok, load_examples(name, split, "paper", default_data_dir(), 2000), 512)
+    texts = training_texts(tok, load_examples(name, split, "paper", default_data_dir(), 2000), 512)
     text_len = sum(map(len, texts)) / len(texts)
     harness = load_examples(name, split, "harness", default_data_dir(), 500)
     n = sum(sum(map(len, encode_pair(tok, e.prompts[e.gold], e.continuations[e.gold]))) for e in harness) / len(harness)

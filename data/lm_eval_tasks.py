@@ -11,7 +11,7 @@ lm-eval is an optional dependency: only this module imports it.
 import difflib
 import sys
 
-from cli import UsageError
+from data.files import DataError
 from data.tasks import CHOICE, Example, Task
 
 SPLIT_DOCS = {"train": "training_docs", "validation": "validation_docs", "test": "test_docs"}
@@ -21,7 +21,7 @@ def lm_eval_module():
     try:
         import lm_eval
     except ImportError:
-        raise UsageError("--dataset lm-eval:TASK needs lm-evaluation-harness: pip install lm-eval") from None
+        raise DataError("--dataset lm-eval:TASK needs lm-evaluation-harness: pip install lm-eval") from None
     return lm_eval
 
 
@@ -30,32 +30,32 @@ class LmEvalTask(Task):
         lm_eval = lm_eval_module()
         from lm_eval.tasks import TaskManager
         if not spec:
-            raise UsageError("--dataset lm-eval: names no task; pass lm-eval:TASK (a task name or a task YAML file)")
+            raise DataError("--dataset lm-eval: names no task; pass lm-eval:TASK (a task name or a task YAML file)")
         is_file = spec.endswith((".yaml", ".yml"))
         manager = TaskManager(include_defaults=not is_file)  # a file needs no index of the 14,000 built-in tasks
         if not is_file and spec not in manager.all_tasks:
             close = difflib.get_close_matches(spec, manager.all_subtasks, n=3)
-            raise UsageError(f"lm-eval has no task {spec!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+            raise DataError(f"lm-eval has no task {spec!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
                              + "; `lm-eval ls tasks` lists them, or pass a task YAML file")
         if not is_file and spec in manager.all_groups + manager.all_tags:
-            raise UsageError(f"lm-eval:{spec} is a group of tasks; pass one of its tasks")
+            raise DataError(f"lm-eval:{spec} is a group of tasks; pass one of its tasks")
         try:
             loaded = manager.load([spec])["tasks"]
         except Exception as err:  # the task's data cannot be fetched (offline), a broken YAML, ...
             detail = (str(err).strip().splitlines() or [""])[0][:200]
-            raise UsageError(f"cannot load lm-eval task {spec} ({type(err).__name__}: {detail}); offline, point a task "
+            raise DataError(f"cannot load lm-eval task {spec} ({type(err).__name__}: {detail}); offline, point a task "
                              "YAML at local files (README: Your own task)") from None
         if len(loaded) != 1:
-            raise UsageError(f"lm-eval:{spec} holds {len(loaded)} tasks; pass one of them: {', '.join(loaded)}")
+            raise DataError(f"lm-eval:{spec} holds {len(loaded)} tasks; pass one of them: {', '.join(loaded)}")
         (task_name, self.task), = loaded.items()
         if self.task.OUTPUT_TYPE != "multiple_choice":
-            raise UsageError(f"lm-eval task {task_name} is a {self.task.OUTPUT_TYPE} task; HeadMap scores answers by "
+            raise DataError(f"lm-eval task {task_name} is a {self.task.OUTPUT_TYPE} task; HeadMap scores answers by "
                              "log-likelihood, so only multiple_choice tasks can be used")
         self.name, self.kind, self.task_name = f"lm-eval:{spec}", CHOICE, task_name
         self.version = (self.task.config.metadata or {}).get("version", self.task.VERSION)
         self.splits = tuple(s for s, docs in SPLIT_DOCS.items() if getattr(self.task, "has_" + docs)())
         if not self.splits:
-            raise UsageError(f"lm-eval task {task_name} has no documents")
+            raise DataError(f"lm-eval task {task_name} has no documents")
         self.eval_split = "test" if "test" in self.splits else "validation" if "validation" in self.splits else "train"
         self.train_split = "train" if "train" in self.splits else self.eval_split
         self.lm_eval_version = lm_eval.__version__
@@ -73,10 +73,10 @@ class LmEvalTask(Task):
             try:
                 examples.append(self.example(doc))
             except (KeyError, ValueError, TypeError, IndexError) as err:
-                raise UsageError(f"lm-eval task {self.task_name}, {split} document {i}: {type(err).__name__}: "
+                raise DataError(f"lm-eval task {self.task_name}, {split} document {i}: {type(err).__name__}: "
                                  f"{err}") from None
         if not examples:
-            raise UsageError(f"lm-eval task {self.task_name} has no {split} documents")
+            raise DataError(f"lm-eval task {self.task_name} has no {split} documents")
         return examples
 
     def example(self, doc: dict) -> Example:

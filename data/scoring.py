@@ -1,15 +1,15 @@
 """Tokenisation, length-sorted batching, log-likelihood scoring of examples, and their metrics."""
 import copy
 import inspect
-import math
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from data import distributed
 from data.tasks import CHOICE, TARGET, Example
+from headmap import distributed
 from headmap.masking import UnsupportedModel
+from headmap.train import length_groups, pass_overhead_tokens
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -58,40 +58,6 @@ def prompt_batches(prompts: list[Prompt], batch_size: int):
             yield group[start:start + batch_size]
 
 
-# A forward pass costs about this many tokens' work on top of its tokens (launches, per-layer overhead): a padded
-# token is only worth saving when it costs more than starting another pass. Measured with `bench/finetune.py
-# --pass-overhead N` (BENCHMARKS.md): on the 2-core CPU 64 was fastest of 16, 64, 256 and 1024; on an H100 a
-# SmolLM2-135M HeadMap step took 0.12 s at 4096 and 1.83 s at 64, since a pass there is launch-bound and padded
-# tokens are nearly free, so on a GPU a batch splits only to stay within the token budget.
-PASS_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 4096}
-
-
-def pass_overhead_tokens(device) -> int:
-    """PASS_OVERHEAD_TOKENS for `device`; an accelerator without its own entry is launch-bound like CUDA."""
-    return PASS_OVERHEAD_TOKENS.get(torch.device(device).type, PASS_OVERHEAD_TOKENS["cuda"])
-
-
-def length_groups(lengths: list[int], token_budget: int, pass_overhead: int) -> list[list[int]]:
-    """Split rows of the given lengths, sorted longest first, into consecutive groups, each run as one right-padded
-    pass: the split with the fewest padded tokens plus `pass_overhead` per pass, among those whose padded size
-    (rows x longest row) fits `token_budget` (an exact dynamic programme; a row longer than the budget runs alone).
-    Returns lists of row indices (into `lengths`)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    cost, start = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
-    for end in range(1, len(order) + 1):
-        for first in range(end - 1, -1, -1):  # the last group is order[first:end], as wide as its first row
-            size = (end - first) * lengths[order[first]]
-            if size > token_budget and first < end - 1:
-                break  # adding longer rows only grows it
-            if cost[first] + size + pass_overhead < cost[end]:
-                cost[end], start[end] = cost[first] + size + pass_overhead, first
-    groups, end = [], len(order)
-    while end:
-        groups.append(order[start[end]:end])
-        end = start[end]
-    return groups[::-1]
-
-
 def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -106,6 +72,33 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def answer_samples(tokenizer, examples: list[Example]) -> list[tuple[torch.Tensor, int]]:
+    """locate_circuit's samples: per example, prompt + gold continuation as token ids and where the answer starts."""
+    pairs = [encode_pair(tokenizer, ex.prompts[ex.gold], ex.continuations[ex.gold]) for ex in examples]
+    return [(torch.tensor(ctx + cont), len(ctx)) for ctx, cont in pairs]
+
+
+def training_texts(tokenizer, examples: list[Example], max_length: int) -> list[list[int]]:
+    """The protocol's training sequences: prompt + gold answer + EOS as token ids, cut at `max_length` tokens."""
+    eos = tokenizer.eos_token_id
+    return [(tokenizer(ex.train_text).input_ids + [eos])[:max_length] for ex in examples]
+
+
+def lm_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token sequences as one right-padded batch in Hugging Face's convention (train_adapter's): input_ids,
+    attention_mask, and labels = input_ids with the padding -100. On the host; the loop moves its micro-batches."""
+    ids, mask = pad_right(seqs, pad_id, "cpu")
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def epoch_batches(seqs: list[list[int]], pad_id: int, batch_size: int, epochs: int, seed: int):
+    """One lm_batch per optimizer step: `batch_size` rows at a time of each epoch's order, shuffled with seed + epoch."""
+    for epoch in range(epochs):
+        order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for start in range(0, len(seqs), batch_size):
+            yield lm_batch([seqs[i] for i in order[start:start + batch_size]], pad_id)
 
 
 def _cache_name(model) -> str:
@@ -227,6 +220,13 @@ def score_continuations(model, tokenizer, examples: list[Example], batch_size: i
                 scores.logprob[e][c], scores.greedy[e][c] = next(got)
                 scores.tokens[e][c] = len(cont)
     return scores
+
+
+def task_metric(model, tokenizer, kind: str, examples: list[Example], batch_size: int = 16, progress: bool = True,
+                desc: str = "scoring") -> float:
+    """The metric a task is judged by (PRIMARY: acc, or exact_match for one target) on `examples`."""
+    return metrics(kind, examples, score_continuations(model, tokenizer, examples, batch_size, progress, desc))[
+        PRIMARY[kind]]
 
 
 def score_examples(model, tokenizer, examples: list[Example], batch_size: int = 16, progress: bool = True,

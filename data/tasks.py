@@ -11,12 +11,13 @@ the shared rest of the sentence is scored. A one-target task (a prompt and the o
 import gzip
 import json
 import os
+import random
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import UsageError, read_checked
+from data.files import DataError, read_checked
 
 CHOICE, TARGET = "multiple_choice", "target"  # the two kinds of task: what is scored, and how
 
@@ -52,7 +53,7 @@ class Task:
         """`split` if the task has it (None: the evaluation split), else a one-line error naming the ones it has."""
         split = split or self.eval_split
         if split not in self.splits:
-            raise UsageError(f"{self.name} has no split {split!r} (it has {', '.join(self.splits)}); pass another --split")
+            raise DataError(f"{self.name} has no split {split!r} (it has {', '.join(self.splits)}); pass another --split")
         return split
 
     def examples(self, split: str | None = None, limit: int | None = None) -> list[Example]:
@@ -60,6 +61,23 @@ class Task:
 
     def source(self, split: str) -> dict:
         raise NotImplementedError
+
+
+def held_out_rows(task: Task, examples: list[Example], fraction: float, seed: int) -> tuple[list, list, str]:
+    """The protocol's held-out set for fine-tuning: the validation split where the task evaluates on another (ARC
+    and OpenBookQA evaluate on test), else `fraction` of `examples` (at most 2000 rows), carved out with `seed`.
+    Returns (training rows, held-out rows, where the held-out rows came from)."""
+    if "validation" in task.splits and task.eval_split not in ("validation", task.train_split):
+        return examples, task.examples("validation"), "the validation split"
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = min(2000, max(1, round(len(examples) * fraction)))
+    if n_val >= len(examples):
+        raise DataError(f"{task.name} has {len(examples)} training rows: too few to hold {n_val} out; add rows or "
+                        "give it a validation split")
+    held = set(order[:n_val])
+    return ([e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)],
+            f"{n_val} row{'s' * (n_val != 1)} ({fraction:.0%}) carved out of {task.train_split} with seed {seed}")
 
 
 def open_task(name: str, prompt: str | None = None, data_dir: str | None = None, delimiter: str | None = None) -> Task:
@@ -78,7 +96,7 @@ def open_task(name: str, prompt: str | None = None, data_dir: str | None = None,
         from data.user_files import FileTask
         refuse_options(name, prompt=prompt)
         return FileTask(name, " " if delimiter is None else delimiter)
-    raise UsageError(f"unknown dataset {name!r}: pass one of {', '.join(DATASETS)}, a file or folder of your own rows "
+    raise DataError(f"unknown dataset {name!r}: pass one of {', '.join(DATASETS)}, a file or folder of your own rows "
                      "(README: Your own task), or lm-eval:TASK")
 
 
@@ -87,7 +105,7 @@ def refuse_options(name: str, **given) -> None:
               "delimiter": "--target-delimiter (between a file's prompts and answers)"}
     for key, value in given.items():
         if value is not None:
-            raise UsageError(f"{option[key]} does not apply to --dataset {name}; drop it")
+            raise DataError(f"{option[key]} does not apply to --dataset {name}; drop it")
 
 
 # ---------------------------------------------------------------- reading records from files
@@ -104,7 +122,7 @@ def read_records(path: Path, limit: int | None = None):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise UsageError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+            raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from None
         batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
         yield from _numbered((record for batch in batches for record in batch.to_pylist()), limit)
         return
@@ -166,7 +184,7 @@ LETTERS = "ABCDEFGH"
 
 def check_dataset(name: str) -> Dataset:
     if name not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[name]
 
 
@@ -191,7 +209,7 @@ class Commonsense(Task):
     def __init__(self, name: str, prompt: str = "paper", data_dir: str = BUNDLED):
         check_dataset(name)
         if prompt not in PROMPT_STYLES:
-            raise UsageError(f"unknown prompt style {prompt!r}; use paper or harness")
+            raise DataError(f"unknown prompt style {prompt!r}; use paper or harness")
         self.name, self.prompt, self.data_dir = name, prompt, data_dir
         self.train_split, self.eval_split = "train", DATASETS[name].eval_split
         self.splits = ("train", "validation", "test")  # what the folder has is checked on reading
@@ -235,24 +253,24 @@ def load_rows(name: str, split: str, data_dir: str = BUNDLED, limit: int | None 
                                 "fix or replace it (UTF-8 JSON Lines, JSON or Parquet in the Hugging Face schema)")
     others = sorted(p.name for p in folder.glob(f"{split}.*")) if folder.is_dir() else []
     if others:
-        raise UsageError(f"{folder / others[0]} is not a supported format; convert it to one of "
+        raise DataError(f"{folder / others[0]} is not a supported format; convert it to one of "
                          f"{', '.join('.' + e for e in FORMATS)} in the Hugging Face schema")
     have = sorted({p.name.split(".")[0] for ext in FORMATS for p in folder.glob(f"*.{ext}")}) if folder.is_dir() else []
     where = f"available splits: {', '.join(have)}" if have else f"no folder {folder}"
-    raise UsageError(f"no {split} split of {name} in {data_dir} ({where}); pass another --split or --data-dir")
+    raise DataError(f"no {split} split of {name} in {data_dir} ({where}); pass another --split or --data-dir")
 
 
 def _load_hub_rows(name: str, spec: Dataset, split: str) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise UsageError("--data-dir hub needs the datasets package: pip install datasets") from None
+        raise DataError("--data-dir hub needs the datasets package: pip install datasets") from None
     try:
         return list(datasets.load_dataset(spec.hub_id, spec.hub_config, split=split))
     except ValueError as err:  # datasets raises ValueError for an unknown split
-        raise UsageError(f"{name} has no split {split!r} on the hub ({str(err).splitlines()[0]}); pass --split") from None
+        raise DataError(f"{name} has no split {split!r} on the hub ({str(err).splitlines()[0]}); pass --split") from None
     except Exception as err:  # network or hub failures come in many types
-        raise UsageError(f"cannot load {name} ({spec.hub_id}) from the Hugging Face hub: {type(err).__name__}; "
+        raise DataError(f"cannot load {name} ({spec.hub_id}) from the Hugging Face hub: {type(err).__name__}; "
                          "drop --data-dir hub to use the bundled copy, or pass a folder") from None
 
 
@@ -362,16 +380,16 @@ def load_examples(name: str, split: str | None = None, style: str = "paper", dat
     """Examples of one split (default: the protocol's evaluation split), first `limit` rows only if given."""
     spec = check_dataset(name)
     if style not in PROMPT_STYLES:
-        raise UsageError(f"unknown prompt style {style!r}; use paper or harness")
+        raise DataError(f"unknown prompt style {style!r}; use paper or harness")
     split = split or spec.eval_split
     rows = load_rows(name, split, data_dir, limit)
     if not rows:
-        raise UsageError(f"{name} split {split} in {data_dir} has no rows; check the file or --data-dir")
+        raise DataError(f"{name} split {split} in {data_dir} has no rows; check the file or --data-dir")
     examples = []
     for i, row in enumerate(rows):
         try:
             examples.append(make_example(name, row, style))
         except (KeyError, ValueError, TypeError, IndexError) as err:
-            raise UsageError(f"{name} {split} row {i} is malformed ({type(err).__name__}: {err}); "
+            raise DataError(f"{name} {split} row {i} is malformed ({type(err).__name__}: {err}); "
                              "check that the file uses the Hugging Face schema") from None
     return examples

@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from cli import UsageError
+from data.files import DataError
 from data.tasks import CHOICE, FILE_FORMATS, TARGET, Example, Task, read_records
 
 SPLITS = ("train", "validation", "test")
@@ -33,23 +33,23 @@ class FileTask(Task):
             self.files = {split: file for split in SPLITS for file in (root / f"{split}{ext}" for ext in FILE_FORMATS)
                           if file.is_file()}
             if not self.files:
-                raise UsageError(f"folder {path} holds no train, validation or test file ({', '.join(FILE_FORMATS)}); "
+                raise DataError(f"folder {path} holds no train, validation or test file ({', '.join(FILE_FORMATS)}); "
                                  "put your rows there, or pass one file")
             self.splits = tuple(self.files)
             self.eval_split = "test" if "test" in self.files else "validation" if "validation" in self.files else "train"
             self.train_split = "train" if "train" in self.files else self.eval_split
         elif root.is_file():
             if not path.endswith(FILE_FORMATS):
-                raise UsageError(f"{path} is not a supported format; use one of {', '.join(FILE_FORMATS)}")
+                raise DataError(f"{path} is not a supported format; use one of {', '.join(FILE_FORMATS)}")
             self.files = {WHOLE_FILE: root}
             self.splits, self.train_split, self.eval_split = (WHOLE_FILE,), WHOLE_FILE, WHOLE_FILE
         else:
-            raise UsageError(f"--dataset {path}: no such file or folder")
+            raise DataError(f"--dataset {path}: no such file or folder")
         self.kind = self._kind()
 
     def check_split(self, split: str | None) -> str:
         if split not in (None, WHOLE_FILE) and self.splits == (WHOLE_FILE,):
-            raise UsageError(f"--split {split}: {self.name} is one file, which has no splits; drop --split, or pass a "
+            raise DataError(f"--split {split}: {self.name} is one file, which has no splits; drop --split, or pass a "
                              "folder of train/validation/test files")
         return super().check_split(split)
 
@@ -58,19 +58,19 @@ class FileTask(Task):
         file = self.files[self.train_split]
         rows = self._read(file, 1)
         if not rows:
-            raise UsageError(f"{file} has no rows; add some in the schema {SCHEMA}")
+            raise DataError(f"{file} has no rows; add some in the schema {SCHEMA}")
         row = rows[0][1]
         if isinstance(row, dict) and "choices" in row:
             return CHOICE
         if isinstance(row, dict) and "target" in row:
             return TARGET
-        raise UsageError(f"{file} row 1 has neither a 'choices' nor a 'target' field; use the schema {SCHEMA}")
+        raise DataError(f"{file} row 1 has neither a 'choices' nor a 'target' field; use the schema {SCHEMA}")
 
     def _read(self, file: Path, limit: int | None) -> list[tuple[int, dict]]:
         try:
             return list(read_records(file, limit))
         except (ValueError, OSError) as err:  # a row that is not UTF-8 or not JSON, a truncated gzip or Parquet
-            raise UsageError(f"{file}: {err}") from None
+            raise DataError(f"{file}: {err}") from None
 
     def examples(self, split: str | None = None, limit: int | None = None) -> list[Example]:
         file = self.files[self.check_split(split)]
@@ -79,9 +79,9 @@ class FileTask(Task):
             try:
                 examples.append(self.example(row))
             except RowError as err:
-                raise UsageError(f"{file} row {number}: {err}") from None
+                raise DataError(f"{file} row {number}: {err}") from None
         if not examples:
-            raise UsageError(f"{file} has no rows; add some in the schema {SCHEMA}")
+            raise DataError(f"{file} has no rows; add some in the schema {SCHEMA}")
         return examples
 
     def example(self, row) -> Example:

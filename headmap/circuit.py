@@ -23,14 +23,38 @@ def read_circuit(path: str) -> dict[int, list[int]]:
     else:
         raise ValueError("it is neither JSON nor a torch file")
     try:
-        circuit = {int(layer): sorted(int(h) for h in entry["retain_heads"])
+        circuit = {_index(layer, "layer"): sorted(_index(h, f"layer {layer}'s head") for h in _heads(entry))
                    for layer, entry in data["knowledge_circuit"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    except (KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"not a knowledge circuit ({type(err).__name__}: {err}); expected "
                          '{"knowledge_circuit": {layer: {"retain_heads": [...]}}}') from None
     if not any(circuit.values()):
         raise ValueError("the circuit names no heads")
     return circuit
+
+
+def _heads(entry: dict) -> list:
+    """An entry's retain_heads: a list, or the integer tensor the official torch file may hold."""
+    heads = entry["retain_heads"]
+    if isinstance(heads, torch.Tensor):
+        if heads.is_floating_point() or heads.is_complex() or heads.dim() != 1:
+            raise ValueError(f"retain_heads is a {heads.dim()}-d {heads.dtype} tensor, not a list of head indices")
+        return heads.tolist()
+    if not isinstance(heads, (list, tuple)):
+        raise ValueError(f"retain_heads is {heads!r}, not a list of head indices")
+    return list(heads)
+
+
+def _index(value, what: str) -> int:
+    """A layer or head index as the file holds it: an integer (a layer also as a string of digits, the only way
+    JSON writes an object key). A float, a bool or any other string is refused: 1.5 names no head."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if what == "layer" and isinstance(value, str) and value.isdigit() and value.isascii():
+        return int(value)
+    raise ValueError(f"{what} index {value!r} is not an integer; indices are 0-based integers")
 
 
 def circuit_entry(circuit: dict[int, list[int]]) -> dict:

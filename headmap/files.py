@@ -1,15 +1,29 @@
 """Outputs written whole or not at all: the one atomic writer of the library and of the scripts."""
+import errno
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 
 
+class NoSpaceError(OSError):
+    """The disk has no room for an output: the message says how much it needed (or had written when the disk filled
+    up) and how much was free. Nothing of the output is left behind."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 @contextmanager
-def atomic(path: str, folder: bool = False):
+def atomic(path: str, folder: bool = False, size: int | None = None):
     """Yield a temporary file (or, with folder=True, an empty folder) beside `path` that takes its place when the
     block finishes: a crash mid-write leaves the previous file or folder, never half of one. A folder replaces a
-    missing or empty one by a rename, an existing one by an exchange in one step (its old contents are deleted)."""
+    missing or empty one by a rename, an existing one by an exchange in one step (its old contents are deleted).
+    `size`, the bytes the block will write where known, is checked against the free space first; a full disk
+    raises NoSpaceError."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     if folder:
@@ -18,7 +32,8 @@ def atomic(path: str, folder: bool = False):
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=os.path.splitext(path)[1])
         os.close(fd)
     try:
-        yield tmp
+        with space_for(path, tmp, size):
+            yield tmp
         # mkstemp and mkdtemp make their results private; an output reads like any other file the user writes
         os.chmod(tmp, (0o777 if folder else 0o666) & ~current_umask())
         if folder and os.path.isdir(path) and os.listdir(path):
@@ -32,6 +47,42 @@ def atomic(path: str, folder: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def space_for(path: str, tmp: str, size: int | None = None):
+    """Around the writing of `path` into `tmp` (a file or folder beside it): with `size`, the bytes it will take,
+    refuse at once where the disk has less free; a write that fills the disk raises NoSpaceError saying so."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free
+    if size is not None and size > free:
+        raise NoSpaceError(f"no space for {path}: it needs about {_mb(size)}, the disk has {_mb(free)} free; free "
+                           "some space or write it elsewhere")
+    try:
+        yield
+    except Exception as err:
+        if not disk_full(err, os.path.dirname(os.path.abspath(tmp))):
+            raise
+        needed = f"about {_mb(size)}" if size else f"more than the {_mb(_bytes_in(tmp))} written before it filled up"
+        raise NoSpaceError(f"no space left on the disk of {path}: it needs {needed}, the disk had {_mb(free)} free; "
+                           "free some space or write it elsewhere") from err
+
+
+def disk_full(err: BaseException, folder: str) -> bool:
+    """Whether a write failed for want of space: ENOSPC or EDQUOT, or a writer that reports it in words only
+    (safetensors: "No space left on device"; torch.save: "file write failed") on a disk with under 1 MiB left."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(err) or shutil.disk_usage(folder).free < 2 ** 20
+
+
+def _bytes_in(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2 ** 20:,.1f} MB" if n >= 2 ** 20 else f"{n / 2 ** 10:,.0f} KB"
 
 
 def current_umask() -> int:

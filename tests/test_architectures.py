@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import headmap.attention
-import locate
-from data.scoring import score_examples
+from data.scoring import answer_samples, score_examples
 from data.tasks import Example
 from headmap.adapters import attach_headmap, attach_lora
+from headmap.locate import locate_circuit
 from headmap.masking import UnsupportedModel, mask_heads
 from headmap.masking import probe
 from tests.architectures import causal_lm_types, tiny_model
@@ -308,8 +308,8 @@ def check_mask(model, tok, circuit):
 
 
 def check_locate(model, tok, circuit):
-    state = {"circuit": {}, "loss_matrix": []}
-    got_circuit = locate.locate(model, locate.Samples(tok, EXAMPLES, "cpu"), 1, 5, state, lambda s: None, False)
+    state = {}
+    got_circuit, _ = locate_circuit(model, answer_samples(tok, EXAMPLES), 1, 5, state=state)
     want_circuit, want_losses, want_below = locate_brute_force(model, tok, EXAMPLES, 1)
     close(torch.tensor(state["loss_matrix"]), torch.tensor(want_losses), "locate's loss matrix")
     close(torch.tensor(state["circuit_below_loss"]), torch.tensor(want_below), "locate's circuit-below loss")

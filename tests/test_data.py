@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cli import UsageError, write_json
+from cli import write_json
+from data.files import DataError
 from data.tasks import DATASETS, data_source, load_examples, load_rows
 
 # rows per split, from the table in data/datasets/SOURCES.md
@@ -56,7 +57,7 @@ def test_gzip_and_unsupported_formats(tmp_path):
         f.write(json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 1}) + "\n")
     assert load_examples("piqa", data_dir=str(tmp_path))[0].gold == 1
     (tmp_path / "piqa" / "test.csv").write_text("goal,sol1,sol2,label\n")
-    with pytest.raises(UsageError, match="test.csv is not a supported format; convert it to one of .jsonl"):
+    with pytest.raises(DataError, match="test.csv is not a supported format; convert it to one of .jsonl"):
         load_examples("piqa", "test", data_dir=str(tmp_path))
 
 
@@ -66,21 +67,21 @@ def _write(tmp_path, name, split, rows):
 
 
 def test_errors_name_the_problem(tmp_path):
-    with pytest.raises(UsageError, match="unknown dataset 'bolq'"):
+    with pytest.raises(DataError, match="unknown dataset 'bolq'"):
         load_examples("bolq", data_dir=str(tmp_path))
-    with pytest.raises(UsageError, match="no folder"):
+    with pytest.raises(DataError, match="no folder"):
         load_examples("piqa", data_dir=str(tmp_path))
     _write(tmp_path, "piqa", "train", [{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}])
-    with pytest.raises(UsageError, match="available splits: train"):
+    with pytest.raises(DataError, match="available splits: train"):
         load_examples("piqa", data_dir=str(tmp_path))
     _write(tmp_path, "piqa", "validation", [{"goal": "g", "sol1": "a", "label": 0}])
-    with pytest.raises(UsageError, match="row 0 is malformed.*sol2"):
+    with pytest.raises(DataError, match="row 0 is malformed.*sol2"):
         load_examples("piqa", data_dir=str(tmp_path))
     _write(tmp_path, "piqa", "validation", [])
-    with pytest.raises(UsageError, match="validation in .* has no rows"):
+    with pytest.raises(DataError, match="validation in .* has no rows"):
         load_examples("piqa", data_dir=str(tmp_path))
     _write(tmp_path, "piqa", "validation", [{"goal": "g", "sol1": "a", "sol2": "b", "label": 7}])
-    with pytest.raises(UsageError, match="out of range"):
+    with pytest.raises(DataError, match="out of range"):
         load_examples("piqa", data_dir=str(tmp_path))
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import finetune
+from data.scoring import lm_batch
 from headmap.adapters import attach_headmap, attach_lora, load_adapter, save_adapter
+from headmap.train import batch_loss, length_groups, pass_overhead_tokens, summed_nll, train_adapter
 from tests.conftest import TinyTokenizer, tiny_llama
 
 CIRCUIT = {0: [1, 3], 2: [0, 2]}
@@ -107,7 +109,7 @@ def test_tiny_model_overfits_a_handful_of_examples(method, tmp_path):
     texts = ["Q: red? A: yes", "Q: sky? A: blue", "Q: 2+2? A: four", "Q: ice? A: cold"]
     seqs = [tok(t).input_ids + [1] for t in texts]
     adapter = attach(model, method)
-    first = finetune.validation_loss(model, seqs, 0, 4096)
+    first = batch_loss(model, lm_batch(seqs, 0))
     best, steps = finetune.train(model, adapter, seqs, seqs, 0, train_args(tmp_path, lr=3e-2, epochs=100, max_steps=60))
     assert steps == 60 and best["loss"] < first / 2
 
@@ -169,13 +171,12 @@ def test_validation_loss_is_measured_without_dropout(tmp_path):
     adapter.train()
     best, _ = finetune.train(model, adapter, seqs, seqs, 0, train_args(tmp_path, lr=0.0, epochs=1, eval_every=1))
     adapter.eval()
-    assert best["loss"] == finetune.validation_loss(model, seqs, 0, 4096)
+    assert best["loss"] == batch_loss(model, lm_batch(seqs, 0))
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_length_groups_are_the_cheapest_split_within_the_budget(device):
     import itertools
-    from data.scoring import length_groups, pass_overhead_tokens
     lengths = [37, 5, 22, 23, 9, 40, 8, 21, 39, 6]
     budget = 90
     overhead = pass_overhead_tokens(device)
@@ -201,7 +202,6 @@ def test_length_groups_are_the_cheapest_split_within_the_budget(device):
 
 def test_a_gpu_runs_a_batch_that_fits_the_budget_as_one_pass():
     """On a GPU a pass is launch-bound, so a batch is split only for memory; on the CPU, to skip padded tokens."""
-    from data.scoring import length_groups, pass_overhead_tokens
     lengths = [120, 118, 90, 64, 40, 33, 20, 12] * 2  # a batch of 16 rows: 16 x 120 = 1920 padded tokens
     assert length_groups(lengths, 4096, pass_overhead_tokens("cuda")) == [sorted(range(16), key=lambda i: -lengths[i])]
     assert len(length_groups(lengths, 4096, pass_overhead_tokens("cpu"))) > 1
@@ -210,7 +210,6 @@ def test_a_gpu_runs_a_batch_that_fits_the_budget_as_one_pass():
 
 @pytest.mark.parametrize("method", ["headmap-mha", "lora"])
 def test_micro_batched_gradient_equals_one_padded_pass(model, method):
-    from data.scoring import length_groups, pass_overhead_tokens
     tok = TinyTokenizer()
     texts = ["a b c d e f g h i j k", "l m", "n o p q r s", "t u v w x y z a b c d e f g", "h i j", "k l m n o"]
     seqs = [tok(t).input_ids + [1] for t in texts]
@@ -222,11 +221,91 @@ def test_micro_batched_gradient_equals_one_padded_pass(model, method):
         out = [p.grad.clone() for p in adapter.parameters()]
         adapter.zero_grad()
         return out
-    nll, n = finetune.lm_loss(model, seqs, 0), sum(len(s) - 1 for s in seqs)  # one pass, right-padded
-    (nll / n).backward()
+    whole = lm_batch(seqs, 0)  # one pass, right-padded: the stock model's own loss is the token mean
+    model(**whole).loss.backward()
     padded = grads()
+    nll, n = summed_nll(model, whole["input_ids"], whole["attention_mask"], whole["labels"]), sum(len(s) - 1 for s in seqs)
     assert len(length_groups([len(s) for s in seqs], 20, pass_overhead_tokens("cpu"))) > 2
-    loss = finetune.batch_loss(model, seqs, 0, token_budget=20, backward=True)
+    loss = batch_loss(model, whole, token_budget=20, backward=True)
     assert loss == pytest.approx(nll.item() / n, rel=1e-6)
     for a, b in zip(grads(), padded):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["headmap-mha", "dora"])
+def test_train_adapter_equals_a_plain_adamw_loop_on_the_stock_loss(method):
+    """The library's loop against the loop a user writes: one padded pass per batch through the stock model's own
+    loss (labels), torch's AdamW, LambdaLR warm-up and decay, clipping; the same losses and the same weights."""
+    tok = TinyTokenizer()
+    texts = ["a b c d e f g h", "i j", "k l m n o", "p q r s t u v w x y", "z a b", "c d e f"]
+    batches = [lm_batch([tok(t).input_ids + [1] for t in texts[i:i + 3]], 0) for i in (0, 3, 0, 3)]
+
+    def fresh():
+        m = tiny_llama(layers=3, heads=4, kv_heads=2, head_dim=16, seed=2).requires_grad_(False)
+        torch.manual_seed(0)
+        return m, attach(m, method)
+
+    model, adapter = fresh()
+    losses = train_adapter(model, adapter, batches, steps=4, lr=1e-2, warmup=2, token_budget=16)
+    ours = [p.detach().clone() for p in adapter.parameters()]
+
+    model, adapter = fresh()
+    params = list(adapter.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    factor = [0.0, 0.5, 1.0, 0.5]  # warm-up over 2 steps, then linear decay to 0 at step 4
+    reference = []
+    for step, batch in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = 1e-2 * factor[step]
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        reference.append(loss.item())
+    assert losses == pytest.approx(reference, rel=1e-5)
+    for a, b in zip(ours, params):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_train_adapter_keeps_the_best_and_resumes_from_a_checkpoint():
+    import io
+    tok = TinyTokenizer()
+    seqs = [tok(t).input_ids + [1] for t in ["a b c", "d e f g", "h i", "j k l m n", "o p q"]]
+    batches = [lm_batch(seqs[i:i + 2], 0) for i in (0, 2, 3, 1, 0, 2)]
+    held_out = lm_batch(seqs[:2], 0)
+
+    def run(resume=None):
+        model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, seed=3).requires_grad_(False)
+        torch.manual_seed(0)
+        adapter = attach_lora(model, rank=4, alpha=8, dropout=0.1)
+        adapter.train()
+        records, saved = [], io.BytesIO()
+
+        def on_step(record, checkpoint):
+            records.append(record)
+            if record["step"] == 3:
+                torch.save(checkpoint(), saved)  # as a user saves it
+        losses = train_adapter(model, adapter, batches, 6, 3e-1, 1, eval_batch=held_out, eval_every=2,
+                               resume=resume, on_step=on_step)
+        adapter.eval()
+        return losses, records, saved, batch_loss(model, held_out)
+
+    losses, records, saved, final = run()
+    vals = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert sorted(vals) == [2, 4, 6] and len(set(vals.values())) == 3
+    best = min(vals, key=vals.get)
+    assert [r["step"] for r in records if r.get("best")][-1] == best
+    assert final == pytest.approx(vals[best], rel=1e-6)  # the adapter ends with the best weights
+    saved.seek(0)
+    resumed, later, _, final_resumed = run(resume=torch.load(saved, weights_only=False))
+    assert [r["step"] for r in later] == [4, 5, 6] and resumed == losses[3:]  # dropout's RNG resumed too
+    assert final_resumed == final
+
+
+def test_batch_loss_refuses_left_padding():
+    model = tiny_llama(layers=1, heads=4, kv_heads=2, head_dim=16)
+    batch = lm_batch([[2, 5, 6], [2, 7]], 0)
+    left = {k: v.flip(1) for k, v in batch.items()}
+    with pytest.raises(ValueError, match="batch_loss needs right padding"):
+        batch_loss(model, left)

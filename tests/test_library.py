@@ -12,10 +12,10 @@ from tests.conftest import ROOT
 from tests.test_cli import run
 
 
-def readme_library_example() -> str:
-    """The README's library snippet: the python block after the 'library example' marker."""
-    text = (ROOT / "README.md").read_text()
-    return re.search(r"<!-- library example -->\s*```python\n(.*?)```", text, re.S).group(1)
+def snippet(path: str, marker: str) -> str:
+    """The python block after `<!-- marker -->` in a markdown file of the repository."""
+    text = (ROOT / path).read_text()
+    return re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", text, re.S).group(1)
 
 
 def clean_env(**extra):
@@ -25,7 +25,7 @@ def clean_env(**extra):
 
 def test_the_library_copied_under_another_name_runs_the_readme_example(tmp_path):
     shutil.copytree(ROOT / "headmap", tmp_path / "vendor" / "hm_kernels", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "example.py").write_text(readme_library_example())
+    (tmp_path / "example.py").write_text(snippet("docs/library.md", "library example"))
     check = "import sys; assert not any(p.startswith(%r) for p in sys.path if p), sys.path\n" % str(ROOT)
     (tmp_path / "sitecheck.py").write_text(check)
     for script in ("sitecheck.py", "example.py"):  # -E: no PYTHONPATH; -s: no user site; cwd: the other project
@@ -38,6 +38,28 @@ def test_the_library_copied_under_another_name_runs_the_readme_example(tmp_path)
         source = path.read_text()
         assert not re.search(r"^\s*(from|import) (headmap|cli|data|kernels)\b", source, re.M), path.name
         assert "argparse" not in source and "UsageError" not in source, path.name
+
+
+def test_the_readmes_python_example_locates_trains_and_saves_with_the_library_alone(tiny_run, tmp_path):
+    """README's "Use it from Python", verbatim, with headmap/ pasted alone under another name and the hub id a local
+    folder (a 2-layer random LLaMA with SmolLM2's tokenizer): it locates, trains and saves; the lines appended after
+    it check what it made."""
+    shutil.copytree(ROOT / "headmap", tmp_path / "vendor" / "hm_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(tiny_run / "model", tmp_path / "HuggingFaceTB" / "SmolLM2-135M-Instruct")
+    checks = """
+assert sorted(circuit) == [0, 1] and all(len(h) == 2 for h in circuit.values()), circuit
+assert loss_matrix.shape == (2, 4) and bool((loss_matrix > 0).all())
+assert len(losses) == 20 and losses[-1] < losses[0], losses
+import sys
+assert "cli" not in sys.modules and "data" not in sys.modules and "headmap" not in sys.modules
+print("located, trained and saved")
+"""
+    (tmp_path / "example.py").write_text(snippet("README.md", "python example") + checks)
+    done = subprocess.run([sys.executable, "-E", "-s", "example.py"], cwd=tmp_path, capture_output=True, text=True,
+                          env=clean_env(HF_HUB_OFFLINE="1"), timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "located, trained and saved" in done.stdout
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_every_script_runs_with_hugging_faces_kernels_package_installed(tiny_run, tmp_path):
@@ -62,3 +84,13 @@ def test_every_script_runs_with_hugging_faces_kernels_package_installed(tiny_run
         done = run(*script)
         assert done.returncode == 0, f"{script[0]}: {done.stderr}"
     assert (tmp_path / "merged" / "model.safetensors").exists() and (tmp_path / "heads.png").exists()
+
+
+def test_data_imports_nothing_of_the_scripts_and_raises_its_own_value_error():
+    from data.files import DataError
+    from data.tasks import open_task
+    for path in (ROOT / "data").glob("*.py"):
+        assert not re.search(r"^\s*(from|import) (cli|locate|finetune|evaluate|merge|plot)\b", path.read_text(), re.M), path
+    assert issubclass(DataError, ValueError)
+    with pytest.raises(DataError, match="unknown dataset 'nope'"):
+        open_task("nope")

@@ -1,4 +1,4 @@
-"""locate.py: exact against the brute force, resumable, and strict about bad input."""
+"""locate_circuit and locate.py: exact against the brute force, resumable, and strict about bad input."""
 import json
 
 import pytest
@@ -6,8 +6,12 @@ import torch
 
 import headmap.attention
 import locate
-from data.tasks import Example
 from bench.naive import locate_brute_force
+from data.scoring import answer_samples
+from data.tasks import Example
+from headmap.circuit import circuit_entry, circuit_mask
+from headmap.locate import locate_circuit, plan_batches, unmasked_answer_loss
+from headmap.masking import mask_heads
 from tests.test_cli import assert_usage_error, run
 
 EXAMPLES = [
@@ -36,23 +40,60 @@ def brute_force(tiny):
 @pytest.mark.parametrize("token_budget", [1, 40, 100, 4096])  # 1: a row per batch; 40, 100: cut to other widths
 def test_fast_locate_equals_brute_force(tiny, brute_force, token_budget):
     model, tok = tiny
-    samples = locate.Samples(tok, EXAMPLES, "cpu")
-    state = {"circuit": {}, "loss_matrix": []}
-    circuit = locate.locate(model, samples, 2, token_budget, state, lambda s: None)
+    state = {}
+    circuit, loss_matrix = locate_circuit(model, answer_samples(tok, EXAMPLES), 2, token_budget, state=state)
     expected_circuit, expected_losses, expected_below = brute_force
     assert circuit == expected_circuit
-    torch.testing.assert_close(torch.tensor(state["loss_matrix"]), torch.tensor(expected_losses),
-                               atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(loss_matrix, torch.tensor(expected_losses), atol=1e-3, rtol=1e-5)
+    assert loss_matrix.tolist() == state["loss_matrix"]
     torch.testing.assert_close(torch.tensor(state["circuit_below_loss"]), torch.tensor(expected_below),
                                atol=1e-3, rtol=1e-5)
     # below layer 0 nothing is masked: the "no head" row of layer 0 is the unmasked model's loss
-    assert state["circuit_below_loss"][0] == pytest.approx(locate.unmasked_loss(model, samples), rel=1e-5)
+    assert state["circuit_below_loss"][0] == pytest.approx(unmasked_answer_loss(model, answer_samples(tok, EXAMPLES)),
+                                                           rel=1e-5)
+
+
+def test_locate_circuit_equals_a_brute_force_loop_over_mask_heads(tiny):
+    """Algorithm 1 written the plain way with the library's own mask_heads: per layer and head, one full forward of
+    every sample with the circuit so far and the candidate masked, the answers' NLL summed."""
+    model, tok = tiny
+    samples = answer_samples(tok, EXAMPLES)
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+
+    def loss_with(mask):
+        total = 0.0
+        with torch.inference_mode(), mask_heads(model, mask):
+            for ids, start in samples:
+                logp = torch.log_softmax(model(ids[None]).logits[0].float(), -1)
+                total -= logp[torch.arange(start - 1, len(ids) - 1), ids[start:]].sum().item()
+        return total
+
+    circuit, matrix = {}, []
+    for layer in range(layers):
+        row = []
+        for head in range(heads):
+            mask = circuit_mask({**circuit, layer: [head]}, layers, heads)
+            row.append(loss_with(mask))
+        matrix.append(row)
+        circuit[layer] = sorted(sorted(range(heads), key=lambda h: (-row[h], h))[:2])
+    got, loss_matrix = locate_circuit(model, samples, 2, 64)
+    assert got == circuit
+    torch.testing.assert_close(loss_matrix, torch.tensor(matrix), atol=1e-3, rtol=1e-5)
+
+
+def test_locate_circuit_refuses_bad_samples_and_counts(tiny):
+    model, tok = tiny
+    ids = torch.tensor([2, 5, 6])
+    with pytest.raises(ValueError, match="answer_start 3 leaves no prompt or no answer in a sample of 3 tokens"):
+        locate_circuit(model, [(ids, 3)], 1)
+    with pytest.raises(ValueError, match="heads_per_layer must be in 1..3 for a model with 4 heads, got 4"):
+        locate_circuit(model, [(ids, 1)], 4)
 
 
 def test_batches_keep_to_the_token_budget_and_cover_every_row_once():
     lengths = [5, 12, 7, 12, 3]
     for budget, world in [(1, 1), (30, 1), (50, 2), (1000, 3)]:
-        plan = locate.plan_batches(lengths, 3, budget, world)
+        plan = plan_batches(lengths, 3, budget, world)
         assert len(plan) % world == 0
         rows = sorted((h, i) for c, s, _ in plan for h, i in zip(c, s))
         assert rows == sorted((h, i) for h in range(3) for i in range(5))
@@ -60,22 +101,21 @@ def test_batches_keep_to_the_token_budget_and_cover_every_row_once():
             if s:
                 assert width == max(lengths[i] for i in s)  # cut to its own longest row
                 assert len(s) * width <= budget or len(s) == 1
-    assert [len(c) for c, _, _ in locate.plan_batches(lengths, 3, 36, 1)] == [3, 3, 5, 4]  # 12 12 | 12 12 | ...
+    assert [len(c) for c, _, _ in plan_batches(lengths, 3, 36, 1)] == [3, 3, 5, 4]  # 12 12 | 12 12 | ...
 
 
 def test_unmasked_loss_matches_full_forward(tiny):
     model, tok = tiny
-    samples = locate.Samples(tok, EXAMPLES, "cpu")
     from bench.naive import choice_scores_one_by_one
     expected = -sum(s[ex.gold] for s, ex in zip(choice_scores_one_by_one(model, tok, EXAMPLES), EXAMPLES))
-    assert locate.unmasked_loss(model, samples) == pytest.approx(expected, rel=1e-5)
+    assert unmasked_answer_loss(model, answer_samples(tok, EXAMPLES)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_resume_gives_the_uninterrupted_result(tiny):
     model, tok = tiny
-    samples = locate.Samples(tok, EXAMPLES, "cpu")
-    full = {"circuit": {}, "loss_matrix": []}
-    locate.locate(model, samples, 1, 64, full, lambda s: None)
+    samples = answer_samples(tok, EXAMPLES)
+    full = {}
+    locate_circuit(model, samples, 1, 64, state=full)
 
     class Interrupt(Exception):
         pass
@@ -88,10 +128,28 @@ def test_resume_gives_the_uninterrupted_result(tiny):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        locate.locate(model, samples, 1, 64, {"circuit": {}, "loss_matrix": []}, stop_after_two)
-    resumed = locate.locate(model, samples, 1, 64, saved, lambda s: None)
+        locate_circuit(model, samples, 1, 64, stop_after_two)
+    resumed, _ = locate_circuit(model, samples, 1, 64, state=saved)
     assert resumed == {int(k): v for k, v in full["circuit"].items()}
     assert saved["loss_matrix"] == full["loss_matrix"] and saved["circuit_below_loss"] == full["circuit_below_loss"]
+
+
+def test_the_library_finds_what_locate_py_finds_on_the_same_samples(tiny_run, tmp_path):
+    """locate.py is a thin program over locate_circuit: its heads.json's circuit and loss matrix are what the library
+    gives on the samples it chose, tokenised by the model's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data.tasks import open_task
+    folder = str(tiny_run / "model")
+    got = locate.main(["--dataset", "arc_easy", "--prompt", "harness", "--model", folder, "--pool", "30", "--samples",
+                       "4", "--heads-per-layer", "1", "--no-validate", "--no-progress", "--out",
+                       str(tmp_path / "heads.json")])
+    examples = open_task("arc_easy", "harness").examples("train", 30)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    circuit, loss_matrix = locate_circuit(model, answer_samples(tokenizer, [examples[i] for i in got["sample_indices"]]), 1)
+    assert got["knowledge_circuit"] == circuit_entry(circuit)["knowledge_circuit"]
+    assert got["loss_matrix"] == loss_matrix.tolist()
 
 
 def test_locate_samples_from_an_earlier_run_are_the_samples_scoring_the_pool_chooses(tiny_run, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cli import UsageError
+from data.files import DataError
 from data.scoring import Scores, encode_pair, metrics, score_continuations
 from data.tasks import CHOICE, TARGET, Example, open_task, read_records
 from data.user_files import count_rows, sha256
@@ -69,9 +70,9 @@ def test_a_folder_has_splits_and_a_file_has_none(tmp_path):
     task = open_task(str(tmp_path))
     assert (task.splits, task.train_split, task.eval_split) == (("train", "test"), "train", "test")
     assert task.examples() == CHOICE_EXAMPLES[:1] and task.examples("train") == CHOICE_EXAMPLES
-    with pytest.raises(UsageError, match="has no split 'validation' \\(it has train, test\\)"):
+    with pytest.raises(DataError, match="has no split 'validation' \\(it has train, test\\)"):
         task.check_split("validation")
-    with pytest.raises(UsageError, match="is one file, which has no splits"):
+    with pytest.raises(DataError, match="is one file, which has no splits"):
         open_task(str(tmp_path / "train.jsonl")).check_split("train")
 
 
@@ -79,7 +80,7 @@ def test_limit_reads_only_the_rows_it_needs(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in CHOICE_ROWS) + "{not json\n")
     assert open_task(str(path)).examples(limit=2) == CHOICE_EXAMPLES  # the broken third row is never read
-    with pytest.raises(UsageError, match=f"{path}: row 3 is not JSON"):
+    with pytest.raises(DataError, match=f"{path}: row 3 is not JSON"):
         open_task(str(path)).examples()
 
 
@@ -107,17 +108,17 @@ BAD_ROWS = {  # what breaks the schema -> what the error names
 def test_a_bad_row_is_named_by_file_row_and_field(tmp_path, case):
     row, message = BAD_ROWS[case]
     path = write(tmp_path / "rows.jsonl", [CHOICE_ROWS[0], row])
-    with pytest.raises(UsageError, match=f"^{path} {message}".replace("(", "\\(").replace(")", "\\)")):
+    with pytest.raises(DataError, match=f"^{path} {message}".replace("(", "\\(").replace(")", "\\)")):
         open_task(str(path)).examples()
 
 
 def test_an_empty_target_and_non_utf8_text(tmp_path):
     path = write(tmp_path / "facts.jsonl", [{"prompt": "p", "target": "x"}, {"prompt": "q", "target": ""}])
-    with pytest.raises(UsageError, match="facts.jsonl row 2: field 'target' is empty"):
+    with pytest.raises(DataError, match="facts.jsonl row 2: field 'target' is empty"):
         open_task(str(path)).examples()
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"prompt": "p", "target": "x"}\n{"prompt": "caf\xe9", "target": "y"}\n')
-    with pytest.raises(UsageError, match="latin.jsonl: row 2 is not UTF-8 text"):
+    with pytest.raises(DataError, match="latin.jsonl: row 2 is not UTF-8 text"):
         open_task(str(latin)).examples()
 
 
@@ -134,11 +135,11 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(tmp_path):
 
 def test_options_that_do_not_apply_are_refused(tmp_path):
     path = str(write(tmp_path / "rows.jsonl", CHOICE_ROWS))
-    with pytest.raises(UsageError, match="--prompt .* does not apply to --dataset"):
+    with pytest.raises(DataError, match="--prompt .* does not apply to --dataset"):
         open_task(path, prompt="harness")
-    with pytest.raises(UsageError, match="--target-delimiter .* does not apply to --dataset arc_easy"):
+    with pytest.raises(DataError, match="--target-delimiter .* does not apply to --dataset arc_easy"):
         open_task("arc_easy", delimiter="\n")
-    with pytest.raises(UsageError, match="unknown dataset 'arc_eazy'"):
+    with pytest.raises(DataError, match="unknown dataset 'arc_eazy'"):
         open_task("arc_eazy")
 
 
@@ -220,18 +221,18 @@ def test_lm_eval_task_gives_exactly_our_harness_examples(lm_eval_tasks, name):
 
 @pytest.mark.parametrize("kind", ["generate_until", "loglikelihood_rolling"])
 def test_lm_eval_tasks_that_are_not_multiple_choice_are_refused(lm_eval_tasks, kind):
-    with pytest.raises(UsageError, match=f"lm-eval task my_{kind} is a {kind} task; .*only multiple_choice"):
+    with pytest.raises(DataError, match=f"lm-eval task my_{kind} is a {kind} task; .*only multiple_choice"):
         open_task(f"lm-eval:{lm_eval_tasks / kind}.yaml")
 
 
 def test_an_unknown_lm_eval_task_is_named(lm_eval_tasks):
-    with pytest.raises(UsageError, match="lm-eval has no task 'arc_eazy' \\(did you mean arc_easy"):
+    with pytest.raises(DataError, match="lm-eval has no task 'arc_eazy' \\(did you mean arc_easy"):
         open_task("lm-eval:arc_eazy")
 
 
 def test_lm_eval_missing_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
-    with pytest.raises(UsageError, match="needs lm-evaluation-harness: pip install lm-eval"):
+    with pytest.raises(DataError, match="needs lm-evaluation-harness: pip install lm-eval"):
         open_task("lm-eval:arc_easy")
 
 

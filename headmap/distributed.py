@@ -1,0 +1,46 @@
+"""Running under torchrun: this process's rank, its share of the rows, and the collectives locate and training use.
+
+Without an initialised process group every function is the one-process identity: rank 0 of 1, all rows mine, sums
+and gathers return their input. Joining the group is the caller's (torch.distributed.init_process_group); the rule
+the library follows: every rank computes its share of the rows and takes part in every collective.
+"""
+import torch
+import torch.distributed as dist
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def mine(items: list) -> list:
+    """This rank's share: every world()-th item from its rank on, so ranks take turns along a sorted list."""
+    return items[rank()::world()]
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum over ranks, on every rank (in place)."""
+    if world() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world() == 1:
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_rank0(obj):
+    """Rank 0's `obj` on every rank: what rank 0 read from a file, without other ranks needing the file."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,181 @@
+"""The hand-written training loop: AdamW on an adapter's parameters over a frozen model, no Trainer, no PEFT.
+
+    losses = train_adapter(model, adapter, batches, steps=600, lr=1e-3, warmup=100)
+
+`batches` yields one dict per optimizer step in Hugging Face's convention: input_ids (rows, tokens), attention_mask
+(1 = real token, right padding) and labels aligned with input_ids (-100 = not scored; the model predicts labels[t + 1]
+at position t). The loss is the token mean of the batch's next-token NLL. A batch runs as length-sorted micro-batches
+of at most `token_budget` padded tokens, each cut to its own longest row, and each back-propagated at once: the
+gradient of one padded pass, in the memory of one micro-batch. Under torchrun (an initialised process group) each
+rank runs every world()-th row by length and the gradients are summed, so every rank takes the same step.
+"""
+import itertools
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed
+
+# A forward pass costs about this many tokens' work on top of its tokens (launches, per-layer overhead): a padded
+# token is only worth saving when it costs more than starting another pass. Measured with `bench/finetune.py
+# --pass-overhead N` (BENCHMARKS.md): on the 2-core CPU 64 was fastest of 16, 64, 256 and 1024; on an H100 a
+# SmolLM2-135M HeadMap step took 0.12 s at 4096 and 1.83 s at 64, since a pass there is launch-bound and padded
+# tokens are nearly free, so on a GPU a batch splits only to stay within the token budget.
+PASS_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 4096}
+
+
+def pass_overhead_tokens(device) -> int:
+    """PASS_OVERHEAD_TOKENS for `device`; an accelerator without its own entry is launch-bound like CUDA."""
+    return PASS_OVERHEAD_TOKENS.get(torch.device(device).type, PASS_OVERHEAD_TOKENS["cuda"])
+
+
+def length_groups(lengths: list[int], token_budget: int, pass_overhead: int) -> list[list[int]]:
+    """Split rows of the given lengths, sorted longest first, into consecutive groups, each run as one right-padded
+    pass: the split with the fewest padded tokens plus `pass_overhead` per pass, among those whose padded size
+    (rows x longest row) fits `token_budget` (an exact dynamic programme; a row longer than the budget runs alone).
+    Returns lists of row indices (into `lengths`)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    cost, start = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for first in range(end - 1, -1, -1):  # the last group is order[first:end], as wide as its first row
+            size = (end - first) * lengths[order[first]]
+            if size > token_budget and first < end - 1:
+                break  # adding longer rows only grows it
+            if cost[first] + size + pass_overhead < cost[end]:
+                cost[end], start[end] = cost[first] + size + pass_overhead, first
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[start[end]:end])
+        end = start[end]
+    return groups[::-1]
+
+
+def summed_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token NLL over the labelled tokens of one right-padded pass (rows, tokens), a device scalar."""
+    device = next(model.parameters()).device
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (rows, tokens, vocab)
+    # position t predicts label t+1; the last position predicts nothing. Labelling it -100 instead of slicing the
+    # logits spares the backward pass a zero-filled copy of the whole [rows, length, vocab] logits tensor.
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
+
+def batch_loss(model: nn.Module, batch: dict, token_budget: int = 4096, backward: bool = False) -> float:
+    """Token-mean next-token NLL of `batch` (input_ids, attention_mask, labels: see the module's docstring), run as
+    length-sorted micro-batches of at most `token_budget` padded tokens. With backward=True each micro-batch's share
+    (its summed NLL / the batch's labelled tokens) is back-propagated at once; without, no graph is kept. The host
+    waits for the device once, for the returned number (and once to read the rows' lengths if the batch is on it)."""
+    device = next(model.parameters()).device
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch.get("attention_mask")
+    if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):  # micro-batches cut the padding off the right
+        raise ValueError("batch_loss needs right padding (attention_mask: ones, then zeros); set the tokenizer's "
+                         "padding_side = 'right'")
+    lengths = (mask.sum(1) if mask is not None else torch.full((len(ids),), ids.shape[1])).tolist()
+    n_tokens = int((labels[:, 1:] != -100).sum())  # every rank holds every row: no count to exchange
+    rows = distributed.mine(sorted(range(len(ids)), key=lambda i: -lengths[i]))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.enable_grad() if backward else torch.no_grad():
+        for group in length_groups([lengths[r] for r in rows], token_budget, pass_overhead_tokens(device)):
+            pick = torch.tensor([rows[g] for g in group])
+            width = lengths[rows[group[0]]]  # the group's longest row: beyond it, only padding
+            part_ids, part_labels = (t[pick.to(t.device), :width].to(device, non_blocking=True) for t in (ids, labels))
+            # no padding in this pass: no mask, so attention takes its plain causal path (decided on the host)
+            uniform = all(lengths[r] == width for r in pick.tolist())
+            part_mask = None if uniform or mask is None else mask[pick.to(mask.device), :width].to(device)
+            nll = summed_nll(model, part_ids, part_mask, part_labels)
+            if backward:
+                (nll / n_tokens).backward()
+            total += nll.detach()
+    return distributed.all_sum(total[None]).item() / n_tokens
+
+
+def all_reduce_grads(params: list[nn.Parameter]) -> None:
+    """Sum the ranks' gradients into every rank's: the gradient of the whole batch's token mean, so every rank takes
+    the same optimizer step. An all-reduce rather than DistributedDataParallel: the adapter is hooks on a frozen
+    model, not a module DDP wraps, and the ranks run different numbers of micro-batch backward passes per step,
+    which DDP's per-backward reduction does not allow. One flat tensor: one collective per step."""
+    if distributed.world() == 1:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    for p, g in zip(params, distributed.all_sum(flat).split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def linear_schedule(steps: int, warmup: int) -> Callable[[int], float]:
+    """The learning-rate factor at a step: linear warm-up over `warmup` steps, then linear decay to 0 at `steps`."""
+    return lambda step: step / max(1, warmup) if step < warmup else max(0.0, (steps - step) / max(1, steps - warmup))
+
+
+def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict], steps: int, lr: float,
+                  warmup: int = 0, max_grad_norm: float = 1.0, token_budget: int = 4096,
+                  eval_batch: dict | None = None, eval_every: int | None = None, resume: dict | None = None,
+                  on_step: Callable[[dict, Callable[[], dict]], None] | None = None, seed: int = 0,
+                  progress: bool = False) -> list[float]:
+    """Train `adapter` (only its parameters; the model should be frozen) for `steps` optimizer steps of AdamW
+    (no weight decay; fused on CUDA) with the linear_schedule, clipping the gradient norm at `max_grad_norm`.
+    `batches` yields one batch per step from step 0 on. With `eval_batch`, its loss is measured (adapter in eval
+    mode: no dropout) every `eval_every` steps and at the last, and the adapter ends with the weights of the lowest.
+    With `resume` (a checkpoint, see below) the steps it finished are skipped and the run continues exactly where it
+    stopped (weights, optimizer, schedule, RNG, best so far). After each step on_step(record, checkpoint) gets
+    {"step", "loss", "lr", "grad_norm"} (and "val_loss", and "best": True when it is the lowest so far) and a function
+    returning the checkpoint dict {"adapter", "optimizer", "schedule", "rng", "step", "best"} at that step, for
+    torch.save. A loss that is not finite raises FloatingPointError. Under torchrun, rank r > 0 draws its dropout
+    masks from its own stream, seeded by (`seed`, r, the first step). Returns the losses of the steps run here."""
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    # fused: one kernel for every parameter's update on CUDA, instead of a few per parameter
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=params[0].is_cuda or None)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, warmup))
+    step, best = 0, {"loss": math.inf, "step": 0, "state": None}
+    if resume is not None:
+        adapter.load_state_dict(resume["adapter"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        torch.set_rng_state(resume["rng"])
+        step, best = resume["step"], resume.get("best", best)
+    if distributed.rank():  # rank 0's stream is the one-process run's
+        torch.manual_seed(hash((seed, distributed.rank(), step)))
+
+    def checkpoint() -> dict:
+        return {"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step, "best": best}
+
+    losses = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, initial=step, desc=f"training {getattr(adapter, 'method', 'adapter')}")
+    for batch in itertools.islice(batches, step, steps):
+        loss = batch_loss(model, batch, token_budget, backward=True)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower the learning rate")
+        all_reduce_grads(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        step += 1
+        losses.append(loss)
+        record = {"step": step, "loss": loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm}
+        if eval_batch is not None and (step % (eval_every or steps) == 0 or step == steps):
+            adapter.eval()
+            record["val_loss"] = batch_loss(model, eval_batch, token_budget)
+            adapter.train()
+            if record["val_loss"] < best["loss"]:
+                record["best"] = True
+                best = {"loss": record["val_loss"], "step": step,
+                        "state": {k: v.detach().clone() for k, v in adapter.state_dict().items()}}
+        if on_step is not None:
+            on_step(record, checkpoint)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if best["state"] is not None:  # no finite validation loss at all: keep the last weights
+        adapter.load_state_dict(best["state"])
+    return losses
