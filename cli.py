@@ -478,6 +478,23 @@ def start_distributed(device) -> None:
         sys.excepthook = report_crash
 
 
+@contextmanager
+def one_at_a_time(lock_path: str):
+    """An exclusive lock on `lock_path` (created if missing) held for the block, where the OS has flock."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent conversions still leave one whole copy (atomic)
+        yield
+        return
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def pick_device(device: str):
     """The torch device for --device; under torchrun, auto and cuda mean this process's GPU (LOCAL_RANK)."""
     import torch
@@ -547,10 +564,11 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     folder, gguf_file = resolve_model(name)
     if gguf_file is not None:
         cached = gguf_cache_path(folder, gguf_file)
-        if not (cached / "model.safetensors").exists():
-            check_gguf(os.path.join(folder, gguf_file))
-            print(f"de-quantising {gguf_file} once; cached at {cached}", flush=True)
-            convert_gguf(folder, gguf_file, cached)
+        with one_at_a_time(f"{cached}.lock"):  # torchrun ranks, test workers: one converts, the others wait for it
+            if not (cached / "model.safetensors").exists():
+                check_gguf(os.path.join(folder, gguf_file))
+                print(f"de-quantising {gguf_file} once; cached at {cached}", flush=True)
+                convert_gguf(folder, gguf_file, cached)
         folder = str(cached)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -32,6 +32,8 @@ def options(argv=None):
     p.add_argument("--dry-run", action="store_true", help="CPU: Triton's interpreter and tiny shapes (what CI runs)")
     p.add_argument("--tokens", type=int, default=16384, help="batch x sequence length of every case")
     p.add_argument("--budget", type=float, default=240, help="seconds; cases left when it runs out are skipped")
+    p.add_argument("--grid", choices=("table", "claims"), default="table", help="table: bf16 and fp16, d 128 and 64, "
+                   "512-4096 tokens, MHA and GQA; claims: bf16, d 64 and 128, 512-8192 tokens, MHA (bench/gpu.sh)")
     add_out_arguments(p, "write the table as JSON here")
     return p.parse_args(argv)
 
@@ -159,10 +161,13 @@ def format_row(row) -> str:
             f"{ratio('flex_ms', 'kernel_ms')} | {'':>8}{tflops(row, 'sdpa_mask_ms'):>9}{tflops(row, 'kernel_padded_ms')}")
 
 
-def cases_for(dry_run: bool, tokens: int):
+def cases_for(dry_run: bool, tokens: int, grid: str = "table"):
     """(dtype, head_dim, seq, batch, heads, kv_heads): batch x seq = tokens, as in FlashAttention's benchmark."""
     if dry_run:
         return [(torch.float32, 16, 64, 2, 4, kv) for kv in (4, 2)]
+    if grid == "claims":
+        return [(torch.bfloat16, d, seq, max(1, tokens // seq), 32, 32) for d in (64, 128)
+                for seq in (512, 1024, 2048, 4096, 8192)]
     return [(dtype, d, seq, max(1, tokens // seq), 32, kv) for dtype in (torch.bfloat16, torch.float16)
             for d in (128, 64) for seq in (512, 2048, 4096) for kv in (32, 8)]
 
@@ -174,6 +179,6 @@ if __name__ == "__main__":
     if cuda and not torch.cuda.is_available():
         sys.exit("error: no CUDA GPU here; run with --dry-run to check the script on a CPU")
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu (Triton interpreter)'}, torch {torch.__version__}\n{HEADER}")
-    rows = measure(cuda, cases_for(ARGS.dry_run, ARGS.tokens), FRACTIONS, ARGS.budget)
+    rows = measure(cuda, cases_for(ARGS.dry_run, ARGS.tokens, ARGS.grid), FRACTIONS, ARGS.budget)
     if ARGS.out:
         write_json(ARGS.out, rows)

@@ -43,7 +43,9 @@ if args.dry_run:
 run_script(lambda: check_writable(args.out, args.overwrite))  # this run's own sections then replace it
 import torch  # noqa: E402
 
+import bench.shapes  # noqa: E402
 from bench.finetune import compare, ours  # noqa: E402
+from bench.shapes import DRY_RUN_SHAPES, SHAPES  # noqa: E402
 from data.scoring import pad_right  # noqa: E402
 from headmap.locate import default_token_budget, locate_circuit  # noqa: E402
 
@@ -54,11 +56,7 @@ DTYPE = torch.float32 if args.dry_run else torch.bfloat16
 PEAK = 989e12  # dense bf16 FLOP/s of an H100 / H200 SXM (datasheet)
 START = time.time()
 DEADLINE = START + args.budget
-SHAPES = {"llama2-7b": dict(layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
-          "llama3-8b": dict(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256)}
-if args.dry_run:
-    SHAPES = {"llama2-7b": dict(layers=2, hidden=64, heads=4, kv_heads=4, intermediate=96, vocab=256),
-              "llama3-8b": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=512)}
+SHAPES = DRY_RUN_SHAPES if args.dry_run else SHAPES
 LENGTHS = json.loads((ROOT / "bench" / "lengths.json").read_text())
 D, N_KEEP = (3, 1) if args.dry_run else (64, 8)
 results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)",
@@ -91,22 +89,7 @@ def section(name):
 
 
 def random_llama(shape, dtype, layers=None):
-    """A LLaMA of `shape` with random weights, built on the device in `dtype` (seeded: the same weights each call)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
-                         num_hidden_layers=layers or shape["layers"], num_attention_heads=shape["heads"],
-                         num_key_value_heads=shape["kv_heads"], intermediate_size=shape["intermediate"],
-                         max_position_embeddings=4096, initializer_range=0.2 if args.dry_run else 0.02,
-                         attn_implementation="sdpa")
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(DEVICE):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval().requires_grad_(False)
+    return bench.shapes.random_llama(shape, dtype, DEVICE, layers, init_range=0.2 if args.dry_run else 0.02)
 
 
 def samples_of(lengths, vocab):

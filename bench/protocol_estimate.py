@@ -32,10 +32,11 @@ def locate_rate(n: float) -> float:
     return 265e12 * n / 34 if n < 34 else 265e12 + 142e12 * min(1.0, (n - 34) / 117)
 
 
-def estimate(tok, name: str, rows: int, steps: int) -> dict:
+def estimate(tok, name: str, rows: int, steps: int, rates: dict = TOKENS_PER_S, locate_scale: float = 1.0) -> dict:
     """Seconds of each job of one dataset on one H200 for a 7B model: locate (with choosing D and validation),
     one training run per method of `steps` optimizer steps over `rows` train rows, and scoring five models; with
-    the mean token lengths they come from."""
+    the mean token lengths they come from. `rates`: training tokens/s per method; `locate_scale`: a measured locate
+    rate over locate_rate's (bench/gpu_claims.py passes a new run's)."""
     split = "validation" if name == "boolq" else "train"
     texts = training_texts(tok, load_examples(name, split, "paper", default_data_dir(), 2000), 512)
     text_len = sum(map(len, texts)) / len(texts)
@@ -46,38 +47,47 @@ def estimate(tok, name: str, rows: int, steps: int) -> dict:
     per_row = sum(len(encode_pair(tok, e.prompts[0], e.continuations[0])[0])
                   + sum(len(encode_pair(tok, p, c)[1]) for p, c in zip(e.prompts, e.continuations))
                   for e in sample) / len(sample)
-    locate = H * L * (L + 1) / 2 * D * (n * LAYER_FLOPS + 2 * n * n * HIDDEN) / locate_rate(n)
+    locate = H * L * (L + 1) / 2 * D * (n * LAYER_FLOPS + 2 * n * n * HIDDEN) / (locate_rate(n) * locate_scale)
     locate += (1000 + 7 * 500) * 2 * n * FORWARD_FLOPS / SCORE_RATE  # choosing samples, validation
     trained_rows = min(rows * 2, steps * 16)
     validation = (steps // 200 + 1) * min(2000, rows // 10) * text_len * FORWARD_FLOPS / SCORE_RATE
-    train = {m: trained_rows * text_len / rate + validation for m, rate in TOKENS_PER_S.items()}
+    train = {m: trained_rows * text_len / rate + validation for m, rate in rates.items()}
     return {"prompt_tokens": n, "text_tokens": text_len, "locate": locate, "train": train,
             "evaluation": 5 * per_row * len(evals) * FORWARD_FLOPS / SCORE_RATE}
 
 
-def main():
-    from cli import load_tokenizer
-    tok = load_tokenizer()
-    jobs, totals = [], {"locate": 0.0, "train": 0.0, "eval": 0.0}
-    print("| dataset | locate prompt tokens | locate, min | steps per run | training-text tokens | HeadMap, min | "
-          "LoRA, min | DoRA, min | evaluation (5 models), min |\n|---|---|---|---|---|---|---|---|---|")
+def totals(tok, rates: dict = TOKENS_PER_S, locate_scale: float = 1.0, table: bool = False) -> dict:
+    """The whole protocol (all eight datasets) for one 7B model: hours on one GPU and on 8 (its 40 jobs placed longest
+    first on the least-loaded GPU), with the minutes of each part; with table=True the per-dataset table is printed."""
+    jobs, parts = [], {"locate": 0.0, "train": 0.0, "eval": 0.0}
+    if table:
+        print("| dataset | locate prompt tokens | locate, min | steps per run | training-text tokens | HeadMap, min | "
+              "LoRA, min | DoRA, min | evaluation (5 models), min |\n|---|---|---|---|---|---|---|---|---|")
     for name, rows in FULL_TRAIN.items():
         steps = math.ceil(rows / 16) * 2
-        e = estimate(tok, name, rows, steps)
+        e = estimate(tok, name, rows, steps, rates, locate_scale)
         train = e["train"]
-        totals["locate"] += e["locate"]
-        totals["train"] += sum(train.values())
-        totals["eval"] += e["evaluation"]
+        parts["locate"] += e["locate"]
+        parts["train"] += sum(train.values())
+        parts["eval"] += e["evaluation"]
         jobs += [e["locate"] + train["headmap"], train["headmap-random"], train["lora"], train["dora"],
                  e["evaluation"]]
-        print(f"| {name} | {e['prompt_tokens']:.0f} | {e['locate'] / 60:.1f} | {steps:,} | {e['text_tokens']:.0f} | "
-              f"{train['headmap'] / 60:.0f} | {train['lora'] / 60:.0f} | {train['dora'] / 60:.0f} | "
-              f"{e['evaluation'] / 60:.1f} |")
+        if table:
+            print(f"| {name} | {e['prompt_tokens']:.0f} | {e['locate'] / 60:.1f} | {steps:,} | {e['text_tokens']:.0f} | "
+                  f"{train['headmap'] / 60:.0f} | {train['lora'] / 60:.0f} | {train['dora'] / 60:.0f} | "
+                  f"{e['evaluation'] / 60:.1f} |")
     loads = [0.0] * 8
     for job in sorted(jobs, reverse=True):
         loads[loads.index(min(loads))] += job
-    print(f"\none GPU: {sum(totals.values()) / 3600:.1f} h (locate {totals['locate'] / 60:.0f} min, training "
-          f"{totals['train'] / 3600:.1f} h, evaluation {totals['eval'] / 60:.0f} min); 8 GPUs: {max(loads) / 3600:.1f} h")
+    return {"one_gpu_hours": sum(parts.values()) / 3600, "eight_gpu_hours": max(loads) / 3600,
+            **{f"{k}_minutes": v / 60 for k, v in parts.items()}}
+
+
+def main():
+    from cli import load_tokenizer
+    t = totals(load_tokenizer(), table=True)
+    print(f"\none GPU: {t['one_gpu_hours']:.1f} h (locate {t['locate_minutes']:.0f} min, training "
+          f"{t['train_minutes'] / 60:.1f} h, evaluation {t['eval_minutes']:.0f} min); 8 GPUs: {t['eight_gpu_hours']:.1f} h")
 
 
 if __name__ == "__main__":

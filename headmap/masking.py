@@ -18,8 +18,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import masked_attention
 
@@ -66,8 +64,14 @@ def headmap_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return out, None
 
 
-AttentionInterface.register(ATTENTION_NAME, headmap_attention)
-AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+def register() -> None:
+    """Register headmap_attention (and transformers' SDPA mask builder beside it) under ATTENTION_NAME: done at the
+    first masked run, not at import, since transformers' masking module takes over a second to import and a script
+    that refuses its input should not wait for it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(ATTENTION_NAME, headmap_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def layers_and_heads(model: nn.Module) -> tuple[int, int]:
@@ -188,6 +192,7 @@ def check_maskable(model: nn.Module) -> None:
 @contextmanager
 def registered(model: nn.Module, modules: list[nn.Module], mask: torch.Tensor):
     """The masked attention switched on, each attention module holding its layer's slice of `mask`."""
+    register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     for m in modules:  # on the layer's own device: with a device map, the layers of one model sit on several

@@ -6,6 +6,10 @@ from pathlib import Path
 # Triton reads this when a kernel is decorated: every masked forward in the tests runs the Triton kernel through
 # its interpreter. It must be set before anything imports headmap.attention.
 os.environ["TRITON_INTERPRET"] = "1"
+# Under pytest-xdist each worker (and every script a test starts, which inherits this) gets its share of the cores:
+# two processes of two OpenMP threads each on two cores spin against each other and run several times slower.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -139,8 +139,9 @@ def test_locate_bad_input_is_one_line_and_exit_2(args, message):
 
 def test_locate_end_to_end_on_the_real_model(smollm2, tmp_path):
     out = tmp_path / "heads.json"
-    result = run("locate.py", "--dataset", "arc_easy", "--pool", "30", "--samples", "1",  # compute grows with D
-                 "--validate-limit", "6", "--random-trials", "2", "--out", str(out))
+    # harness prompts (about 30 tokens against the paper's 100): the same path, a third of the compute
+    result = run("locate.py", "--dataset", "arc_easy", "--prompt", "harness", "--pool", "30", "--samples", "1",
+                 "--validate-limit", "6", "--random-trials", "2", "--out", str(out))  # compute grows with D
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert sorted(data["knowledge_circuit"], key=int) == [str(i) for i in range(30)]
@@ -211,9 +212,8 @@ def test_finetune_then_evaluate_the_adapter_and_its_merged_checkpoint(smollm2, t
         written = json.loads((tmp_path / f"{name}.json").read_text())
         assert written["prompt"] == "harness"
         scores[name] = written["results"]["boolq"]
-    assert "--prompt harness (from" in scored.stderr or name == "merged"
-    assert f"adapter {out}" in run("evaluate.py", "--dataset", "boolq", "--limit", "2", "--adapter", str(out),
-                                   "--no-progress").stdout
+        if name == "adapter":
+            assert "--prompt harness (from" in scored.stderr and f"adapter {out}" in scored.stdout
     assert scores["adapter"]["acc"] == record["accuracy_after"] == scores["merged"]["acc"]
     for a, m in zip(scores["adapter"]["samples"], scores["merged"]["samples"]):
         assert a["scores"] == pytest.approx(m["scores"], abs=1e-3)

@@ -188,7 +188,7 @@ def test_read_records_streams_a_long_file(tmp_path):
 
 # ---------------------------------------------------------------- lm-evaluation-harness tasks
 
-ROWS = 24
+ROWS = 12
 
 @pytest.fixture(scope="session")
 def lm_eval_tasks(tmp_path_factory):

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every GPU claim in one device call (about 8 minutes on an H100 or H200): the kernel's exactness, the kernel against
+# SDPA (flash, cuDNN) and FlexAttention at every masked share, a 7B training step against PEFT + Trainer, locate's
+# MFU at 7B, evaluate against lm-eval's HF backend at 7B; then bench/gpu_claims.py's table.
+#
+#   bash bench/gpu.sh                # on the GPU: raw figures in $OUT (or bench/results/raw), claims in bench/results/gpu.json
+#   bash bench/gpu.sh --dry-run      # on a CPU: the same scripts on tiny shapes (CI runs it)
+#   python bench/gpu_claims.py DIR --out bench/results/gpu.json   # again here, with the raw figures fetched: adds
+#                                                                  # protocol_gpu_hours (needs SmolLM2's tokenizer)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dry=()
+[ "${1:-}" = --dry-run ] && dry=(--dry-run)
+raw="${RAW:-${OUT:-bench/results/raw}}"
+claims="${CLAIMS:-bench/results/gpu.json}"
+mkdir -p "$raw"
+export PYTHONUNBUFFERED=1
+step() { echo "== $* ($SECONDS s in)"; }
+step kernel exactness
+python bench/gpu.py "${dry[@]}" --out "$raw/kernel_checks.json" --overwrite
+step kernel against SDPA and FlexAttention
+python bench/attention.py "${dry[@]}" --grid claims --budget 150 --out "$raw/attention.json" --overwrite
+step 7B training step and locate
+python bench/gpu_scale.py "${dry[@]}" --sections locate_7b_arc,finetune_7b --budget 200 --out "$raw/scale.json" \
+  --overwrite || true  # a failed section is recorded in the file; the claims say which
+step evaluate against lm-eval
+python bench/evaluate_vs_lm_eval.py "${dry[@]}" --out "$raw/evaluate.json" --overwrite || true
+step claims
+python bench/gpu_claims.py "$raw" --out "$claims"
