@@ -30,6 +30,8 @@ if __name__ == "__main__":
     p.add_argument("--dry-run", action="store_true", help="CPU: Triton's interpreter and tiny shapes (what CI runs)")
     add_out_arguments(p, "where to write the results as JSON", "gpu.json")
     p.add_argument("--budget", type=float, default=170, help="seconds for the throughput table; cases left are skipped")
+    p.add_argument("--grid", choices=("table", "claims"), default="table", help="the throughput table's cases "
+                   "(bench/attention.py --grid; bench/gpu.sh asks for claims)")
     ARGS = p.parse_args()
     if ARGS.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before headmap/ is imported
@@ -185,7 +187,7 @@ def main(args):
                 print(f"  {row['case']:<90} error {row['max_error']:.1e}  {verdict}", flush=True)
     failures = [f"kernel {row['case']}" for row in results["kernel"] if not row["ok"]]
     print(f"\n2. throughput (bench/attention.py; TFLOP/s counts every head's causal work)\n{HEADER}", flush=True)
-    results["throughput"] = measure(device == "cuda", cases_for(args.dry_run, 16384), FRACTIONS, args.budget,
+    results["throughput"] = measure(device == "cuda", cases_for(args.dry_run, 16384, args.grid), FRACTIONS, args.budget,
                                     log=lambda line: print(line, flush=True))
     results["failures"] = failures
     write_json(args.out, results)

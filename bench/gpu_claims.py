@@ -2,14 +2,16 @@
 
     python bench/gpu_claims.py RESULTS_DIR --out bench/results/gpu.json
 
-Reads the raw figures bench/gpu.sh wrote into RESULTS_DIR (attention.json from bench/attention.py, scale.json from
-bench/gpu_scale.py, evaluate.json from bench/evaluate_vs_lm_eval.py) and writes the keys the claims are judged by:
+Reads the raw figures bench/gpu.sh wrote into RESULTS_DIR (kernel.json from bench/gpu.py: its exactness checks and
+the throughput grid, scale.json from bench/gpu_scale.py, evaluate.json from bench/evaluate_vs_lm_eval.py) and writes the keys the claims are judged by:
 - kernel_vs_best_unmasked: the lowest, over the grid, of the best SDPA backend's time (flash, cuDNN) over the
   kernel's with no head masked; kernel_vs_best_masked: the lowest, over the grid and every masked share, of the
   best of SDPA (which cannot skip a head: its time at any share, before the pass that zeroes the heads) and
   FlexAttention with a head-skipping BlockMask, over the kernel's. Above 1: the kernel is faster.
 - headmap_tokens_per_s, lora_tokens_per_s (finetune.py's step, ours), peft_trainer_tokens_per_s (PEFT LoRA under
   Hugging Face Trainer on the same batches), at the 7B shape;
+- profiled_headmap_step_over_lora: bench/step_profile.py's HeadMap step time over LoRA's at the 7B shape (its
+  top operators are in step_profile.json);
 - locate_mfu and locate_seconds at the 7B shape, D = 64 (FLOPs as in BENCHMARKS.md: bench/gpu_scale.py);
 - evaluate_vs_lm_eval_hf: lm-eval's HF backend's seconds over evaluate's on the same rows and model (null where
   lm-eval was not installed), with whether every score agreed;
@@ -86,9 +88,12 @@ def main():
     args = p.parse_args()
     run_script(lambda: check_writable(args.out, True))  # this script's own output, rewritten each run
     folder = Path(args.results)
-    attention, scale, evaluate = (read(folder, n) for n in ("attention.json", "scale.json", "evaluate.json"))
-    claims = {"device": scale.get("device"), **kernel_claims(attention if isinstance(attention, list) else [])}
+    kernel, scale, evaluate, profile = (read(folder, n) for n in ("kernel.json", "scale.json", "evaluate.json",
+                                                                   "step_profile.json"))
+    claims = {"device": scale.get("device"), "kernel_checks_failed": kernel.get("failures"),
+              **kernel_claims(kernel.get("throughput", []))}
     claims.update(finetune_claims(scale.get("finetune_7b", {"error": "no finetune_7b section"})))
+    claims["profiled_headmap_step_over_lora"] = profile.get("headmap_over_lora")
     locate = scale.get("locate_7b_arc", {})
     claims.update({"locate_mfu": locate.get("mfu"), "locate_seconds": locate.get("projected_seconds"),
                    "locate_layers_run": locate.get("layers_run")})

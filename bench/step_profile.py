@@ -24,21 +24,22 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--shape", default="smollm2-135m", help="smollm2-135m, llama2-7b or llama3-8b")
 p.add_argument("--steps", type=int, default=2)
 p.add_argument("--top", type=int, default=12)
-p.add_argument("--dry-run", action="store_true", help="2 layers of the shape, 24-token rows: checks the script")
+p.add_argument("--dry-run", action="store_true", help="a tiny model (2 layers; the 7B shapes' dry-run sizes), 24-token "
+               "rows: checks the script")
 add_out_arguments(p, "the profile as JSON")
 args = p.parse_args()
 if args.out:
     run_script(lambda: check_writable(args.out, args.overwrite))
 import torch  # noqa: E402
 
-from bench.shapes import SHAPES, random_llama  # noqa: E402
+from bench.shapes import DRY_RUN_SHAPES, SHAPES, random_llama  # noqa: E402
 from data.scoring import lm_batch  # noqa: E402
 from headmap.adapters import attach_headmap, attach_lora  # noqa: E402
 from headmap.train import batch_loss  # noqa: E402
 
 cuda = torch.cuda.is_available() and not args.dry_run
 device = "cuda" if cuda else "cpu"
-shape = SMOLLM2 if args.shape == "smollm2-135m" else SHAPES[args.shape]
+shape = SMOLLM2 if args.shape == "smollm2-135m" else (DRY_RUN_SHAPES if args.dry_run else SHAPES)[args.shape]
 model = random_llama(shape, torch.bfloat16 if cuda else torch.float32, device, layers=2 if args.dry_run else None)
 lengths = json.loads((ROOT / "bench" / "lengths.json").read_text())["arc_easy_train"][:16]
 g = torch.Generator().manual_seed(2)
