@@ -133,9 +133,9 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
         on_step(entry["step"])
 
     try:
-        train_adapter(model, adapter, epoch_batches(train_seqs, pad_id, args.batch_size, args.epochs, args.seed), total, args.lr, args.warmup,
-                      token_budget=args.token_budget, eval_batch=lm_batch(val_seqs, pad_id),
-                      eval_every=args.eval_every, resume=ckpt, on_step=after_step, seed=args.seed,
+        train_adapter(model, adapter, epoch_batches(train_seqs, pad_id, args.batch_size, args.epochs, args.seed),
+                      total, args.lr, args.warmup, token_budget=args.token_budget, eval_every=args.eval_every,
+                      eval_batch=lm_batch(val_seqs, pad_id), resume=ckpt, on_step=after_step, seed=args.seed,
                       progress=not args.no_progress)
     except FloatingPointError as err:
         raise FloatingPointError(f"{err}. The best adapter so far (step {best['step']}) is in {args.out}") from None
