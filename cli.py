@@ -8,6 +8,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import struct
 import sys
@@ -40,7 +41,8 @@ def _refusals() -> tuple:
 
 def run_script(main, resumable: bool = False) -> None:
     """Run a script's main(): bad input, an unsupported model or a full disk becomes one 'error: ...' line and exit
-    code 2, never a traceback; Ctrl-C one line (with the command that continues the run, for a resumable script) and code 130."""
+    code 2, never a traceback; Ctrl-C one line (with the command that continues the run, for a resumable script)
+    and code 130."""
     try:
         main()
     except _refusals() as err:
@@ -113,7 +115,6 @@ def check_at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
-    import math
     for name in names:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -154,17 +155,17 @@ def check_inputs_kept(replaced: dict[str, str], inputs: list[tuple[str, str]]) -
     input_paths gives them): an input file that is the output file, or any input inside the output folder. Inputs
     that name no existing path (hub ids, dataset names) cannot be."""
     for out_flag, out in replaced.items():
-        if not os.path.exists(out):
-            continue
-        target = os.path.realpath(out)
         for in_flag, path in inputs:
-            if not path or not os.path.exists(path):
-                continue
-            real = os.path.realpath(path)
-            if real == target or real.startswith(target.rstrip(os.sep) + os.sep):
-                where = "is" if real == target else "lies inside"
+            if path and os.path.exists(path) and lies_in(path, out):
+                where = "is" if os.path.realpath(path) == os.path.realpath(out) else "lies inside"
                 raise UsageError(f"{in_flag} {path} {where} {out_flag} {out}, which this run replaces; move it "
                                  f"elsewhere first, or pass another {out_flag}")
+
+
+def lies_in(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies anywhere inside it (links resolved)."""
+    real, target = os.path.realpath(path), os.path.realpath(folder)
+    return real == target or real.startswith(target.rstrip(os.sep) + os.sep)
 
 
 def input_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -372,11 +373,13 @@ def gguf_declared_size(path: str) -> int:
         if f.read(4) != b"GGUF":
             raise ValueError("it does not start with the GGUF magic bytes")
         _, n_tensors, n_kv = read("IQQ")
-        meta = {}
+        alignment = 32  # GGUF's default, unless the metadata says otherwise
         for _ in range(n_kv):
             key = string()
             (kind,) = read("I")
-            meta[key] = value(kind)
+            item = value(kind)  # read to get past it (the vocabulary too); only the alignment is kept
+            if key == b"general.alignment":
+                alignment = item
         end = 0
         for _ in range(n_tensors):
             string()
@@ -385,7 +388,6 @@ def gguf_declared_size(path: str) -> int:
             kind, offset = read("IQ")
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
             end = max(end, offset + int(np.prod(shape)) // block * type_size)
-        alignment = meta.get(b"general.alignment", 32)
         return -(-f.tell() // alignment) * alignment + end
 
 

@@ -15,7 +15,7 @@ import os
 import tempfile
 
 from cli import (DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, check_inputs_kept, input_paths,
-                 run_script)
+                 lies_in, run_script)
 
 
 def parse_args(argv=None):
@@ -41,12 +41,11 @@ def check_out(out: str, adapter: str, overwrite: bool) -> None:
     """Refuse an --out that would put anything the user made at risk: the adapter's folder or one above it, the
     current or home folder or one above them, never; a folder holding files this script did not write, unless
     --overwrite (and even then only files of the checkpoint's own names are replaced)."""
-    target = os.path.realpath(out)
     for what, path in (("the adapter folder", adapter), ("the current folder", os.getcwd()),
                        ("your home folder", os.path.expanduser("~"))):
-        inside = os.path.realpath(path)
-        if inside == target or inside.startswith(target.rstrip(os.sep) + os.sep):
-            raise UsageError(f"--out {out} is {what}" + ("" if inside == target else f" or holds it ({path})") +
+        if lies_in(path, out):
+            same = os.path.realpath(path) == os.path.realpath(out)
+            raise UsageError(f"--out {out} is {what}" + ("" if same else f" or holds it ({path})") +
                              "; pass a new folder for the merged checkpoint")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; pass a folder")

@@ -23,8 +23,8 @@ import os
 import sys
 import textwrap
 
-from cli import (HelpFormatter, UsageError, add_out_arguments, check_inputs_kept, check_writable, read_circuit_file,
-                 read_json, run_script)
+from cli import (HelpFormatter, UsageError, add_out_arguments, check_inputs_kept, check_writable, read_json, refused,
+                 run_script)
 from headmap.files import atomic
 
 RUN_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
@@ -66,6 +66,12 @@ def figure_format(path):
 
 # ---------------------------------------------------------------- what is drawn
 
+def head_set(result: dict) -> set[tuple[int, int]]:
+    """The (layer, head) pairs of a heads.json's circuit, read by the library's one reader of the format."""
+    from headmap.circuit import circuit_from
+    return {(layer, h) for layer, heads in circuit_from(result).items() for h in heads}
+
+
 def heat_map_data(result, view="marginal"):
     """The matrix to shade, its scale's label, the circuit's cells and the title, from locate.py's result; `view`
     is marginal (each head's own effect), cumulative or per-layer."""
@@ -83,7 +89,7 @@ def heat_map_data(result, view="marginal"):
                              "head's own effect is unknown; pass --cumulative or --per-layer")
         values = [[(v - below) / samples for v in row] for row, below in zip(loss, result["circuit_below_loss"])]
         scale = "loss increase from the head alone, over the circuit below (nats per sample)"
-    circuit = {(int(layer), h) for layer, e in result["knowledge_circuit"].items() for h in e["retain_heads"]}
+    circuit = head_set(result)
     model = os.path.basename(os.path.normpath(result["model"]))
     title = (f"Knowledge circuit of {model} on {result['dataset']} ({result['prompt']} prompts): "
              f"{len(circuit)} of {len(loss) * len(loss[0])} heads (outlined), D = {samples} samples")
@@ -97,8 +103,7 @@ def overlap_data(results, labels):
     if len(shapes) != 1:
         raise UsageError(f"the circuits come from models of different shapes {sorted(shapes)}; pass one model's")
     layers, heads = shapes.pop()
-    sets = [{(int(layer), h) for layer, e in r["knowledge_circuit"].items() for h in e["retain_heads"]}
-            for r in results]
+    sets = [head_set(r) for r in results]
     jaccard = [[len(a & b) / len(a | b) for b in sets] for a in sets]
     counts = [[sum((layer, h) in s for s in sets) for h in range(heads)] for layer in range(layers)]
     model = os.path.basename(os.path.normpath(results[0]["model"]))
@@ -231,8 +236,9 @@ def read_located(path: str, fields: tuple[str, ...]) -> dict:
     """A heads.json written by locate.py, with the fields a figure reads (a bare or official circuit has none of
     its measurements or the model's shape)."""
     result = read_json(path, "circuit file", "pass a heads.json written by locate.py")
-    read_circuit_file(path)  # its indices checked: integers, as the file format has them
-    missing = [f for f in fields if f not in result] if isinstance(result, dict) else list(fields)
+    with refused(f"circuit file {path}", "pass a heads.json written by locate.py"):
+        head_set(result)  # the circuit itself first (its indices integers), before any figure is drawn
+    missing = [f for f in fields if f not in result]
     if missing:
         raise UsageError(f"{path} has no {', '.join(missing)}: pass a heads.json written by locate.py")
     return result

@@ -88,8 +88,8 @@ def main():
     args = p.parse_args()
     run_script(lambda: check_writable(args.out, True))  # this script's own output, rewritten each run
     folder = Path(args.results)
-    kernel, scale, evaluate, profile = (read(folder, n) for n in ("kernel.json", "scale.json", "evaluate.json",
-                                                                   "step_profile.json"))
+    names = ("kernel.json", "scale.json", "evaluate.json", "step_profile.json")
+    kernel, scale, evaluate, profile = (read(folder, name) for name in names)
     claims = {"device": scale.get("device"), "kernel_checks_failed": kernel.get("failures"),
               **kernel_claims(kernel.get("throughput", []))}
     claims.update(finetune_claims(scale.get("finetune_7b", {"error": "no finetune_7b section"})))

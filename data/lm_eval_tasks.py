@@ -36,7 +36,7 @@ class LmEvalTask(Task):
         if not is_file and spec not in manager.all_tasks:
             close = difflib.get_close_matches(spec, manager.all_subtasks, n=3)
             raise DataError(f"lm-eval has no task {spec!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
-                             + "; `lm-eval ls tasks` lists them, or pass a task YAML file")
+                            + "; `lm-eval ls tasks` lists them, or pass a task YAML file")
         if not is_file and spec in manager.all_groups + manager.all_tags:
             raise DataError(f"lm-eval:{spec} is a group of tasks; pass one of its tasks")
         try:
@@ -44,13 +44,13 @@ class LmEvalTask(Task):
         except Exception as err:  # the task's data cannot be fetched (offline), a broken YAML, ...
             detail = (str(err).strip().splitlines() or [""])[0][:200]
             raise DataError(f"cannot load lm-eval task {spec} ({type(err).__name__}: {detail}); offline, point a task "
-                             "YAML at local files (README: Your own task)") from None
+                            "YAML at local files (README: Your own task)") from None
         if len(loaded) != 1:
             raise DataError(f"lm-eval:{spec} holds {len(loaded)} tasks; pass one of them: {', '.join(loaded)}")
         (task_name, self.task), = loaded.items()
         if self.task.OUTPUT_TYPE != "multiple_choice":
             raise DataError(f"lm-eval task {task_name} is a {self.task.OUTPUT_TYPE} task; HeadMap scores answers by "
-                             "log-likelihood, so only multiple_choice tasks can be used")
+                            "log-likelihood, so only multiple_choice tasks can be used")
         self.name, self.kind, self.task_name = f"lm-eval:{spec}", CHOICE, task_name
         self.version = (self.task.config.metadata or {}).get("version", self.task.VERSION)
         self.splits = tuple(s for s, docs in SPLIT_DOCS.items() if getattr(self.task, "has_" + docs)())
@@ -74,7 +74,7 @@ class LmEvalTask(Task):
                 examples.append(self.example(doc))
             except (KeyError, ValueError, TypeError, IndexError) as err:
                 raise DataError(f"lm-eval task {self.task_name}, {split} document {i}: {type(err).__name__}: "
-                                 f"{err}") from None
+                                f"{err}") from None
         if not examples:
             raise DataError(f"lm-eval task {self.task_name} has no {split} documents")
         return examples

@@ -97,7 +97,7 @@ def open_task(name: str, prompt: str | None = None, data_dir: str | None = None,
         refuse_options(name, prompt=prompt)
         return FileTask(name, " " if delimiter is None else delimiter)
     raise DataError(f"unknown dataset {name!r}: pass one of {', '.join(DATASETS)}, a file or folder of your own rows "
-                     "(README: Your own task), or lm-eval:TASK")
+                    "(README: Your own task), or lm-eval:TASK")
 
 
 def refuse_options(name: str, **given) -> None:
@@ -254,7 +254,7 @@ def load_rows(name: str, split: str, data_dir: str = BUNDLED, limit: int | None 
     others = sorted(p.name for p in folder.glob(f"{split}.*")) if folder.is_dir() else []
     if others:
         raise DataError(f"{folder / others[0]} is not a supported format; convert it to one of "
-                         f"{', '.join('.' + e for e in FORMATS)} in the Hugging Face schema")
+                        f"{', '.join('.' + e for e in FORMATS)} in the Hugging Face schema")
     have = sorted({p.name.split(".")[0] for ext in FORMATS for p in folder.glob(f"*.{ext}")}) if folder.is_dir() else []
     where = f"available splits: {', '.join(have)}" if have else f"no folder {folder}"
     raise DataError(f"no {split} split of {name} in {data_dir} ({where}); pass another --split or --data-dir")
@@ -271,7 +271,7 @@ def _load_hub_rows(name: str, spec: Dataset, split: str) -> list[dict]:
         raise DataError(f"{name} has no split {split!r} on the hub ({str(err).splitlines()[0]}); pass --split") from None
     except Exception as err:  # network or hub failures come in many types
         raise DataError(f"cannot load {name} ({spec.hub_id}) from the Hugging Face hub: {type(err).__name__}; "
-                         "drop --data-dir hub to use the bundled copy, or pass a folder") from None
+                        "drop --data-dir hub to use the bundled copy, or pass a folder") from None
 
 
 # ---------------------------------------------------------------- prompts
@@ -391,5 +391,5 @@ def load_examples(name: str, split: str | None = None, style: str = "paper", dat
             examples.append(make_example(name, row, style))
         except (KeyError, ValueError, TypeError, IndexError) as err:
             raise DataError(f"{name} {split} row {i} is malformed ({type(err).__name__}: {err}); "
-                             "check that the file uses the Hugging Face schema") from None
+                            "check that the file uses the Hugging Face schema") from None
     return examples

@@ -34,7 +34,7 @@ class FileTask(Task):
                           if file.is_file()}
             if not self.files:
                 raise DataError(f"folder {path} holds no train, validation or test file ({', '.join(FILE_FORMATS)}); "
-                                 "put your rows there, or pass one file")
+                                "put your rows there, or pass one file")
             self.splits = tuple(self.files)
             self.eval_split = "test" if "test" in self.files else "validation" if "validation" in self.files else "train"
             self.train_split = "train" if "train" in self.files else self.eval_split
@@ -50,7 +50,7 @@ class FileTask(Task):
     def check_split(self, split: str | None) -> str:
         if split not in (None, WHOLE_FILE) and self.splits == (WHOLE_FILE,):
             raise DataError(f"--split {split}: {self.name} is one file, which has no splits; drop --split, or pass a "
-                             "folder of train/validation/test files")
+                            "folder of train/validation/test files")
         return super().check_split(split)
 
     def _kind(self) -> str:

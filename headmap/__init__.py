@@ -21,7 +21,7 @@ _EXPORTS = {
     "attention": ["masked_attention", "masked_attention_reference"],
     "masking": ["mask_heads", "layers_and_heads", "UnsupportedModel"],
     "locate": ["locate_circuit", "unmasked_answer_loss"],
-    "circuit": ["read_circuit", "circuit_entry", "check_circuit", "circuit_mask", "random_circuit_like"],
+    "circuit": ["read_circuit", "circuit_from", "circuit_entry", "check_circuit", "circuit_mask", "random_circuit_like"],
     "adapters": ["attach_headmap", "attach_lora", "save_adapter", "load_adapter", "merge_adapter"],
     "train": ["train_adapter", "batch_loss"],
     "files": ["atomic"],

@@ -22,6 +22,12 @@ def read_circuit(path: str) -> dict[int, list[int]]:
             data = json.load(f)
     else:
         raise ValueError("it is neither JSON nor a torch file")
+    return circuit_from(data)
+
+
+def circuit_from(data) -> dict[int, list[int]]:
+    """The circuit in the file format's dictionary (read from either file, or a heads.json already parsed).
+    Raises ValueError naming what is wrong: a missing key, an index that is not an integer, no heads at all."""
     try:
         circuit = {_index(layer, "layer"): sorted(_index(h, f"layer {layer}'s head") for h in _heads(entry))
                    for layer, entry in data["knowledge_circuit"].items()}

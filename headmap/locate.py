@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import distributed
 from .circuit import circuit_mask
@@ -215,11 +216,7 @@ def locate_circuit(model: nn.Module, samples: list[tuple[torch.Tensor, int]], he
     plan = plan_batches(d.lengths, heads + 1, budget, distributed.world())  # candidate H: no head
     batches = [(b, torch.tensor(c, device=device), torch.tensor(s, device=device), width,
                 AnswerIndex(d, s, device)) for b, (c, s, width) in distributed.mine(list(enumerate(plan))) if c]
-    layer_range = range(done, layers)
-    if progress:
-        from tqdm import tqdm
-        layer_range = tqdm(layer_range, desc="locating", initial=done, total=layers)
-    for layer in layer_range:
+    for layer in tqdm(range(done, layers), desc="locating", initial=done, total=layers, disable=not progress):
         # one row per batch, summed over the ranks and then over the rows: the same sum in any number of processes
         loss = torch.zeros(len(plan), heads + 1, device=device)
         for b, c, s, width, index in batches:

@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from . import distributed
 
@@ -145,10 +146,7 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
                 "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step, "best": best}
 
     losses = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, initial=step, desc=f"training {getattr(adapter, 'method', 'adapter')}")
+    bar = tqdm(total=steps, initial=step, desc=f"training {getattr(adapter, 'method', 'adapter')}", disable=not progress)
     for batch in itertools.islice(batches, step, steps):
         loss = batch_loss(model, batch, token_budget, backward=True)
         if not math.isfinite(loss):
@@ -171,11 +169,9 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
                         "state": {k: v.detach().clone() for k, v in adapter.state_dict().items()}}
         if on_step is not None:
             on_step(record, checkpoint)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.3f}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update(1)
+    bar.close()
     if best["state"] is not None:  # no finite validation loss at all: keep the last weights
         adapter.load_state_dict(best["state"])
     return losses
