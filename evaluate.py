@@ -19,8 +19,9 @@ import os
 import sys
 from contextlib import nullcontext
 
-from cli import (DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments,
-                 check_at_least, run_script)
+from cli import (HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
+                 run_script, user_path)
+from models import DEFAULT_MODEL
 from data.tasks import DATASETS
 
 
@@ -33,11 +34,13 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
     add_model_arguments(p, None, f"hub id, local folder or .gguf file (default: the adapter's or circuit's base "
                         f"model, else {DEFAULT_MODEL})")
-    p.add_argument("--mask", help="heads.json (or the official .pt circuit file): score with those heads ablated")
+    p.add_argument("--mask", type=user_path, help="heads.json (or the official .pt circuit file): score with those "
+                   "heads ablated")
     p.add_argument("--random-mask", action="store_true",
                    help="ablate as many heads per layer as --mask names, chosen at random (the paper's control)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-mask")
-    p.add_argument("--adapter", help="a folder written by finetune.py (or a PEFT LoRA/DoRA folder): score the base "
+    p.add_argument("--adapter", type=user_path, help="a folder written by finetune.py (or a PEFT LoRA/DoRA "
+                   "folder): score the base "
                    "model with that adapter")
     p.add_argument("--force", action="store_true", help="use --model even where the adapter or circuit recorded "
                    "another base model; score an adapter on the rows it was trained on")
@@ -60,14 +63,21 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from cli import (check_adapter_weights, check_inputs_kept, check_writable, input_paths, load_model,  # noqa: E402
-                 open_task_for, pick_device, read_circuit_file, recorded, refused, settle, start_distributed, write_json)
-from data.scoring import PRIMARY, metrics, score_continuations  # noqa: E402
+from cli import refused  # noqa: E402
+from models import load_model, pick_device, start_distributed  # noqa: E402
+from runs import (check_adapter_weights, check_inputs_kept, check_writable, hold_output, input_paths,  # noqa: E402
+                  open_task_for, read_circuit_file, recorded, settle, write_json)
+from data.scoring import PRIMARY, context_limit, metrics, score_continuations  # noqa: E402
 from data.tasks import CHOICE  # noqa: E402
 from headmap import distributed  # noqa: E402
 from headmap.adapters import load_adapter  # noqa: E402
 from headmap.circuit import check_circuit, circuit_mask, random_circuit_like  # noqa: E402
 from headmap.masking import layers_and_heads, mask_heads  # noqa: E402
+
+
+def stderr(share: float, n: int) -> float:
+    """The standard error of an accuracy over n rows (lm-evaluation-harness's sample standard error)."""
+    return math.sqrt(share * (1 - share) / max(1, n - 1))
 
 
 def same_rows(a: dict, b: dict) -> bool:
@@ -103,6 +113,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     names = list(DATASETS) if args.dataset == "all" else args.dataset.split(",")
     if args.out:
+        hold_output(args.out)
         check_writable(args.out, args.overwrite)
         if args.overwrite:
             check_inputs_kept({"--out": args.out}, input_paths(args))
@@ -121,13 +132,14 @@ def main(argv=None) -> dict:
 
     circuit = read_circuit_file(args.mask) if args.mask else None
     start_distributed(pick_device(args.device))
-    model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map, args.trust_remote_code,
+                                  not args.no_progress)
     param = next(model.parameters())
     prompts = {task.prompt for task in tasks.values()} - {None}
     results = {"model": args.model, "prompt": prompts.pop() if len(prompts) == 1 else None, "adapter": args.adapter,
                "mask": None, "split": args.split, "limit": args.limit,
                "dtype": str(param.dtype).replace("torch.", ""), "device": str(param.device),
-               "device_map": args.device_map, "data_dir": args.data_dir,
+               "device_map": args.device_map, "trust_remote_code": args.trust_remote_code, "data_dir": args.data_dir,
                "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                             "transformers": transformers.__version__},
                "results": {}}
@@ -151,10 +163,14 @@ def main(argv=None) -> dict:
                                          desc=name)
         m = metrics(task.kind, rows, scores)
         primary, n = PRIMARY[task.kind], m["n"]
-        entry = {"kind": task.kind, "prompt": task.prompt, primary: m[primary],
-                 primary + "_stderr": math.sqrt(m[primary] * (1 - m[primary]) / max(1, n - 1)),
-                 **({"acc_norm": m["acc_norm"]} if task.kind == CHOICE else {"nll_per_token": m["nll_per_token"]}),
-                 "n": n, "split": split, "data": source}
+        entry = {"kind": task.kind, "prompt": task.prompt,
+                 primary: m[primary], primary + "_stderr": stderr(m[primary], n),
+                 **({"acc_norm": m["acc_norm"], "acc_norm_stderr": stderr(m["acc_norm"], n)} if task.kind == CHOICE
+                    else {"nll_per_token": m["nll_per_token"]}),
+                 "n": n, "split": split, "data": source,
+                 # rows longer than the model's positions, their context cut from the left (lm-eval's rule)
+                 "context_cut": {"rows": sum(map(bool, scores.cut)), "most_tokens": max(scores.cut, default=0),
+                                 "limit": context_limit(model)}}
         if args.log_samples:
             entry["samples"] = [{"index": i, "scores": s, "gold": ex.gold, "correct": c, "greedy": g}
                                 for i, (s, ex, c, g) in enumerate(zip(scores.logprob, rows, m["correct"], scores.greedy))]
@@ -169,13 +185,14 @@ def main(argv=None) -> dict:
     if mask is not None:
         applied.append(f"{'random heads like' if args.random_mask else 'heads of'} {args.mask} masked")
     print(f"\n{args.model}, {'; '.join(applied) or 'no adapter, no mask'}")
-    print(f"{'dataset':<24}{'split':<12}{'n':>6}  {'metric':<12}{'value':>7}{'± stderr':>10}  second")
+    print(f"{'dataset':<24}{'split':<12}{'n':>6}  {'metric':<12}{'value':>7}{'± stderr':>10}  other metric")
     for name, r in results["results"].items():
         primary = PRIMARY[r["kind"]]
-        second = f"acc_norm {r['acc_norm']:.3f}" if r["kind"] == CHOICE else f"nll/token {r['nll_per_token']:.3f}"
+        other = (f"acc_norm {r['acc_norm']:.3f} ± {r['acc_norm_stderr']:.3f}" if r["kind"] == CHOICE
+                 else f"nll/token {r['nll_per_token']:.3f}")
         shown = name if len(name) <= 23 else "..." + name[-20:]
         print(f"{shown:<24}{r['split']:<12}{r['n']:>6}  {primary:<12}{r[primary]:>7.3f}{r[primary + '_stderr']:>10.3f}"
-              f"  {second}")
+              f"  {other}")
     if args.out and distributed.rank() == 0:  # under torchrun every rank holds every score; rank 0 writes them
         write_json(args.out, results)
         print(f"wrote {args.out}")

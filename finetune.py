@@ -17,13 +17,16 @@ import os
 import sys
 import time
 
-from cli import (DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, add_task_arguments, check_at_least,
-                 check_positive, check_run_folder, input_paths, run_script)
+from cli import (HelpFormatter, UsageError, add_model_arguments, add_task_arguments, check_at_least, check_positive,
+                 run_script, user_path)
+from models import DEFAULT_MODEL
+from runs import check_run_folder, hold_output, input_paths
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--heads", help="heads.json from locate.py (or the official .pt file); needed for HeadMap")
+    p.add_argument("--heads", type=user_path, help="heads.json from locate.py (or the official .pt file); needed for "
+                   "HeadMap")
     p.add_argument("--method", default="headmap", choices=("headmap", "lora", "dora"),
                    help="the paper's HeadMap on a circuit, or a LoRA/DoRA baseline")
     p.add_argument("--variant", default="mha", choices=("mha", "hs"), help="HeadMap: add the map to the attention "
@@ -43,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--token-budget", type=int, default=4096, help="most padded tokens (rows x longest row) in one "
                    "forward pass: bounds memory; a batch runs as length-sorted micro-batches within it")
     p.add_argument("--epochs", type=int, default=2, help="passes over the training rows")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then linear decay to 0")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps, then linear decay to 0 (default: the paper's "
+                   "100, or a tenth of a run of 100 steps or fewer)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: all epochs)")
     p.add_argument("--max-length", type=int, default=512, help="cut training texts at this many tokens")
     p.add_argument("--train-limit", type=int, help="train on the first N rows only (default: all)")
@@ -54,7 +58,8 @@ def parse_args(argv=None):
                    "own to spare: the share of the training rows held out (at most 2000 rows, drawn with --seed)")
     p.add_argument("--eval-limit", type=int, help="rows of the evaluation split for the accuracy (default: all)")
     p.add_argument("--seed", type=int, default=0, help="data order, held-out rows, initialisation, dropout")
-    p.add_argument("--out", default="runs/adapter", help="folder for adapter, record, log and checkpoint")
+    p.add_argument("--out", default="runs/adapter", type=user_path, help="folder for adapter, record, log and "
+                   "checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one (its files "
                    "are replaced; other files are kept)")
@@ -65,6 +70,7 @@ def parse_args(argv=None):
     check_positive(args, "lr", "alpha", "scaling")
     if not 0.0 <= args.dropout < 1.0:  # also refuses nan
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    hold_output(args.out)  # a live run in --out is named before anything else is said of the folder
     check_run_folder(args.out, args.resume, args.overwrite, input_paths(args))
     if args.method == "headmap" and not args.heads:
         raise UsageError("HeadMap needs --heads heads.json (run locate.py first), or pass --method lora|dora")
@@ -78,8 +84,10 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from cli import (hub_id_of, load_model, open_log, open_task_for, pick_device, read_checkpoint,  # noqa: E402
-                 read_circuit_file, read_run, recorded, refused, settle, start_distributed, write_json)
+from cli import refused  # noqa: E402
+from models import hub_id_of, load_model, pick_device, start_distributed  # noqa: E402
+from runs import (open_log, open_task_for, read_checkpoint, read_circuit_file, read_run, recorded, settle,  # noqa: E402
+                  write_json)
 from data.scoring import PRIMARY, epoch_batches, lm_batch, pad_id_of, task_metric, training_texts  # noqa: E402
 from data.tasks import held_out_rows  # noqa: E402
 from headmap import distributed  # noqa: E402
@@ -189,7 +197,12 @@ def main(argv=None):
     else:
         eval_split, eval_examples = task.eval_split, task.examples(task.eval_split, args.eval_limit)
     steps = total_steps(len(train_examples), args)
-    if args.warmup >= steps:
+    if args.warmup is None:  # the paper's 100, unless the run is no longer than that (a quick start, a smoke test)
+        args.warmup = 100 if steps > 100 else steps // 10
+        if steps <= 100:
+            print(f"note: --warmup {args.warmup} (a tenth of the run's {steps} steps: the paper's 100 would be the whole "
+                  "run)", file=sys.stderr)
+    elif args.warmup >= steps:
         print(f"warning: --warmup {args.warmup} is not shorter than the run's {steps} steps, so the learning rate "
               f"peaks at {args.lr * steps / max(1, args.warmup):.2e}, not --lr {args.lr:.2e}; pass a smaller --warmup",
               file=sys.stderr)
@@ -200,7 +213,8 @@ def main(argv=None):
     start_distributed(pick_device(args.device))
     recorded_run, ckpt = read_run(args.out, args.resume, settings)
 
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code,
+                                  progress=not args.no_progress)
     model.requires_grad_(False)
     adapter = attach(model, circuit, args)
     trainable, base = sum(p.numel() for p in adapter.parameters()), sum(p.numel() for p in model.parameters())
@@ -230,7 +244,8 @@ def main(argv=None):
     after = task_metric(model, tokenizer, task.kind, eval_examples, args.batch_size, not args.no_progress,
                         "accuracy after")
 
-    record = {"method": adapter.method, "adapter": adapter.config, "base_model": args.model, "dataset": task.name,
+    record = {"method": adapter.method, "adapter": adapter.config, "base_model": args.model,
+              "trust_remote_code": args.trust_remote_code, "dataset": task.name,
               "prompt": task.prompt, "random_heads": args.random_heads, "kind": task.kind, "split": task.train_split,
               "data": source, "held_out": held_out, "eval_split": eval_split, "val_loss_before": val_loss_before,
               "best_val_loss": best["loss"], "best_step": best["step"], "steps": steps, "trainable_parameters": trainable,

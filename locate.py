@@ -19,8 +19,9 @@ import sys
 import time
 from contextlib import nullcontext
 
-from cli import (DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments,
-                 check_at_least, run_script)
+from cli import (HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
+                 run_script, user_path)
+from models import DEFAULT_MODEL
 from data.tasks import DATASETS
 
 
@@ -32,7 +33,8 @@ def parse_args(argv=None):
                    "rows)")
     p.add_argument("--pool", type=int, help="draw the samples from the first N rows of the split (default: all)")
     p.add_argument("--samples", type=int, default=64, help="D: the samples each head is scored on")
-    p.add_argument("--samples-from", metavar="HEADS_JSON", help="D from an earlier locate run of the same model, task, "
+    p.add_argument("--samples-from", metavar="HEADS_JSON", type=user_path, help="D from an earlier locate run of "
+                   "the same model, task, "
                    "split and pool, instead of scoring the pool again: its samples, or with a smaller --samples its "
                    "lowest-loss ones (to vary n or D)")
     p.add_argument("--heads-per-layer", type=int, help="n (default: a quarter of the heads, 8 of 32)")
@@ -62,9 +64,11 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from cli import (check_inputs_kept, check_same_run, check_writable, input_paths, load_model,  # noqa: E402
-                 open_task_for, pick_device, read_json, start_distributed, write_json)
-from data.scoring import PRIMARY, answer_samples, metrics, score_continuations, task_metric  # noqa: E402
+from models import load_model, pick_device, start_distributed  # noqa: E402
+from runs import (check_inputs_kept, check_same_run, check_writable, hold_output, input_paths,  # noqa: E402
+                  open_task_for, read_json, write_json)
+from data.scoring import (PRIMARY, answer_samples, context_limit, metrics, score_continuations,  # noqa: E402
+                          task_metric)
 from data.tasks import CHOICE  # noqa: E402
 from headmap import distributed  # noqa: E402
 from headmap.circuit import circuit_entry, circuit_mask, random_circuit_like  # noqa: E402
@@ -119,16 +123,17 @@ def validate(model, tokenizer, task, examples, circuit, trials, seed, batch_size
     heads of the same per-layer counts."""
     layers, heads = layers_and_heads(model)
 
-    def score(circ):
+    def score(circ, desc):
         with mask_heads(model, circuit_mask(circ, layers, heads)) if circ is not None else nullcontext():
-            return task_metric(model, tokenizer, task.kind, examples, batch_size, progress, "validating")
+            return task_metric(model, tokenizer, task.kind, examples, batch_size, progress, desc)
 
     g = torch.Generator().manual_seed(seed)
-    random_scores = [score(random_circuit_like(circuit, heads, g)) for _ in range(trials)]
+    random_scores = [score(random_circuit_like(circuit, heads, g), f"random heads masked, {k + 1} of {trials}")
+                     for k in range(trials)]
     # the commonest answer: the gold position for multiple choice, the target text for one target
     answers = [ex.gold if task.kind == CHOICE else ex.continuations[0] for ex in examples]
-    return {"rows": len(examples), "metric": PRIMARY[task.kind], "unmasked": score(None),
-            "circuit_masked": score(circuit), "random_masked_mean": statistics.mean(random_scores),
+    return {"rows": len(examples), "metric": PRIMARY[task.kind], "unmasked": score(None, "unmasked"),
+            "circuit_masked": score(circuit, "circuit masked"), "random_masked_mean": statistics.mean(random_scores),
             "random_masked_std": statistics.stdev(random_scores) if trials > 1 else 0.0, "random_masked": random_scores,
             # what a model that knows nothing of the task scores: guessing, or always giving the commonest answer
             "chance": statistics.mean(1 / len(ex.choices) for ex in examples) if task.kind == CHOICE else 0.0,
@@ -150,6 +155,7 @@ def main(argv=None):
     split = task.check_split(args.split or task.train_split)
     val_split = task.check_split(args.validate_split)
     svg = os.path.splitext(args.out)[0] + ".svg"
+    hold_output(args.out)  # and so its heat map and progress file: a second run on them is refused
     check_writable(args.out, args.overwrite or args.resume)  # --resume: this run's own files, as finetune's
     check_writable(svg, args.overwrite or args.resume)
     if args.overwrite or args.resume:
@@ -180,7 +186,8 @@ def main(argv=None):
         if not isinstance(saved, dict) or not {"settings", "circuit", "loss_matrix", "circuit_below_loss"} <= set(saved):
             raise UsageError(f"progress file {progress_path} is not one locate.py wrote; delete it to start over")
     saved = distributed.from_rank0(saved)  # under torchrun, only rank 0 reads and writes files
-    model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map, args.trust_remote_code,
+                                  not args.no_progress)
     layers, heads = layers_and_heads(model)
     n = args.heads_per_layer if args.heads_per_layer is not None else max(1, round(heads / 4))
     if not 1 <= n < heads:  # the library refuses it too, but only after the pool is scored
@@ -204,7 +211,7 @@ def main(argv=None):
                                                not args.no_progress))
         if distributed.rank() == 0:  # choosing them scores the whole pool: minutes on a CPU, not to be redone
             write_json(progress_path, state)
-    samples = answer_samples(tokenizer, [examples[i] for i in state["sample_indices"]])
+    samples = answer_samples(tokenizer, [examples[i] for i in state["sample_indices"]], context_limit(model))
 
     started = time.time() - state["seconds"]
 
@@ -219,7 +226,7 @@ def main(argv=None):
               "sample_indices": state["sample_indices"], "sample_losses": state.get("sample_losses"),
               "loss_matrix": state["loss_matrix"], "circuit_below_loss": state["circuit_below_loss"],
               "unmasked_loss": unmasked_answer_loss(model, samples),
-              "kind": task.kind, "data": source,
+              "kind": task.kind, "data": source, "trust_remote_code": args.trust_remote_code,
               "seconds": round(seconds, 1),
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     print_heat_map(state["loss_matrix"], circuit)
@@ -231,7 +238,8 @@ def main(argv=None):
         print(f"\n{v['metric']} on {v['rows']} rows of {val_split}: unmasked {v['unmasked']:.3f} "
               f"(chance {v['chance']:.3f}, {commonest} {v['majority']:.3f}), circuit masked "
               f"{v['circuit_masked']:.3f}, random heads masked {v['random_masked_mean']:.3f} "
-              f"+- {v['random_masked_std']:.3f} ({args.random_trials} draws)")
+              + (f"+- {v['random_masked_std']:.3f} ({args.random_trials} draws)" if args.random_trials > 1
+                 else "(1 draw: no spread to give)"))
         if not knows_the_task(v):
             print(f"warning: the unmasked model ({v['unmasked']:.3f}) is not clearly above chance ({v['chance']:.3f}) "
                   f"and the {commonest} ({v['majority']:.3f}), so the circuit says little about task knowledge; "

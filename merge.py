@@ -14,14 +14,15 @@ import json
 import os
 import tempfile
 
-from cli import (DEFAULT_MODEL, HelpFormatter, UsageError, add_model_arguments, check_inputs_kept, input_paths,
-                 lies_in, run_script)
+from cli import HelpFormatter, UsageError, add_model_arguments, run_script, user_path
+from models import DEFAULT_MODEL
+from runs import check_inputs_kept, hold_output, input_paths, lies_in
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--adapter", required=True, help="a folder written by finetune.py, or a PEFT LoRA/DoRA folder")
-    p.add_argument("--out", required=True, help="the folder to write (config, tokenizer, model.safetensors)")
+    p.add_argument("--adapter", required=True, type=user_path, help="a folder written by finetune.py, or a PEFT LoRA/DoRA folder")
+    p.add_argument("--out", required=True, type=user_path, help="the folder to write (config, tokenizer, model.safetensors)")
     add_model_arguments(p, None, "the base model (default: the one the adapter was trained on)", device="cpu",
                         dtype="fp32", device_map=False, data=False)
     p.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files (they are "
@@ -29,6 +30,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         raise UsageError(f"{args.adapter} has no adapter_config.json; pass a folder written by finetune.py")
+    hold_output(args.out)
     check_out(args.out, args.adapter, args.overwrite)
     check_inputs_kept({"--out": args.out}, input_paths(args))
     return args
@@ -70,7 +72,9 @@ def own_files(folder: str) -> list[str] | None:
 if __name__ == "__main__":
     run_script(parse_args)  # --help and bad arguments answer at once, before torch and transformers load
 
-from cli import check_adapter_weights, load_model, recorded, refused, settle  # noqa: E402
+from cli import refused  # noqa: E402
+from models import load_model  # noqa: E402
+from runs import check_adapter_weights, recorded, settle  # noqa: E402
 from headmap.adapters import load_adapter, merge_adapter  # noqa: E402
 from headmap.files import atomic, space_for  # noqa: E402
 
@@ -80,12 +84,12 @@ def main(argv=None):
     # the adapter's own base model unless --model says otherwise (merging into another model is the user's call)
     model_name = settle("model", args.model, recorded(args.adapter)["model"], DEFAULT_MODEL, strict=False)
     check_adapter_weights(args.adapter)
-    model, tokenizer = load_model(model_name, args.device, args.dtype)
+    model, tokenizer = load_model(model_name, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
     with refused(f"cannot merge {args.adapter} into {model_name}"):
         adapter = load_adapter(model, args.adapter)
         merged = merge_adapter(model, adapter)
     write_checkpoint(merged, tokenizer, args.out, {"adapter": os.path.abspath(args.adapter), "base_model": model_name,
-                                                   "method": adapter.method})
+                                                   "method": adapter.method, "trust_remote_code": args.trust_remote_code})
     print(f"merged {adapter.method} from {args.adapter} into {model_name}; wrote {args.out}")
 
 

@@ -23,8 +23,8 @@ import os
 import sys
 import textwrap
 
-from cli import (HelpFormatter, UsageError, add_out_arguments, check_inputs_kept, check_writable, read_json, refused,
-                 run_script)
+from cli import HelpFormatter, UsageError, add_out_arguments, refused, run_script, user_path
+from runs import check_inputs_kept, check_writable, read_json
 from headmap.files import atomic
 
 RUN_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
@@ -34,17 +34,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="figure", required=True)
     h = sub.add_parser("heatmap", help="the circuit heat map of a heads.json written by locate.py")
-    h.add_argument("circuit", help="heads.json from locate.py")
+    h.add_argument("circuit", type=user_path, help="heads.json from locate.py")
     add_out_arguments(h, "figure file: .svg, .png or .pdf", required=True)
     view = h.add_mutually_exclusive_group()
     view.add_argument("--cumulative", action="store_true", help="the increase over the unmasked model")
     view.add_argument("--per-layer", action="store_true", help="shade each layer on its own scale")
     o = sub.add_parser("overlap", help="how the circuits of several heads.json files overlap")
-    o.add_argument("circuits", nargs="+", help="heads.json files of one model")
+    o.add_argument("circuits", nargs="+", type=user_path, help="heads.json files of one model")
     add_out_arguments(o, "figure file: .svg, .png or .pdf", required=True)
     o.add_argument("--labels", help="comma-separated labels, one per circuit (default: each file's dataset)")
     c = sub.add_parser("curves", help="training and validation loss of one or more finetune.py runs")
-    c.add_argument("runs", nargs="+", help="finetune.py output folders, or training.json copies")
+    c.add_argument("runs", nargs="+", type=user_path, help="finetune.py output folders, or training.json copies")
     add_out_arguments(c, "figure file: .svg, .png or .pdf", required=True)
     c.add_argument("--labels", help="comma-separated legend labels, one per run (default: folder or file names)")
     c.add_argument("--title", default="Training and validation loss")

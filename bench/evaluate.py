@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.naive import choice_scores_one_by_one  # noqa: E402
-from cli import DEFAULT_MODEL, load_model  # noqa: E402
+from models import DEFAULT_MODEL, load_model  # noqa: E402
 from data.scoring import accuracy, encode_pair, pad_id_of, pad_right, score_examples  # noqa: E402
 from data.tasks import default_data_dir, load_examples  # noqa: E402
 

@@ -168,7 +168,7 @@ if __name__ == "__main__":
     from data.scoring import pad_id_of
     from data.tasks import default_data_dir, load_examples
     from headmap.circuit import read_circuit
-    from cli import DEFAULT_MODEL, load_model
+    from models import DEFAULT_MODEL, load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", required=True, help="the circuit HeadMap trains on")

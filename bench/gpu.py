@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cli import add_out_arguments, check_writable, run_script, write_json  # noqa: E402  (cli imports no torch)
+from cli import add_out_arguments, run_script  # noqa: E402  (cli and runs import no torch)
+from runs import check_writable, write_json  # noqa: E402
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cli import add_out_arguments, check_writable, run_script, write_json  # noqa: E402
+from cli import add_out_arguments, run_script  # noqa: E402
+from runs import check_writable, write_json  # noqa: E402
 
 
 def read(folder: Path, name: str):
@@ -74,7 +75,7 @@ def protocol_hours(claims: dict, locate: dict) -> float | None:
                                                                    claims["lora_tokens_per_s"]):
         return None
     from bench import protocol_estimate
-    from cli import load_tokenizer
+    from models import load_tokenizer
     rates = {"headmap": claims["headmap_tokens_per_s"], "headmap-random": claims["headmap_tokens_per_s"],
              "lora": claims["lora_tokens_per_s"], "dora": claims.get("dora_tokens_per_s") or claims["lora_tokens_per_s"]}
     locate_scale = locate["tflops"] * 1e12 / protocol_estimate.locate_rate(34) if locate.get("tflops") else 1.0

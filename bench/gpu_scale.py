@@ -29,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cli import add_out_arguments, check_writable, run_script, write_json  # noqa: E402  (cli imports no torch)
+from cli import add_out_arguments, run_script  # noqa: E402  (cli and runs import no torch)
+from runs import check_writable, write_json  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--dry-run", action="store_true", help="CPU: Triton's interpreter and tiny shapes (what CI runs)")

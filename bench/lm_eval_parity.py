@@ -21,7 +21,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli import DEFAULT_MODEL, add_out_arguments, check_writable, load_model, run_script, write_json  # noqa: E402
+from cli import add_out_arguments, run_script  # noqa: E402
+from models import DEFAULT_MODEL, load_model  # noqa: E402
+from runs import check_writable, write_json  # noqa: E402
 from data.scoring import accuracy, score_examples  # noqa: E402
 from data.tasks import DATASETS, default_data_dir, load_examples, load_rows  # noqa: E402
 

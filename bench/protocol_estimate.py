@@ -84,7 +84,7 @@ def totals(tok, rates: dict = TOKENS_PER_S, locate_scale: float = 1.0, table: bo
 
 
 def main():
-    from cli import load_tokenizer
+    from models import load_tokenizer
     t = totals(load_tokenizer(), table=True)
     print(f"\none GPU: {t['one_gpu_hours']:.1f} h (locate {t['locate_minutes']:.0f} min, training "
           f"{t['train_minutes'] / 60:.1f} h, evaluation {t['eval_minutes']:.0f} min); 8 GPUs: {t['eight_gpu_hours']:.1f} h")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cli import add_out_arguments, check_writable, run_script, write_json  # noqa: E402
+from cli import add_out_arguments, run_script  # noqa: E402
+from runs import check_writable, write_json  # noqa: E402
 
 SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536, vocab=49152)
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

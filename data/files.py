@@ -1,4 +1,5 @@
 """DataError, and read_checked: the one way the project reads a file it is handed."""
+from headmap.files import first_line
 
 
 class DataError(ValueError):
@@ -14,5 +15,5 @@ def read_checked(path: str, what: str, load, fix: str):
     except FileNotFoundError:
         raise DataError(f"{what} {path} does not exist; {fix}") from None
     except Exception as err:  # any parser's complaint about the file's content: the file is the problem
-        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        detail = first_line(err, 200)
         raise DataError(f"{what} {path} cannot be read ({type(err).__name__}: {detail}); {fix}") from None

@@ -12,6 +12,7 @@ import difflib
 import sys
 
 from data.files import DataError
+from headmap.files import first_line
 from data.tasks import CHOICE, Example, Task
 
 SPLIT_DOCS = {"train": "training_docs", "validation": "validation_docs", "test": "test_docs"}
@@ -42,7 +43,7 @@ class LmEvalTask(Task):
         try:
             loaded = manager.load([spec])["tasks"]
         except Exception as err:  # the task's data cannot be fetched (offline), a broken YAML, ...
-            detail = (str(err).strip().splitlines() or [""])[0][:200]
+            detail = first_line(err, 200)
             raise DataError(f"cannot load lm-eval task {spec} ({type(err).__name__}: {detail}); offline, point a task "
                             "YAML at local files (README: Your own task)") from None
         if len(loaded) != 1:

@@ -1,11 +1,13 @@
 """Tokenisation, length-sorted batching, log-likelihood scoring of examples, and their metrics."""
 import copy
 import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from data.files import DataError
 from data.tasks import CHOICE, TARGET, Example
 from headmap import distributed
 from headmap.masking import UnsupportedModel
@@ -31,19 +33,40 @@ class Prompt:
     continuations: list[tuple[int, int, list[int]]]  # (example, choice, continuation token ids)
 
 
-def build_prompts(tokenizer, examples: list[Example]) -> list[Prompt]:
+def context_limit(model) -> int | None:
+    """The most positions `model` was trained on (its config's max_position_embeddings), None where it names none."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def fit_context(ctx: list[int], cont: list[int], limit: int | None, row: int) -> tuple[list[int], int]:
+    """The context cut from the left, as lm-evaluation-harness cuts it, so that context + continuation (less its last
+    token, which is only predicted) takes at most `limit` positions; and how many tokens were cut. A continuation
+    that alone does not fit is refused: no cut of the context could score it."""
+    over = 0 if limit is None else len(ctx) + len(cont) - 1 - limit
+    if over <= 0:
+        return ctx, 0
+    if over >= len(ctx):
+        raise DataError(f"row {row + 1}: its answer of {len(cont):,} tokens does not fit the model's {limit:,} "
+                        "positions; shorten it or leave the row out")
+    return ctx[over:], over
+
+
+def build_prompts(tokenizer, examples: list[Example], limit: int | None = None) -> tuple[list[Prompt], list[int]]:
     """One Prompt per distinct context of each example: one for most tasks, whose choices share the prompt, and
-    one per choice for WinoGrande's partial scoring."""
-    prompts = []
+    one per choice for WinoGrande's partial scoring; each context cut to the model's `limit` positions (fit_context).
+    Also returns the most tokens cut from each example's contexts (0: none)."""
+    prompts, cut = [], [0] * len(examples)
     for e, ex in enumerate(examples):
         mine: dict[tuple[int, ...], Prompt] = {}
         for c, (context, continuation) in enumerate(zip(ex.prompts, ex.continuations)):
             ctx, cont = encode_pair(tokenizer, context, continuation)
+            ctx, cut_here = fit_context(ctx, cont, limit, e)
+            cut[e] = max(cut[e], cut_here)
             if tuple(ctx) not in mine:
                 mine[tuple(ctx)] = Prompt(ctx, [])
                 prompts.append(mine[tuple(ctx)])
             mine[tuple(ctx)].continuations.append((e, c, cont))
-    return prompts
+    return prompts, cut
 
 
 def prompt_batches(prompts: list[Prompt], batch_size: int):
@@ -74,9 +97,11 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
-def answer_samples(tokenizer, examples: list[Example]) -> list[tuple[torch.Tensor, int]]:
-    """locate_circuit's samples: per example, prompt + gold continuation as token ids and where the answer starts."""
+def answer_samples(tokenizer, examples: list[Example], limit: int | None = None) -> list[tuple[torch.Tensor, int]]:
+    """locate_circuit's samples: per example, prompt + gold continuation as token ids (the prompt cut to the model's
+    `limit` positions, as scoring cuts it) and where the answer starts."""
     pairs = [encode_pair(tokenizer, ex.prompts[ex.gold], ex.continuations[ex.gold]) for ex in examples]
+    pairs = [(fit_context(ctx, cont, limit, e)[0], cont) for e, (ctx, cont) in enumerate(pairs)]
     return [(torch.tensor(ctx + cont), len(ctx)) for ctx, cont in pairs]
 
 
@@ -189,10 +214,12 @@ def check_window_cache(model, batch: list[Prompt], rows: list[tuple[int, list[in
 
 @dataclass
 class Scores:
-    """Per example and choice: the summed log-likelihood, whether the continuation is greedy, and its tokens."""
+    """Per example and choice: the summed log-likelihood, whether the continuation is greedy, and its tokens; per
+    example, the most tokens cut from the left of its contexts to fit the model (0 for almost every row)."""
     logprob: list[list[float]]
     greedy: list[list[bool]]
     tokens: list[list[int]]
+    cut: list[int] | None = None
 
 
 @torch.inference_mode()
@@ -202,7 +229,12 @@ def score_continuations(model, tokenizer, examples: list[Example], batch_size: i
     continuations in passes of at most `token_budget` padded tokens. Under torchrun the ranks take turns along the
     batches and every rank gets all the scores; a batch is the same whichever rank runs it, so the scores equal one
     process's bit for bit."""
-    prompts = build_prompts(tokenizer, examples)
+    limit = context_limit(model)
+    prompts, cut = build_prompts(tokenizer, examples, limit)
+    if any(cut):
+        print(f"note: {sum(map(bool, cut))} of {len(examples)} rows are longer than the model's {limit:,} positions: "
+              f"their context was cut from the left (by up to {max(cut):,} tokens), as lm-evaluation-harness cuts it",
+              file=sys.stderr)
     batches = list(prompt_batches(prompts, batch_size))
     pad = pad_id_of(tokenizer)
     values = {}  # batch index -> its continuations' (log-likelihoods, greedy flags), in order
@@ -212,7 +244,7 @@ def score_continuations(model, tokenizer, examples: list[Example], batch_size: i
             bar.update(len(batches[b]))
     for part in distributed.all_gather(values):  # with one process: values itself
         values.update(part)
-    scores = Scores(*([[None] * len(ex.continuations) for ex in examples] for _ in range(3)))
+    scores = Scores(*([[None] * len(ex.continuations) for ex in examples] for _ in range(3)), cut=cut)
     for b, batch in enumerate(batches):
         got = iter(zip(*values[b]))
         for prompt in batch:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.files import DataError, read_checked
+from headmap.files import first_line
 
 CHOICE, TARGET = "multiple_choice", "target"  # the two kinds of task: what is scored, and how
 
@@ -268,7 +269,7 @@ def _load_hub_rows(name: str, spec: Dataset, split: str) -> list[dict]:
     try:
         return list(datasets.load_dataset(spec.hub_id, spec.hub_config, split=split))
     except ValueError as err:  # datasets raises ValueError for an unknown split
-        raise DataError(f"{name} has no split {split!r} on the hub ({str(err).splitlines()[0]}); pass --split") from None
+        raise DataError(f"{name} has no split {split!r} on the hub ({first_line(err)}); pass --split") from None
     except Exception as err:  # network or hub failures come in many types
         raise DataError(f"cannot load {name} ({spec.hub_id}) from the Hugging Face hub: {type(err).__name__}; "
                         "drop --data-dir hub to use the bundled copy, or pass a folder") from None

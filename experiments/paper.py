@@ -81,7 +81,7 @@ def plan(args, todo) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from protocol_estimate import estimate  # noqa: E402 - loads nothing until called
 
-    from cli import load_tokenizer
+    from models import load_tokenizer
     from data.tasks import load_rows
     tok = load_tokenizer(args.model)  # the rows' token lengths in the user's model's own tokens
     total = 0.0

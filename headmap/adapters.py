@@ -114,6 +114,26 @@ class Adapter(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if getattr(self, "_model", None) is not None and self._model.__dict__.get(ATTACHED) is self:
+            del self._model.__dict__[ATTACHED]
+        self._model = None
+
+    def claim(self, model: nn.Module) -> None:
+        """Mark `model` as carrying this adapter. Kept in the model's __dict__, not as a submodule: the model's
+        state_dict and parameters stay the base model's."""
+        object.__setattr__(model, ATTACHED, self)
+        object.__setattr__(self, "_model", model)
+
+
+ATTACHED = "_headmap_adapter"  # the model's attribute naming the adapter attached to it
+
+
+def check_unadapted(model: nn.Module) -> None:
+    """Refuse a second adapter on a model that carries one (a notebook cell run twice would stack two maps)."""
+    attached = model.__dict__.get(ATTACHED)
+    if attached is not None:
+        raise ValueError(f"a {attached.method} adapter is attached to this model already; call adapter.remove() on it "
+                         "first (or merge it), then attach another")
 
 
 def attach_headmap(model: nn.Module, circuit: dict[int, list[int]], rank: int = 32, scaling: float = 1.0,
@@ -122,6 +142,7 @@ def attach_headmap(model: nn.Module, circuit: dict[int, list[int]], rank: int = 
     "hs": added to the layer's output hidden state, after the MLP residual."""
     if variant not in ("mha", "hs"):
         raise ValueError(f"unknown HeadMap variant {variant!r}; use mha or hs")
+    check_unadapted(model)
     attn = attention_modules(model)  # first: a model without per-layer attention is refused by name
     layers, heads_per_layer = layers_and_heads(model)
     check_circuit(circuit, layers, heads_per_layer)
@@ -150,6 +171,7 @@ def attach_headmap(model: nn.Module, circuit: dict[int, list[int]], rank: int = 
                                            f"not o_proj's {tuple(delta.shape)}; the HS variant cannot add to it")
                 return (hidden + delta, *out[1:]) if isinstance(out, tuple) else hidden + delta
             adapter._handles.append(decoder_layers(model)[layer].register_forward_hook(add_to_output))
+    adapter.claim(model)
     return adapter
 
 
@@ -172,6 +194,7 @@ def attach_lora(model: nn.Module, rank: int = 32, alpha: float = 64, dropout: fl
                 targets: tuple[str, ...] = LORA_TARGETS) -> Adapter:
     """LoRA (or DoRA) on every linear layer named in `targets` (lora_targets), as PEFT's LoraConfig with these
     fields; B starts at zero, so the model starts as the base model."""
+    check_unadapted(model)
     found = lora_targets(model, targets)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
               "target_modules": found, "use_dora": dora, "bias": "none"}
@@ -181,6 +204,7 @@ def attach_lora(model: nn.Module, rank: int = 32, alpha: float = 64, dropout: fl
             lora = LoRA(module, rank, alpha, dropout, dora).to(module.weight.device)
             adapter.sites[name.replace(".", "/")] = lora
             adapter._handles.append(module.register_forward_hook(lora.hook))
+    adapter.claim(model)
     return adapter
 
 

@@ -1,4 +1,5 @@
-"""Outputs written whole or not at all: the one atomic writer of the library and of the scripts."""
+"""Outputs written whole or not at all: the one atomic writer of the library and of the scripts; and the first
+line of an error, which every one-line refusal quotes."""
 import errno
 import os
 import shutil
@@ -106,3 +107,8 @@ def _exchange(a: str, b: str) -> None:
     os.replace(b, aside)
     os.replace(a, b)
     os.replace(aside, a)
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of an error's message (empty for an empty message), cut at `limit` characters."""
+    return (str(err).strip().splitlines() or [""])[0][:limit]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .attention import masked_attention
+from .files import first_line
 
 ATTENTION_NAME = "headmap_masked"
 
@@ -145,7 +146,7 @@ def probe(model: nn.Module) -> dict:
         except UnsupportedModel as err:
             found["unmaskable"] = str(err)
         except Exception as err:  # noqa: BLE001 - the stock forward below tells whose failure it is
-            first = (str(err).splitlines() or [""])[0]
+            first = first_line(err)
             found["unmaskable"] = f"{arch}: its forward fails with head masking ({type(err).__name__}: {first})"
         finally:
             for hook in hooks:
@@ -158,7 +159,7 @@ def probe(model: nn.Module) -> dict:
             model(input_ids=ids, attention_mask=padding)
         except Exception as err:  # noqa: BLE001 - whatever transformers raised, the user gets one line naming it
             import transformers
-            first = (str(err).splitlines() or [""])[0]
+            first = first_line(err)
             raise UnsupportedModel(f"{arch}: the stock model's own forward fails in transformers "
                                    f"{transformers.__version__} ({type(err).__name__}: {first}); nothing can be "
                                    "measured on it") from None

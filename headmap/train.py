@@ -128,6 +128,14 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
     torch.save. A loss that is not finite raises FloatingPointError. Under torchrun, rank r > 0 draws its dropout
     masks from its own stream, seeded by (`seed`, r, the first step). Returns the losses of the steps run here."""
     params = [p for p in adapter.parameters() if p.requires_grad]
+    ours = {id(p) for p in adapter.parameters()}
+    unfrozen = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in ours]
+    if unfrozen:  # their gradients would be computed and kept every step: a whole model's worth of memory
+        raise ValueError(f"{len(unfrozen)} of the model's own tensors require gradients ({unfrozen[0]}, ...), so every "
+                         "step would compute and keep gradients for them; freeze the model first: "
+                         "model.requires_grad_(False), then attach the adapter")
+    if not params:
+        raise ValueError("the adapter has no parameter that requires gradients: nothing to train")
     # fused: one kernel for every parameter's update on CUDA, instead of a few per parameter
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=params[0].is_cuda or None)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, warmup))

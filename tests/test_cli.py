@@ -88,7 +88,7 @@ def test_a_circuit_of_another_model_is_refused_unless_forced(tmp_path):
 
 def test_the_tokenizer_alone_of_a_gguf_is_the_loaded_models(smollm2):
     """load_tokenizer reads a GGUF's tokenizer without de-quantising it: the same ids as load_model's tokenizer."""
-    from cli import load_tokenizer
+    from models import load_tokenizer
     text = "Question: Which gas do plants take in?\nAnswer: carbon dioxide"
     assert load_tokenizer("smollm2-135m")(text).input_ids == smollm2[1](text).input_ids
 
@@ -191,7 +191,7 @@ def test_finetune_then_evaluate_the_adapter_and_its_merged_checkpoint(smollm2, t
                  "--batch-size", "8", "--token-budget", "256", "--max-steps", "2", "--eval-every", "1",
                  "--eval-limit", "6", "--out", str(out), "--no-progress")
     assert result.returncode == 0, result.stderr
-    assert "warning: --warmup 100 is not shorter than the run's 2 steps" in result.stderr
+    assert "note: --warmup 0 (a tenth of the run's 2 steps" in result.stderr  # the paper's 100 scaled down
     assert "--prompt harness (from" in result.stderr and "--model smollm2-135m (from" in result.stderr
     record = json.loads((out / "training.json").read_text())
     assert record["method"] == "headmap" and record["adapter"]["variant"] == "mha" and record["steps"] == 2

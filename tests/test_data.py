@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import write_json
+from runs import write_json
 from data.files import DataError
 from data.tasks import DATASETS, data_source, load_examples, load_rows
 

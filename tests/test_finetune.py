@@ -298,7 +298,7 @@ def test_train_adapter_keeps_the_best_and_resumes_from_a_checkpoint():
     assert [r["step"] for r in records if r.get("best")][-1] == best
     assert final == pytest.approx(vals[best], rel=1e-6)  # the adapter ends with the best weights
     saved.seek(0)
-    resumed, later, _, final_resumed = run(resume=torch.load(saved, weights_only=False))
+    resumed, later, _, final_resumed = run(resume=torch.load(saved, weights_only=True))
     assert [r["step"] for r in later] == [4, 5, 6] and resumed == losses[3:]  # dropout's RNG resumed too
     assert final_resumed == final
 

@@ -36,7 +36,7 @@ def test_the_library_copied_under_another_name_runs_the_readme_example(tmp_path)
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
     for path in (tmp_path / "vendor" / "hm_kernels").glob("*.py"):  # relative imports only, no script code
         source = path.read_text()
-        assert not re.search(r"^\s*(from|import) (headmap|cli|data|kernels)\b", source, re.M), path.name
+        assert not re.search(r"^\s*(from|import) (headmap|cli|runs|models|data|kernels)\b", source, re.M), path.name
         assert "argparse" not in source and "UsageError" not in source, path.name
 
 
@@ -51,7 +51,7 @@ assert sorted(circuit) == [0, 1] and all(len(h) == 2 for h in circuit.values()),
 assert loss_matrix.shape == (2, 4) and bool((loss_matrix > 0).all())
 assert len(losses) == 20 and losses[-1] < losses[0], losses
 import sys
-assert "cli" not in sys.modules and "data" not in sys.modules and "headmap" not in sys.modules
+assert not {"cli", "runs", "models", "data"} & set(sys.modules) and "headmap" not in sys.modules
 print("located, trained and saved")
 """
     (tmp_path / "example.py").write_text(snippet("README.md", "python example") + checks)
@@ -90,7 +90,7 @@ def test_data_imports_nothing_of_the_scripts_and_raises_its_own_value_error():
     from data.files import DataError
     from data.tasks import open_task
     for path in (ROOT / "data").glob("*.py"):
-        assert not re.search(r"^\s*(from|import) (cli|locate|finetune|evaluate|merge|plot)\b", path.read_text(), re.M), path
+        assert not re.search(r"^\s*(from|import) (cli|runs|models|locate|finetune|evaluate|merge|plot)\b", path.read_text(), re.M), path
     assert issubclass(DataError, ValueError)
     with pytest.raises(DataError, match="unknown dataset 'nope'"):
         open_task("nope")

@@ -232,7 +232,7 @@ def test_finetune_killed_anywhere_resumes_to_the_same_adapter(tiny_run, tmp_path
     def whole():
         _whole_json_or_absent(out / "before.json", out / "adapter_config.json", out / "training.json")
         if (out / "checkpoint.pt").exists():
-            torch.load(out / "checkpoint.pt", weights_only=False)
+            torch.load(out / "checkpoint.pt", weights_only=True)
         if (out / "adapter_model.safetensors").exists():
             load_file(out / "adapter_model.safetensors")
     assert _kill_and_resume(base + ["--out", str(out)], whole, (out / "checkpoint.pt").exists, seed=2)

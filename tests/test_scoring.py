@@ -23,7 +23,7 @@ def flat(scores):
 
 def test_each_prompt_runs_once_for_all_its_choices(tiny):
     _, tok = tiny
-    prompts = build_prompts(tok, TINY_EXAMPLES)  # WinoGrande's two option-filled contexts are two prompts
+    prompts, _ = build_prompts(tok, TINY_EXAMPLES)  # WinoGrande's two option-filled contexts are two prompts
     assert [len(p.continuations) for p in prompts] == [2, 3, 3, 1, 1]
     assert [[len(cont) for _, _, cont in p.continuations] for p in prompts][:2] == [[1, 1], [8, 4, 3]]
 

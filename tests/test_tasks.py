@@ -246,7 +246,7 @@ def test_evaluate_equals_lm_eval_and_the_readme_snippet_masks_heads_in_lm_eval(l
     """evaluate.py --dataset lm-eval:TASK --mask heads.json gives lm-eval's own acc and acc_norm, run by the README's
     snippet (HFLM over the model, heads masked by mask_heads), and differs from the unmasked scores."""
     import evaluate
-    from cli import write_json
+    from runs import write_json
     from headmap.circuit import circuit_entry
     model_dir, yaml = tiny_run / "model", lm_eval_tasks / "arc_easy.yaml"
     write_json(tmp_path / "heads.json", {**circuit_entry({0: [1, 2], 1: [0]}), "model": str(model_dir)})

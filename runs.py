@@ -1,0 +1,295 @@
+"""The files a script reads and writes beyond its data: outputs checked before the run and written whole, the
+user's inputs kept out of what a run replaces, run folders with their records, checkpoints and resume, and the locks
+that keep two runs (or two conversions) apart.
+
+Every file a user hands over or an earlier run left is read through data.files.read_checked (one line naming the
+file and the fix) and never runs code: JSON, safetensors, or torch.load with weights_only=True.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+
+from cli import UsageError
+from data.files import read_checked
+
+
+def read_json(path: str, what: str, fix: str = "fix it or pass another file") -> dict:
+    def load(p):
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    return read_checked(path, what, load, fix)
+
+
+def write_json(path: str, obj) -> None:
+    from headmap.files import atomic
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def check_writable(path: str, overwrite: bool) -> None:
+    """Fail before a long run, not after it: an output file that exists is kept unless the user passed --overwrite
+    (nothing of theirs is replaced without their flag), and one that cannot be written is named."""
+    if os.path.exists(path) and not overwrite:
+        raise UsageError(f"{path} exists; pass --overwrite to replace it, or another --out")
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write {path} ({err.strerror}); pass a writable path") from None
+
+
+def check_inputs_kept(replaced: dict[str, str], inputs: list[tuple[str, str]]) -> None:
+    """Refuse, before any work, an input that lies in an output this run would replace ({flag: path}; inputs as
+    input_paths gives them): an input file that is the output file, or any input inside the output folder. Inputs
+    that name no existing path (hub ids, dataset names) cannot be."""
+    for out_flag, out in replaced.items():
+        for in_flag, path in inputs:
+            if path and os.path.exists(path) and lies_in(path, out):
+                where = "is" if os.path.realpath(path) == os.path.realpath(out) else "lies inside"
+                raise UsageError(f"{in_flag} {path} {where} {out_flag} {out}, which this run replaces; move it "
+                                 f"elsewhere first, or pass another {out_flag}")
+
+
+def lies_in(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies anywhere inside it (links resolved)."""
+    real, target = os.path.realpath(path), os.path.realpath(folder)
+    return real == target or real.startswith(target.rstrip(os.sep) + os.sep)
+
+
+def input_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(flag, path) of what a script reads: --model, each --dataset (a file, a folder, an lm-eval task YAML),
+    --data-dir, --mask, --adapter, --heads, --samples-from, --device-map, where the script has the flag and it is
+    set (check_inputs_kept skips values that name no path)."""
+    found = [("--" + name.replace("_", "-"), getattr(args, name)) for name in
+             ("model", "data_dir", "mask", "adapter", "heads", "samples_from", "device_map") if getattr(args, name, None)]
+    return found + [("--dataset", d.removeprefix("lm-eval:")) for d in (getattr(args, "dataset", None) or "").split(",")
+                    if d]
+
+
+def check_run_folder(out: str, resume: bool, overwrite: bool, inputs: list[tuple[str, str]]) -> None:
+    """A run's --out folder: a new or empty one, or one holding a run that --resume continues or --overwrite
+    replaces (nothing of the user's is replaced without their flag; none of the run's `inputs` may lie in a folder
+    --overwrite replaces)."""
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite starts a new one; pass one of them")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; pass a folder")
+    if os.path.isdir(out) and os.listdir(out) and not (resume or overwrite):
+        raise UsageError(f"--out {out} holds files already (a run?); pass --resume to continue that run, "
+                         "--overwrite to start a new one in it, or another --out")
+    if overwrite:
+        check_inputs_kept({"--out": out}, inputs)
+
+
+def read_checkpoint(out: str) -> dict | None:
+    """The checkpoint of the run in `out` (None where it has none yet), checked: a truncated or foreign file, or one
+    holding anything but tensors and plain values, is refused with one line, before any compute."""
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        return None
+    import pickle
+
+    import torch
+
+    def load(p):  # tensors and plain values only: a pickled object in the file is refused, never run
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError("it holds more than tensors and plain values (pickled code?), so it was not loaded and "
+                             "nothing in it ran") from None
+    ckpt = read_checked(path, "checkpoint", load, "delete it to start over")
+    if not isinstance(ckpt, dict) or not {"adapter", "optimizer", "schedule", "rng", "step", "best"} <= set(ckpt):
+        raise UsageError(f"checkpoint {path} is not one finetune.py wrote; delete it to start over")
+    return ckpt
+
+
+def open_log(out: str, step: int, main_rank: bool):
+    """log.jsonl, for appending: on resume cut back to the checkpoint's step (the steps after it run again)."""
+    path = os.path.join(out, "log.jsonl")
+    if not main_rank:
+        return open(os.devnull, "a")
+    kept = []
+    if step and os.path.exists(path):
+        def steps_so_far(p):
+            with open(p, encoding="utf-8") as f:
+                return [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = read_checked(path, "training log", steps_so_far, "delete it and checkpoint.pt to start over")
+    from headmap.files import atomic
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        f.writelines(kept)
+    return open(path, "a")
+
+
+def read_run(out: str, resume: bool, settings: dict) -> tuple[dict | None, dict | None]:
+    """With --resume, finetune.py's interrupted run in `out`: its record (before.json) and checkpoint, read and checked
+    on rank 0 before the model loads (another run's settings are refused by name)."""
+    from headmap import distributed
+    before_path = os.path.join(out, "before.json")
+    record = ckpt = None
+    if resume and distributed.rank() == 0:
+        if os.path.exists(before_path):
+            record = read_json(before_path, "run record", "delete it and checkpoint.pt to start over")
+            check_same_run(before_path, record.get("settings", settings), settings)
+        ckpt = read_checkpoint(out)
+    return distributed.from_rank0(record), ckpt
+
+
+def read_circuit_file(path: str) -> dict[int, list[int]]:
+    from headmap.circuit import read_circuit
+    return read_checked(path, "circuit file", read_circuit, "pass a heads.json written by locate.py (or the "
+                        'official .pt file): {"knowledge_circuit": {layer: {"retain_heads": [head, ...]}}}')
+
+
+def check_adapter_weights(folder: str) -> None:
+    """An adapter folder's weights checked before any model loads: a truncated or garbled file is refused. Only the
+    header is read (it must name tensors that exactly cover the file); load_adapter reads the tensors once, later."""
+    from safetensors import safe_open
+
+    def header(path):
+        with safe_open(path, "pt") as f:
+            return list(f.keys())
+    read_checked(os.path.join(folder, "adapter_model.safetensors"), "adapter weights", header,
+                 "train it again (finetune.py) or copy it again")
+
+
+def recorded(adapter: str | None = None, circuit: str | None = None) -> dict[str, dict[str, object]]:
+    """What an adapter folder (finetune.py's training.json, else PEFT's adapter_config.json) and a circuit file
+    (locate.py's heads.json) recorded of the run that made them: {setting: {file: value}}, for model, prompt,
+    dataset, split and data (where the rows came from); settle() turns them into option values."""
+    found: dict[str, dict[str, object]] = {"model": {}, "prompt": {}, "dataset": {}, "split": {}, "data": {}}
+    sources = []
+    if adapter:
+        training = os.path.join(adapter, "training.json")
+        if os.path.exists(training):
+            sources.append((training, "adapter record", {"model": "base_model", "prompt": "prompt",
+                                                          "dataset": "dataset", "split": "split", "data": "data"}))
+        else:  # a PEFT folder names its base model only
+            sources.append((os.path.join(adapter, "adapter_config.json"), "adapter config",
+                            {"model": "base_model_name_or_path"}))
+    if circuit and circuit.endswith(".json"):  # the official .pt circuit records nothing else
+        sources.append((circuit, "circuit file", {"model": "model", "prompt": "prompt", "dataset": "dataset",
+                                                  "split": "split", "data": "data"}))
+    for path, what, keys in sources:
+        meta = read_json(path, what)
+        if not isinstance(meta, dict):
+            raise UsageError(f"{what} {path} is not a JSON object; fix it or pass another file")
+        for setting, key in keys.items():
+            found[setting][path] = meta.get(key)
+    return found
+
+
+def settle(option: str, given, records: dict, default, force: bool = False, strict: bool = True):
+    """The value of --option: `given` if the user passed it, else what the files in `records` ({file: value}) say
+    (and a note on stderr says so), else `default`. A value that contradicts a file's record is refused when
+    `strict` (the numbers would be silently wrong) unless --force, and warned about otherwise."""
+    records = {source: value for source, value in records.items() if value is not None}
+    value = given
+    if value is None and records:
+        source, value = next(iter(records.items()))
+        print(f"note: --{option} {value} (from {source})", file=sys.stderr)
+    for source, other in records.items():
+        if other != value:
+            problem = f"--{option} {value} differs from {other} recorded in {source}"
+            if strict and not force:
+                raise UsageError(f"{problem}; pass --force to use it anyway")
+            print(f"warning: {problem}", file=sys.stderr)
+    return default if value is None else value
+
+
+def open_task_for(name: str, args: argparse.Namespace, prompt_records: dict | None = None):
+    """The task `name` with the script's options: the prompt style (one of the eight only) from --prompt, else what
+    an adapter or circuit recorded (`prompt_records`, see settle), else paper."""
+    from data.tasks import DATASETS, open_task
+    prompt = args.prompt
+    if name in DATASETS:
+        prompt = settle("prompt", prompt, prompt_records or {}, "paper", strict=False)
+    return open_task(name, prompt, args.data_dir, args.target_delimiter)
+
+
+def check_same_run(path: str, recorded: dict, given: dict) -> None:
+    """--resume continues the run recorded in `path`, not another: every setting that decides the result must be
+    the same; the first difference is refused by name."""
+    for key in sorted(set(recorded) | set(given)):
+        if recorded.get(key) != given.get(key):
+            raise UsageError(f"--resume: {key} is {given.get(key)!r} here but {recorded.get(key)!r} in the run recorded "
+                             f"in {path}; pass the same options to continue it, or drop --resume (another --out) "
+                             "to start a new run")
+
+
+@contextmanager
+def one_at_a_time(lock_path: str):
+    """An exclusive lock on `lock_path` (created if missing) held for the block, where the OS has flock."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent conversions still leave one whole copy (atomic)
+        yield
+        return
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_held = {}  # path -> the open lock file, held until the process ends
+
+
+def hold_output(out: str) -> None:
+    """Claim --out for this run until the process ends: a second run on the same --out (and its progress file or
+    checkpoint) is refused in one line naming the live one (pid, host, start). The claim is an flock on a hidden
+    file beside --out, which the OS releases when the process dies however it dies (kill -9 too: nothing stale is
+    left to clear); the file is removed at a normal exit. Under torchrun rank 0 claims it for the run."""
+    import atexit
+    import socket
+    import time
+    if os.environ.get("RANK", "0") != "0" or out in _held:
+        return
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no claim
+        return
+    path = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.lock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        try:
+            f = open(path, "a+")
+        except OSError as err:
+            raise UsageError(f"cannot write beside {out} ({err.strerror}); pass a writable --out") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                owner = json.loads(f.read())
+                who = f"pid {owner['pid']} on {owner['host']}, started {owner['started']}"
+            except (ValueError, KeyError, TypeError):
+                who = "its owner did not say which"
+            f.close()
+            raise UsageError(f"--out {out} is in use by a run still going ({who}); wait for it to end or stop it, or "
+                             "pass another --out") from None
+        try:  # the file may have been removed by the run that held it, between our open and our lock: open it anew
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    f.truncate(0)
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": sys.argv}))
+    f.flush()
+    _held[out] = f
+
+    def release():
+        try:
+            os.unlink(path)  # while still held: a run waiting on the old file opens the path anew (above)
+        except FileNotFoundError:
+            pass
+        f.close()
+    atexit.register(release)
