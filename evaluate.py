@@ -2,11 +2,13 @@
 
     python evaluate.py --dataset arc_easy --limit 200
     python evaluate.py --dataset all --prompt harness --out results.json
-    python evaluate.py --dataset examples/capitals               # your own rows (README: Your own task)
+    python evaluate.py --dataset examples/facts/recall           # your own rows (README: Your own task)
     python evaluate.py --dataset lm-eval:sciq                    # any multiple-choice task of lm-evaluation-harness
     torchrun --nproc_per_node 8 evaluate.py --dataset all        # prompt batches split over 8 GPUs
     python evaluate.py --dataset boolq --device-map auto         # a model larger than one GPU
-    python evaluate.py --dataset boolq --adapter runs/adapter    # base model and prompt style from the adapter
+    python evaluate.py --dataset arc_easy --mask experiments/circuits/arc_easy.json  # its heads masked
+    python finetune.py --method lora --dataset boolq --out runs/lora
+    python evaluate.py --dataset boolq --adapter runs/lora       # base model and prompt style from the adapter
 
 Multiple-choice tasks report acc and acc_norm (lm-evaluation-harness's); one-target tasks report exact_match (the
 target is the greedy continuation) and nll_per_token. With --adapter or --mask, the base model and the prompt style
@@ -25,7 +27,8 @@ from models import DEFAULT_MODEL
 from data.tasks import DATASETS
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (parse_args checks the values)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_task_arguments(p, f"one of {', '.join(DATASETS)}, a comma list of them, or 'all'", "the eight datasets' "
                        "prompt style (default: the adapter's or circuit's, else paper)")
@@ -46,7 +49,11 @@ def parse_args(argv=None):
                    "another base model; score an adapter on the rows it was trained on")
     add_out_arguments(p, "write the results as JSON here")
     p.add_argument("--log-samples", action="store_true", help="store every example's scores in --out")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if not args.dataset:
         raise UsageError("pass --dataset: one of the eight, all, a file or folder of your own rows, or lm-eval:TASK")
     check_at_least(args, 1, "limit", "batch_size")

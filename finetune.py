@@ -1,10 +1,11 @@
 """Fine-tune the HeadMap adapter on a located circuit, or a LoRA/DoRA baseline on the same loop.
 
-    python finetune.py --heads heads.json                       # HeadMap, MHA variant, the dataset of heads.json
-    python finetune.py --heads heads.json --variant hs
-    python finetune.py --method lora --dataset boolq            # baselines need no circuit
-    python finetune.py --heads runs/capitals/heads.json         # your own rows (README: Your own task)
-    torchrun --nproc_per_node 8 finetune.py --heads heads.json  # data parallel: the batch of 16 split over 8 GPUs
+    python finetune.py --heads experiments/circuits/arc_easy.json          # HeadMap (MHA) on the circuit's dataset
+    python finetune.py --heads experiments/circuits/arc_easy.json --variant hs --out runs/hs
+    python finetune.py --method lora --dataset boolq --out runs/lora       # baselines need no circuit
+    python locate.py --dataset examples/facts/recall --out runs/facts/heads.json   # your own rows (README)
+    python finetune.py --heads runs/facts/heads.json --out runs/facts/headmap
+    torchrun --nproc_per_node 8 finetune.py --method lora --dataset piqa --out runs/piqa  # batch of 16 over 8 GPUs
 
 Per docs/PROTOCOL.md, with headmap/train.py's loop: text = prompt + gold answer + EOS cut at 512 tokens, loss over
 every token, batch 16, 2 epochs, AdamW, 100 warm-up steps then linear decay, clipping at 1.0, bf16 autocast on GPU,
@@ -23,7 +24,8 @@ from models import DEFAULT_MODEL
 from runs import check_run_folder, hold_output, input_paths
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (parse_args checks the values)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--heads", type=user_path, help="heads.json from locate.py (or the official .pt file); needed for "
                    "HeadMap")
@@ -63,7 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one (its files "
                    "are replaced; other files are kept)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     check_at_least(args, 1, "batch_size", "token_budget", "rank", "epochs", "eval_every", "checkpoint_every",
                    "max_length", "max_steps", "train_limit", "val_limit", "eval_limit")
     check_at_least(args, 0, "warmup")

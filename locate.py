@@ -1,8 +1,8 @@
 """Locate a task's knowledge circuit: layer-conditioned locating (HeadMap, Algorithm 1; headmap/locate.py).
 
     python locate.py --dataset boolq --out heads.json
-    python locate.py --dataset examples/capitals              # your own rows (README: Your own task)
-    torchrun --nproc_per_node 8 locate.py --dataset boolq      # each layer's candidate rows split over 8 GPUs
+    python locate.py --dataset examples/facts/recall --out runs/facts/heads.json   # your own rows (README)
+    torchrun --nproc_per_node 8 locate.py --dataset piqa --out runs/piqa.json     # candidate rows over 8 GPUs
 
 D holds the --samples samples of the split that the unmasked model gets right (its top choice; for a one-target
 task, the target reproduced greedily, every token the argmax) with the lowest loss. For each layer in order, with
@@ -25,7 +25,8 @@ from models import DEFAULT_MODEL
 from data.tasks import DATASETS
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (parse_args checks the values)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_task_arguments(p, ", ".join(DATASETS), "the eight datasets' prompt style (default: paper)")
     add_model_arguments(p, DEFAULT_MODEL, "hub id, local folder or .gguf file")
@@ -50,7 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--validate-split", help="default: the task's evaluation split")
     p.add_argument("--validate-limit", type=int, default=500, help="rows of the validation split (0 = all)")
     p.add_argument("--random-trials", type=int, default=5, help="random head sets the circuit is compared with")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if not args.dataset:
         raise UsageError("pass --dataset: one of the eight, a file or folder of your own rows, or lm-eval:TASK")
     check_at_least(args, 1, "samples", "batch_size", "token_budget", "random_trials", "pool", "heads_per_layer")

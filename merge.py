@@ -1,7 +1,8 @@
 """Fold a trained adapter into its base model: a plain Hugging Face checkpoint that any engine runs unchanged.
 
+    python finetune.py --heads experiments/circuits/arc_easy.json --out runs/adapter
     python merge.py --adapter runs/adapter --out runs/merged
-    python evaluate.py --dataset boolq --model runs/merged     # scores as --adapter runs/adapter does
+    python evaluate.py --dataset arc_easy --model runs/merged --prompt harness  # as --adapter runs/adapter scores
 
 LoRA becomes W0 + s B A, DoRA m (W0 + s B A) / ||W0 + s B A||. HeadMap's MHA map is affine in the o_proj input,
 so it becomes extra o_proj weight columns plus an o_proj bias: the checkpoint switches its config's
@@ -19,15 +20,22 @@ from models import DEFAULT_MODEL
 from runs import check_inputs_kept, hold_output, input_paths, lies_in
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (parse_args checks the values)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--adapter", required=True, type=user_path, help="a folder written by finetune.py, or a PEFT LoRA/DoRA folder")
-    p.add_argument("--out", required=True, type=user_path, help="the folder to write (config, tokenizer, model.safetensors)")
+    p.add_argument("--adapter", required=True, type=user_path, help="a folder written by finetune.py, or a PEFT "
+                   "LoRA/DoRA folder")
+    p.add_argument("--out", required=True, type=user_path, help="the folder to write (config, tokenizer, "
+                   "model.safetensors)")
     add_model_arguments(p, None, "the base model (default: the one the adapter was trained on)", device="cpu",
                         dtype="fp32", device_map=False, data=False)
     p.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files (they are "
                    "kept; files of the same name are replaced)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         raise UsageError(f"{args.adapter} has no adapter_config.json; pass a folder written by finetune.py")
     hold_output(args.out)

@@ -2,9 +2,10 @@
 of fine-tuning runs. The output file's extension picks the format: .svg, .png or .pdf, all drawn by matplotlib
 (locate.py and finetune.py write SVGs beside their outputs).
 
-    python plot.py heatmap heads.json --out heads.png [--cumulative | --per-layer]
-    python plot.py overlap boolq.json piqa.json arc_easy.json ... --out overlap.pdf
-    python plot.py curves runs/lora runs/headmap --out curves.pdf [--labels LoRA,HeadMap]
+    python plot.py heatmap experiments/circuits/arc_easy.json --out heads.png       # --cumulative, --per-layer
+    python plot.py overlap experiments/circuits/arc_easy.json experiments/circuits/piqa.json --out overlap.pdf
+    python plot.py curves experiments/finetune/arc_easy_lora.json experiments/finetune/arc_easy_headmap_mha.json \\
+        --out curves.pdf --labels LoRA,HeadMap
 
 Heat map: loss[l, h] (docs/PROTOCOL.md) is the summed loss of D's gold answers with head h masked on top of the
 circuit already chosen in the layers below. Each cell shows the head's own effect: loss[l, h] minus the loss
@@ -30,7 +31,8 @@ from headmap.files import atomic
 RUN_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (parse_args checks the values)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="figure", required=True)
     h = sub.add_parser("heatmap", help="the circuit heat map of a heads.json written by locate.py")
@@ -48,7 +50,11 @@ def parse_args(argv=None):
     add_out_arguments(c, "figure file: .svg, .png or .pdf", required=True)
     c.add_argument("--labels", help="comma-separated legend labels, one per run (default: folder or file names)")
     c.add_argument("--title", default="Training and validation loss")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     figure_format(args.out)
     check_writable(args.out, args.overwrite)
     if args.overwrite:

@@ -35,8 +35,9 @@ def atomic(path: str, folder: bool = False, size: int | None = None):
     try:
         with space_for(path, tmp, size):
             yield tmp
-        # mkstemp and mkdtemp make their results private; an output reads like any other file the user writes
-        os.chmod(tmp, (0o777 if folder else 0o666) & ~current_umask())
+        # mkstemp and mkdtemp make their results private, and so do some writers inside a folder (safetensors):
+        # an output reads like any other file the user writes (a colleague on the cluster reads the checkpoint)
+        readable(tmp)
         if folder and os.path.isdir(path) and os.listdir(path):
             _exchange(tmp, path)  # tmp now holds the old folder, deleted below
         else:
@@ -84,6 +85,19 @@ def _bytes_in(path: str) -> int:
 
 def _mb(n: int) -> str:
     return f"{n / 2 ** 20:,.1f} MB" if n >= 2 ** 20 else f"{n / 2 ** 10:,.0f} KB"
+
+
+def readable(path: str) -> None:
+    """Give `path` (and all inside it, for a folder) the mode a plain open() or mkdir() gives under the umask:
+    0666 (0777 for folders and executables) less the umask."""
+    umask = current_umask()
+    for root, dirs, files in os.walk(path) if os.path.isdir(path) else [("", [], [path])]:
+        for name in dirs + files:
+            item = os.path.join(root, name)
+            executable = os.path.isdir(item) or os.stat(item).st_mode & 0o111
+            os.chmod(item, (0o777 if executable else 0o666) & ~umask)
+    if os.path.isdir(path):
+        os.chmod(path, 0o777 & ~umask)
 
 
 def current_umask() -> int:

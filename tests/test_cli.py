@@ -1,26 +1,9 @@
 """The scripts as a user runs them: real accuracies, and one-line errors with exit code 2."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
-
-
-def assert_usage_error(result, message):
-    """Exit code 2, no traceback, and the last line is one 'error: ...' line naming the problem."""
-    assert result.returncode == 2, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in result.stderr and last.startswith("error: ") and message in last, result.stderr
-
-
-def run(*args, **env_vars):
-    """A script as a user runs it: the production CPU path, not the Triton interpreter the tests switch on; env_vars
-    set further environment variables."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env_vars
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+from tests.conftest import assert_usage_error, run
 
 
 @pytest.mark.parametrize("args,message", [

@@ -7,8 +7,7 @@ import os
 import shutil
 import subprocess
 
-from tests.conftest import ROOT
-from tests.test_cli import run
+from tests.conftest import ROOT, run
 
 
 def test_paper_protocol_end_to_end_on_a_tiny_model(tiny_run, tmp_path):

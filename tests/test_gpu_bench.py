@@ -2,8 +2,7 @@
 import json
 import subprocess
 
-from tests.conftest import ROOT
-from tests.test_cli import run
+from tests.conftest import ROOT, run
 from tests.test_library import clean_env
 
 
@@ -45,6 +44,7 @@ def test_the_one_gpu_script_dry_run_checks_the_kernel_and_writes_every_claim(tmp
 def check_scale_sections(data: dict, names: tuple[str, ...]) -> None:
     """bench/gpu_scale.py's sections in its JSON: every locate ran every layer, every training path ran."""
     for name in names:
+        assert "error" not in data[name], f"{name}: {data[name]}"
         if name.startswith("locate"):
             assert data[name]["layers_run"] == data[name]["layers"] and data[name]["tflops"] > 0
             assert len(data[name]["circuit"]) == data[name]["layers"]

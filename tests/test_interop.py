@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from headmap.adapters import attach_headmap, attach_lora, load_adapter, merge_adapter, save_adapter
-from tests.conftest import tiny_llama
+from tests.conftest import needed, tiny_llama
 
-peft = pytest.importorskip("peft")
+peft = needed("peft")
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 

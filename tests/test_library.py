@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_cli import run
+from tests.conftest import ROOT, run
 
 
 def snippet(path: str, marker: str) -> str:
@@ -59,6 +58,8 @@ print("located, trained and saved")
                           env=clean_env(HF_HUB_OFFLINE="1"), timeout=600)
     assert done.returncode == 0, done.stderr
     assert "located, trained and saved" in done.stdout
+    assert "circuit: 4 heads in 2 layers" in done.stdout  # what it did, said as it runs
+    assert re.search(r"training loss \d+\.\d{3} -> \d+\.\d{3}", done.stdout), done.stdout
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
 
 

@@ -12,7 +12,7 @@ from data.tasks import Example
 from headmap.circuit import circuit_entry, circuit_mask
 from headmap.locate import locate_circuit, plan_batches, unmasked_answer_loss
 from headmap.masking import mask_heads
-from tests.test_cli import assert_usage_error, run
+from tests.conftest import assert_usage_error, run
 
 EXAMPLES = [
     Example.with_choices("Pick: (A) red (B) blue\nAnswer:", ["A", "B"], 1),

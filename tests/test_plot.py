@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import plot
-from tests.test_cli import assert_usage_error, run
+from tests.conftest import assert_usage_error, run
 
 SVG = "{http://www.w3.org/2000/svg}"
 SIZES = [(2, 4), (16, 9), (30, 9), (32, 32), (80, 64)]  # (layers, heads): a tiny model ... a 70B-like one

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from headmap.files import current_umask
-from tests.test_cli import assert_usage_error, run
+from tests.conftest import assert_usage_error, run
 
 
 def test_merge_never_writes_over_the_adapter_its_parent_the_current_or_home_folder(tiny_run, tmp_path):

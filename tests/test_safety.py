@@ -4,7 +4,6 @@ user makes it, the refusal asserted as one line (exit 2; a ValueError in the lib
 lost or run."""
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -14,8 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, tiny_llama
-from tests.test_cli import assert_usage_error, run
+from tests.conftest import ROOT, assert_usage_error, run, tiny_llama
 
 
 class Payload:

@@ -16,6 +16,7 @@ from data.files import DataError
 from data.scoring import Scores, encode_pair, metrics, score_continuations
 from data.tasks import CHOICE, TARGET, Example, open_task, read_records
 from data.user_files import count_rows, sha256
+from tests.conftest import needed
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTS = ROOT / "examples" / "facts"
@@ -49,7 +50,7 @@ def write(path: Path, rows: list[dict]) -> Path:
 @pytest.mark.parametrize("ext", [".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet"])
 def test_every_format_gives_the_written_examples(tmp_path, ext):
     if ext == ".parquet":
-        pytest.importorskip("pyarrow")
+        needed("pyarrow")
     task = open_task(str(write(tmp_path / f"rows{ext}", CHOICE_ROWS)))
     assert task.kind == CHOICE and task.splits == ("all",)
     assert task.examples() == CHOICE_EXAMPLES
@@ -194,7 +195,7 @@ ROWS = 12
 def lm_eval_tasks(tmp_path_factory):
     """Task YAMLs that take lm-eval's own arc_easy and winogrande and swap their data for the first ROWS bundled
     rows (how a task runs offline), and a generate_until and a loglikelihood_rolling task on local rows."""
-    lm_eval = pytest.importorskip("lm_eval")
+    lm_eval = needed("lm_eval")
     from data.tasks import load_rows
     root, tasks = tmp_path_factory.mktemp("lm_eval_tasks"), Path(lm_eval.__file__).parent / "tasks"
     for name, split, config in (("arc_easy", "test", tasks / "arc" / "arc_easy.yaml"),
