@@ -56,15 +56,20 @@ def _terminate(signum, frame):
 
 
 def run_script(main, resumable: bool = False) -> None:
-    """Run a script's main(): bad input, an unsupported model or a full disk becomes one 'error: ...' line and exit
-    code 2, never a traceback; Ctrl-C (exit code 130) and SIGTERM (143) one line, with the command that continues
-    the run for a resumable script (its last checkpoint is whole: every file is written atomically)."""
+    """Run a script's main(), turning every way it can stop into one line on stderr, never a traceback.
+
+    Bad input, an unsupported model or a full disk: 'error: ...', exit code 2. A loss that is not finite: 'error:
+    ...', exit code 1. Ctrl-C (exit code 130) and SIGTERM (143): the command that continues the run, for a resumable
+    script (its last checkpoint is whole: every file is written atomically)."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except _refusals() as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as err:  # training diverged: not bad input (the message says what is kept)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt as stop:
         argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
         hint = f"; continue with: python {os.path.basename(sys.argv[0])} {' '.join(argv)}" if resumable else ""
@@ -89,7 +94,7 @@ def add_model_arguments(p: argparse.ArgumentParser, model_default: str | None, m
                         device: str = "auto", dtype: str = "auto", device_map: bool = True, data: bool = True) -> None:
     """--model, --trust-remote-code, --device, --dtype, --device-map where the script spreads a model over devices,
     and --data-dir and --no-progress for the scripts that read data."""
-    from data.tasks import DATA_DIR_HELP, default_data_dir
+    from data.commonsense import DATA_DIR_HELP, default_data_dir
     p.add_argument("--model", default=model_default, type=user_path, help=model_help)
     p.add_argument("--trust-remote-code", action="store_true", help="let a model that ships its own Python code "
                    "(auto_map in its config.json) run it, as transformers' trust_remote_code=True; only for code you "
@@ -108,7 +113,7 @@ def add_model_arguments(p: argparse.ArgumentParser, model_default: str | None, m
 def add_task_arguments(p: argparse.ArgumentParser, dataset_help: str, prompt_help: str) -> None:
     """--dataset and the options that shape a task's prompts: --prompt for the eight datasets, --target-delimiter for
     the user's own files."""
-    from data.tasks import PROMPT_STYLES
+    from data.commonsense import PROMPT_STYLES
     p.add_argument("--dataset", type=user_path, help=dataset_help + "; or your own rows: a "
                    ".jsonl/.jsonl.gz/.json/.csv/.parquet "
                    "file or a folder of train/validation/test files (README: Your own task); or lm-eval:TASK, any "

@@ -16,7 +16,6 @@ default to what the adapter's training.json (or the circuit's heads.json) record
 is refused unless --force, and so is scoring an adapter on the very rows it was trained on.
 """
 import argparse
-import math
 import os
 import sys
 from contextlib import nullcontext
@@ -24,7 +23,7 @@ from contextlib import nullcontext
 from cli import (HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
                  run_script, user_path)
 from models import DEFAULT_MODEL
-from data.tasks import DATASETS
+from data.commonsense import DATASETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,17 +73,12 @@ from cli import refused  # noqa: E402
 from models import load_model, pick_device, start_distributed  # noqa: E402
 from runs import (check_adapter_weights, check_inputs_kept, check_writable, hold_output, input_paths,  # noqa: E402
                   open_task_for, read_circuit_file, recorded, settle, write_json)
-from data.scoring import PRIMARY, context_limit, metrics, score_continuations  # noqa: E402
-from data.tasks import CHOICE  # noqa: E402
+from data.scoring import PRIMARY, context_limit, metrics, reported, score_continuations  # noqa: E402
+from data.common import CHOICE  # noqa: E402
 from headmap import distributed  # noqa: E402
 from headmap.adapters import load_adapter  # noqa: E402
 from headmap.circuit import check_circuit, circuit_mask, random_circuit_like  # noqa: E402
 from headmap.masking import layers_and_heads, mask_heads  # noqa: E402
-
-
-def stderr(share: float, n: int) -> float:
-    """The standard error of an accuracy over n rows (lm-evaluation-harness's sample standard error)."""
-    return math.sqrt(share * (1 - share) / max(1, n - 1))
 
 
 def same_rows(a: dict, b: dict) -> bool:
@@ -143,13 +137,22 @@ def main(argv=None) -> dict:
                                   not args.no_progress)
     param = next(model.parameters())
     prompts = {task.prompt for task in tasks.values()} - {None}
-    results = {"model": args.model, "prompt": prompts.pop() if len(prompts) == 1 else None, "adapter": args.adapter,
-               "mask": None, "split": args.split, "limit": args.limit,
-               "dtype": str(param.dtype).replace("torch.", ""), "device": str(param.device),
-               "device_map": args.device_map, "trust_remote_code": args.trust_remote_code, "data_dir": args.data_dir,
-               "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                            "transformers": transformers.__version__},
-               "results": {}}
+    results = {
+        "model": args.model,
+        "prompt": prompts.pop() if len(prompts) == 1 else None,
+        "adapter": args.adapter,
+        "mask": None,
+        "split": args.split,
+        "limit": args.limit,
+        "dtype": str(param.dtype).replace("torch.", ""),
+        "device": str(param.device),
+        "device_map": args.device_map,
+        "trust_remote_code": args.trust_remote_code,
+        "data_dir": args.data_dir,
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "results": {},  # per task: its metrics, their standard errors, its rows
+    }
     if args.adapter:
         with refused(f"cannot load adapter {args.adapter} onto {args.model}", "pass its base model with --model"):
             load_adapter(model, args.adapter).eval()
@@ -169,12 +172,8 @@ def main(argv=None) -> dict:
             scores = score_continuations(model, tokenizer, rows, args.batch_size, progress=not args.no_progress,
                                          desc=name)
         m = metrics(task.kind, rows, scores)
-        primary, n = PRIMARY[task.kind], m["n"]
-        entry = {"kind": task.kind, "prompt": task.prompt,
-                 primary: m[primary], primary + "_stderr": stderr(m[primary], n),
-                 **({"acc_norm": m["acc_norm"], "acc_norm_stderr": stderr(m["acc_norm"], n)} if task.kind == CHOICE
-                    else {"nll_per_token": m["nll_per_token"]}),
-                 "n": n, "split": split, "data": source,
+        entry = {"kind": task.kind, "prompt": task.prompt, **reported(task.kind, m),
+                 "n": m["n"], "split": split, "data": source,
                  # rows longer than the model's positions, their context cut from the left (lm-eval's rule)
                  "context_cut": {"rows": sum(map(bool, scores.cut)), "most_tokens": max(scores.cut, default=0),
                                  "limit": context_limit(model)}}

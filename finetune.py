@@ -92,10 +92,10 @@ import torch  # noqa: E402
 
 from cli import refused  # noqa: E402
 from models import hub_id_of, load_model, pick_device, start_distributed  # noqa: E402
-from runs import (open_log, open_task_for, read_checkpoint, read_circuit_file, read_run, recorded, settle,  # noqa: E402
-                  write_json)
+from runs import (open_log, open_task_for, read_checkpoint, read_circuit_file, read_interrupted_run,  # noqa: E402
+                  recorded, settle, write_json)
 from data.scoring import PRIMARY, epoch_batches, lm_batch, pad_id_of, task_metric, training_texts  # noqa: E402
-from data.tasks import held_out_rows  # noqa: E402
+from data.common import held_out_rows  # noqa: E402
 from headmap import distributed  # noqa: E402
 from headmap.adapters import attach_headmap, attach_lora, save_adapter  # noqa: E402
 from headmap.circuit import check_circuit, random_circuit_like  # noqa: E402
@@ -127,18 +127,17 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
     ckpt = distributed.from_rank0(ckpt if args.resume else None)
     if ckpt:
         print(f"resuming at step {ckpt['step']}")
-    best = ckpt["best"] if ckpt else {"loss": math.inf, "step": 0}
+    # train_adapter keeps the best adapter and says which it is in each step's checkpoint: the latest one is read
+    latest = {"checkpoint": lambda: ckpt or {"best": {"loss": math.inf, "step": 0}}}
     total = total_steps(len(train_seqs), args)
     log = open_log(args.out, ckpt["step"] if ckpt else 0, main_rank)
     start_time = time.time() - (ckpt["seconds"] if ckpt else 0.0)  # the log's seconds run on across resumes
 
     def after_step(entry, checkpoint):
-        nonlocal best
+        latest["checkpoint"] = checkpoint
         entry["seconds"] = round(time.time() - start_time, 3)
-        if entry.pop("best", False):
-            best = {"loss": entry["val_loss"], "step": entry["step"]}
-            if main_rank:
-                save_adapter(adapter, args.out)
+        if entry.pop("best", False) and main_rank:
+            save_adapter(adapter, args.out)
         if main_rank and ("val_loss" in entry or entry["step"] % args.checkpoint_every == 0):
             with atomic(os.path.join(args.out, "checkpoint.pt")) as tmp:
                 torch.save({**checkpoint(), "seconds": entry["seconds"]}, tmp)
@@ -151,11 +150,13 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
                       total, args.lr, args.warmup, token_budget=args.token_budget, eval_every=args.eval_every,
                       eval_batch=lm_batch(val_seqs, pad_id), resume=ckpt, on_step=after_step, seed=args.seed,
                       progress=not args.no_progress)
-    except FloatingPointError as err:
+    except FloatingPointError as err:  # run_script prints it (exit 1): not bad input
+        best = latest["checkpoint"]()["best"]
         raise FloatingPointError(f"{err}. The best adapter so far (step {best['step']}) is in {args.out}") from None
     finally:
         log.close()
-    return best, total
+    best = latest["checkpoint"]()["best"]
+    return {"loss": best["loss"], "step": best["step"]}, total
 
 
 def settle_run(args):
@@ -217,7 +218,7 @@ def main(argv=None):
                                               "scaling", "alpha", "dropout", *HYPER_PARAMETERS, "eval_limit")}
     settings["circuit"] = {str(k): v for k, v in sorted(circuit.items())} if args.method == "headmap" else None
     start_distributed(pick_device(args.device))
-    recorded_run, ckpt = read_run(args.out, args.resume, settings)
+    recorded_run, ckpt = read_interrupted_run(args.out, args.resume, settings)
 
     model, tokenizer = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code,
                                   progress=not args.no_progress)
@@ -240,24 +241,37 @@ def main(argv=None):
             write_json(os.path.join(args.out, "before.json"),
                        {"accuracy": before, "val_loss": val_loss_before, "settings": settings})
     adapter.train()
-    try:
-        best, steps = train(model, adapter, training_texts(tokenizer, train_examples, args.max_length), val_seqs, pad_id,
-                            args, ckpt=ckpt)
-    except FloatingPointError as err:  # not bad input, so exit code 1; the best adapter so far stays on disk
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    best, steps = train(model, adapter, training_texts(tokenizer, train_examples, args.max_length), val_seqs, pad_id,
+                        args, ckpt=ckpt)
     adapter.eval()
     after = task_metric(model, tokenizer, task.kind, eval_examples, args.batch_size, not args.no_progress,
                         "accuracy after")
 
-    record = {"method": adapter.method, "adapter": adapter.config, "base_model": args.model,
-              "trust_remote_code": args.trust_remote_code, "dataset": task.name,
-              "prompt": task.prompt, "random_heads": args.random_heads, "kind": task.kind, "split": task.train_split,
-              "data": source, "held_out": held_out, "eval_split": eval_split, "val_loss_before": val_loss_before,
-              "best_val_loss": best["loss"], "best_step": best["step"], "steps": steps, "trainable_parameters": trainable,
-              "hyper_parameters": {k: getattr(args, k) for k in HYPER_PARAMETERS},
-              "processes": distributed.world(), "metric": PRIMARY[task.kind], "accuracy_before": before,
-              "accuracy_after": after, "eval_rows": len(eval_examples)}
+    record = {
+        "method": adapter.method,
+        "adapter": adapter.config,
+        "base_model": args.model,
+        "trust_remote_code": args.trust_remote_code,
+        "dataset": task.name,
+        "prompt": task.prompt,
+        "random_heads": args.random_heads,
+        "kind": task.kind,
+        "split": task.train_split,
+        "data": source,  # where the rows came from (a file: its path, row count and sha256)
+        "held_out": held_out,
+        "eval_split": eval_split,
+        "val_loss_before": val_loss_before,
+        "best_val_loss": best["loss"],
+        "best_step": best["step"],
+        "steps": steps,
+        "trainable_parameters": trainable,
+        "hyper_parameters": {k: getattr(args, k) for k in HYPER_PARAMETERS},
+        "processes": distributed.world(),
+        "metric": PRIMARY[task.kind],
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "eval_rows": len(eval_examples),
+    }
     if distributed.rank() == 0:
         save_adapter(adapter, args.out)
         write_json(os.path.join(args.out, "training.json"), record)

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from cli import (HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
                  run_script, user_path)
 from models import DEFAULT_MODEL
-from data.tasks import DATASETS
+from data.commonsense import DATASETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +72,9 @@ import transformers  # noqa: E402
 from models import load_model, pick_device, start_distributed  # noqa: E402
 from runs import (check_inputs_kept, check_same_run, check_writable, hold_output, input_paths,  # noqa: E402
                   open_task_for, read_json, write_json)
-from data.scoring import (PRIMARY, answer_samples, context_limit, metrics, score_continuations,  # noqa: E402
-                          task_metric)
-from data.tasks import CHOICE  # noqa: E402
+from data.scoring import (PRIMARY, answer_samples, baselines, context_limit, metrics,  # noqa: E402
+                          score_continuations, task_metric)
+from data.common import CHOICE  # noqa: E402
 from headmap import distributed  # noqa: E402
 from headmap.circuit import circuit_entry, circuit_mask, random_circuit_like  # noqa: E402
 from headmap.locate import check_locatable, locate_circuit, unmasked_answer_loss  # noqa: E402
@@ -135,14 +135,10 @@ def validate(model, tokenizer, task, examples, circuit, trials, seed, batch_size
     g = torch.Generator().manual_seed(seed)
     random_scores = [score(random_circuit_like(circuit, heads, g), f"random heads masked, {k + 1} of {trials}")
                      for k in range(trials)]
-    # the commonest answer: the gold position for multiple choice, the target text for one target
-    answers = [ex.gold if task.kind == CHOICE else ex.continuations[0] for ex in examples]
     return {"rows": len(examples), "metric": PRIMARY[task.kind], "unmasked": score(None, "unmasked"),
             "circuit_masked": score(circuit, "circuit masked"), "random_masked_mean": statistics.mean(random_scores),
             "random_masked_std": statistics.stdev(random_scores) if trials > 1 else 0.0, "random_masked": random_scores,
-            # what a model that knows nothing of the task scores: guessing, or always giving the commonest answer
-            "chance": statistics.mean(1 / len(ex.choices) for ex in examples) if task.kind == CHOICE else 0.0,
-            "majority": max(map(answers.count, set(answers))) / len(answers)}
+            **baselines(task.kind, examples)}
 
 
 def knows_the_task(v: dict) -> bool:
@@ -225,15 +221,25 @@ def main(argv=None):
         if distributed.rank() == 0:
             write_json(progress_path, state)
 
-    circuit, _ = locate_circuit(model, samples, n, args.token_budget, save_progress, state, not args.no_progress)
+    circuit, _ = locate_circuit(model, samples, heads_per_layer=n, token_budget=args.token_budget,
+                                on_layer=save_progress, state=state, progress=not args.no_progress)
     seconds = time.time() - started
-    result = {**circuit_entry(circuit), **settings, "layers": layers, "heads": heads,
-              "sample_indices": state["sample_indices"], "sample_losses": state.get("sample_losses"),
-              "loss_matrix": state["loss_matrix"], "circuit_below_loss": state["circuit_below_loss"],
-              "unmasked_loss": unmasked_answer_loss(model, samples),
-              "kind": task.kind, "data": source, "trust_remote_code": args.trust_remote_code,
-              "seconds": round(seconds, 1),
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    result = {
+        **circuit_entry(circuit),  # the official format: {"knowledge_circuit": {layer: {"retain_heads": [...]}}}
+        **settings,
+        "layers": layers,
+        "heads": heads,
+        "sample_indices": state["sample_indices"],
+        "sample_losses": state.get("sample_losses"),
+        "loss_matrix": state["loss_matrix"],  # (layers, heads): summed answer loss, head masked on the circuit below
+        "circuit_below_loss": state["circuit_below_loss"],  # per layer: the circuit below masked, no head of its own
+        "unmasked_loss": unmasked_answer_loss(model, samples),
+        "kind": task.kind,
+        "data": source,
+        "trust_remote_code": args.trust_remote_code,
+        "seconds": round(seconds, 1),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
     print_heat_map(state["loss_matrix"], circuit)
     if val_examples is not None:
         v = validate(model, tokenizer, task, val_examples, circuit, args.random_trials, args.seed, args.batch_size,

@@ -125,7 +125,7 @@ def open_log(out: str, step: int, main_rank: bool):
     return open(path, "a")
 
 
-def read_run(out: str, resume: bool, settings: dict) -> tuple[dict | None, dict | None]:
+def read_interrupted_run(out: str, resume: bool, settings: dict) -> tuple[dict | None, dict | None]:
     """With --resume, finetune.py's interrupted run in `out`: its record (before.json) and checkpoint, read and checked
     on rank 0 before the model loads (another run's settings are refused by name)."""
     from headmap import distributed
@@ -204,7 +204,8 @@ def settle(option: str, given, records: dict, default, force: bool = False, stri
 def open_task_for(name: str, args: argparse.Namespace, prompt_records: dict | None = None):
     """The task `name` with the script's options: the prompt style (one of the eight only) from --prompt, else what
     an adapter or circuit recorded (`prompt_records`, see settle), else paper."""
-    from data.tasks import DATASETS, open_task
+    from data.commonsense import DATASETS
+    from data.tasks import open_task
     prompt = args.prompt
     if name in DATASETS:
         prompt = settle("prompt", prompt, prompt_records or {}, "paper", strict=False)
@@ -256,12 +257,12 @@ def hold_output(out: str) -> None:
     except ImportError:  # no flock (Windows): no claim
         return
     path = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.lock")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     while True:
         try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             f = open(path, "a+")
         except OSError as err:
-            raise UsageError(f"cannot write beside {out} ({err.strerror}); pass a writable --out") from None
+            raise UsageError(f"cannot write {out} ({err.strerror}); pass a writable path") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -280,10 +281,13 @@ def hold_output(out: str) -> None:
         except FileNotFoundError:
             pass
         f.close()
-    f.truncate(0)
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": sys.argv}))
-    f.flush()
+    try:  # who holds it, for the refusal of a second run; a full disk leaves the claim unnamed, and still held
+        f.truncate(0)
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": sys.argv}))
+        f.flush()
+    except OSError:
+        pass
     _held[out] = f
 
     def release():

@@ -18,8 +18,9 @@ import torch  # noqa: E402
 
 from bench.naive import choice_scores_one_by_one  # noqa: E402
 from models import DEFAULT_MODEL, load_model  # noqa: E402
-from data.scoring import accuracy, encode_pair, pad_id_of, pad_right, score_examples  # noqa: E402
-from data.tasks import default_data_dir, load_examples  # noqa: E402
+from data.scoring import accuracy, encode_pair, pad_id_of, score_examples  # noqa: E402
+from headmap.batching import pad_right  # noqa: E402
+from data.commonsense import default_data_dir, load_examples  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default=DEFAULT_MODEL)

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from bench.shapes import DRY_RUN_SHAPES, SHAPES, random_llama  # noqa: E402
 from models import load_tokenizer  # noqa: E402
 from data.scoring import accuracy, score_examples  # noqa: E402
-from data.tasks import BUNDLED, load_rows, make_example  # noqa: E402
+from data.commonsense import BUNDLED, load_rows, make_example  # noqa: E402
 
 device = "cpu" if args.dry_run else "cuda"
 rows = load_rows("arc_easy", "test", BUNDLED, 8 if args.dry_run else args.rows)

@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
-from data.scoring import lm_batch, pad_right, training_texts  # noqa: E402
+from data.scoring import lm_batch, training_texts  # noqa: E402
+from headmap.batching import pad_right  # noqa: E402
 from headmap.adapters import LORA_TARGETS, attach_headmap, attach_lora  # noqa: E402
 from headmap.train import batch_loss  # noqa: E402
 
@@ -166,7 +167,7 @@ def compare(model, batches, pad_id, circuit, log=print) -> list[dict]:
 
 if __name__ == "__main__":
     from data.scoring import pad_id_of
-    from data.tasks import default_data_dir, load_examples
+    from data.commonsense import default_data_dir, load_examples
     from headmap.circuit import read_circuit
     from models import DEFAULT_MODEL, load_model
 

@@ -19,7 +19,7 @@ mkdir -p "$raw"
 # missing (on a GPU a section without its reference records the error, and the others still run)
 [ ${#dry[@]} -eq 0 ] || python -c 'import importlib.util as u, sys
 missing = [m for m in ("peft", "lm_eval", "accelerate") if not u.find_spec(m)]
-sys.exit(missing and f"error: the dry run needs {chr(32).join(missing)}: pip install -r requirements-test.txt")'
+sys.exit(f"error: the dry run needs {chr(32).join(missing)}: pip install -r requirements-test.txt" if missing else 0)'
 export PYTHONUNBUFFERED=1
 step() { echo "== $* ($SECONDS s in)"; }
 step kernel exactness, then the kernel against SDPA and FlexAttention

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import bench.shapes  # noqa: E402
 from bench.finetune import compare, ours  # noqa: E402
 from bench.shapes import DRY_RUN_SHAPES, SHAPES  # noqa: E402
-from data.scoring import pad_right  # noqa: E402
+from headmap.batching import pad_right  # noqa: E402
 from headmap.locate import default_token_budget, locate_circuit  # noqa: E402
 
 if not args.dry_run and not torch.cuda.is_available():

@@ -25,7 +25,7 @@ from cli import add_out_arguments, run_script  # noqa: E402
 from models import DEFAULT_MODEL, load_model  # noqa: E402
 from runs import check_writable, write_json  # noqa: E402
 from data.scoring import accuracy, score_examples  # noqa: E402
-from data.tasks import DATASETS, default_data_dir, load_examples, load_rows  # noqa: E402
+from data.commonsense import DATASETS, default_data_dir, load_examples, load_rows  # noqa: E402
 
 LM_EVAL_TASK = {"boolq": "boolq", "piqa": "piqa", "siqa": "social_iqa", "arc_easy": "arc_easy",
                 "arc_challenge": "arc_challenge", "openbookqa": "openbookqa", "hellaswag": "hellaswag",

@@ -14,7 +14,7 @@ import locate  # noqa: E402
 from bench.naive import locate_brute_force  # noqa: E402
 from models import DEFAULT_MODEL, load_model  # noqa: E402
 from data.scoring import answer_samples  # noqa: E402
-from data.tasks import Commonsense, default_data_dir  # noqa: E402
+from data.commonsense import Commonsense, default_data_dir  # noqa: E402
 from headmap.locate import default_token_budget, locate_circuit  # noqa: E402
 
 p = argparse.ArgumentParser()

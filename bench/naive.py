@@ -57,7 +57,7 @@ def locate_brute_force(model, tokenizer, examples, n):
     """Algorithm 1 the naive way: for every candidate of every layer (and for "no head of the layer"), one full
     forward pass of the stock model over all samples (right-padded), with the circuit so far and the candidate
     zeroed by hooks. Returns (circuit, loss matrix, loss with only the circuit below each layer masked)."""
-    from data.scoring import pad_right
+    from headmap.batching import pad_right
     config = model.config.get_text_config()  # a multimodal wrapper: its decoder's
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     device = next(model.parameters()).device

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.scoring import encode_pair, training_texts  # noqa: E402
-from data.tasks import default_data_dir, load_examples  # noqa: E402
+from data.commonsense import default_data_dir, load_examples  # noqa: E402
 
 FULL_TRAIN = {"boolq": 9427, "piqa": 16113, "siqa": 33410, "hellaswag": 39905, "winogrande": 40398,
               "arc_easy": 2251, "arc_challenge": 1119, "openbookqa": 4957}

@@ -11,9 +11,9 @@ lm-eval is an optional dependency: only this module imports it.
 import difflib
 import sys
 
+from data.common import CHOICE, Example, Task, standard_splits
 from data.files import DataError
 from headmap.files import first_line
-from data.tasks import CHOICE, Example, Task
 
 SPLIT_DOCS = {"train": "training_docs", "validation": "validation_docs", "test": "test_docs"}
 
@@ -57,8 +57,7 @@ class LmEvalTask(Task):
         self.splits = tuple(s for s, docs in SPLIT_DOCS.items() if getattr(self.task, "has_" + docs)())
         if not self.splits:
             raise DataError(f"lm-eval task {task_name} has no documents")
-        self.eval_split = "test" if "test" in self.splits else "validation" if "validation" in self.splits else "train"
-        self.train_split = "train" if "train" in self.splits else self.eval_split
+        self.train_split, self.eval_split = standard_splits(self.splits)
         self.lm_eval_version = lm_eval.__version__
         if self.task.config.num_fewshot:
             print(f"note: lm-eval's {task_name} asks for {self.task.config.num_fewshot}-shot prompts; HeadMap scores "

@@ -1,6 +1,8 @@
 """Tokenisation, length-sorted batching, log-likelihood scoring of examples, and their metrics."""
 import copy
 import inspect
+import math
+import statistics
 import sys
 from dataclasses import dataclass
 
@@ -8,10 +10,10 @@ import torch
 from tqdm import tqdm
 
 from data.files import DataError
-from data.tasks import CHOICE, TARGET, Example
+from data.common import CHOICE, TARGET, Example
 from headmap import distributed
 from headmap.masking import UnsupportedModel
-from headmap.train import length_groups, pass_overhead_tokens
+from headmap.batching import length_groups, pad_right, pass_overhead_tokens
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -34,8 +36,10 @@ class Prompt:
 
 
 def context_limit(model) -> int | None:
-    """The most positions `model` was trained on (its config's max_position_embeddings), None where it names none."""
-    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    """The most positions `model` was trained on (its config's max_position_embeddings), None where it names none
+    (or none that bounds it: XLNet's -1)."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
 
 
 def fit_context(ctx: list[int], cont: list[int], limit: int | None, row: int) -> tuple[list[int], int]:
@@ -79,18 +83,6 @@ def prompt_batches(prompts: list[Prompt], batch_size: int):
         group = by_length[length]
         for start in range(0, len(group), batch_size):
             yield group[start:start + batch_size]
-
-
-def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    if torch.device(device).type == "cuda":  # from pinned memory the copy does not wait for the GPU's queue
-        return ids.pin_memory().to(device, non_blocking=True), mask.pin_memory().to(device, non_blocking=True)
-    return ids.to(device), mask.to(device)
 
 
 def pad_id_of(tokenizer) -> int:
@@ -296,3 +288,25 @@ def metrics(kind: str, examples: list[Example], scores: Scores) -> dict:
     return {"exact_match": sum(correct) / len(examples),
             "nll_per_token": -sum(s[0] for s in scores.logprob) / sum(t[0] for t in scores.tokens),
             "n": len(examples), "correct": correct}
+
+
+def stderr(share: float, n: int) -> float:
+    """The standard error of an accuracy over n rows (lm-evaluation-harness's sample standard error)."""
+    return math.sqrt(share * (1 - share) / max(1, n - 1))
+
+
+def reported(kind: str, m: dict) -> dict:
+    """What a results file holds of a task's metrics (m, from metrics): the primary one with its standard error,
+    then acc_norm with its error (multiple choice) or nll_per_token (one target)."""
+    primary, n = PRIMARY[kind], m["n"]
+    other = ({"acc_norm": m["acc_norm"], "acc_norm_stderr": stderr(m["acc_norm"], n)} if kind == CHOICE
+             else {"nll_per_token": m["nll_per_token"]})
+    return {primary: m[primary], primary + "_stderr": stderr(m[primary], n), **other}
+
+
+def baselines(kind: str, examples: list[Example]) -> dict:
+    """What a model that knows nothing of the task scores on `examples`: chance (guessing among the choices; 0 for
+    one target) and majority (always giving the commonest answer: the gold position, or the target text)."""
+    answers = [ex.gold if kind == CHOICE else ex.continuations[0] for ex in examples]
+    return {"chance": statistics.mean(1 / len(ex.choices) for ex in examples) if kind == CHOICE else 0.0,
+            "majority": max(map(answers.count, set(answers))) / len(answers)}

@@ -4,7 +4,7 @@ Two schemas, one per file (the first row decides):
     multiple choice  {"prompt": str, "choices": [str, ...], "answer": int}   choice i scored after prompt + delimiter
     one target       {"prompt": str, "target": str}                          target scored after prompt + delimiter
 Formats: .jsonl, .jsonl.gz, .json (an array, or one object per line), .csv (a header row; `choices` as a JSON
-list) and .parquet (needs pyarrow). The reader is data/tasks.py's `read_records`, not `datasets.load_dataset`:
+list) and .parquet (needs pyarrow). The reader is data/files.py's `read_records`, not `datasets.load_dataset`:
 it streams, so `--limit` and `--pool` read only the rows they use; a bad row is named by its number and field;
 and nothing is copied into a cache. A row that breaks the schema stops the run with one line naming the file, the
 row and the field, before any model loads.
@@ -13,8 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from data.files import DataError
-from data.tasks import CHOICE, FILE_FORMATS, TARGET, Example, Task, read_records
+from data.common import CHOICE, TARGET, Example, Task, standard_splits
+from data.files import FILE_FORMATS, DataError, read_records
 
 SPLITS = ("train", "validation", "test")
 WHOLE_FILE = "all"  # the one split of a single file
@@ -36,8 +36,7 @@ class FileTask(Task):
                 raise DataError(f"folder {path} holds no train, validation or test file ({', '.join(FILE_FORMATS)}); "
                                 "put your rows there, or pass one file")
             self.splits = tuple(self.files)
-            self.eval_split = "test" if "test" in self.files else "validation" if "validation" in self.files else "train"
-            self.train_split = "train" if "train" in self.files else self.eval_split
+            self.train_split, self.eval_split = standard_splits(self.splits)
         elif root.is_file():
             if not path.endswith(FILE_FORMATS):
                 raise DataError(f"{path} is not a supported format; use one of {', '.join(FILE_FORMATS)}")

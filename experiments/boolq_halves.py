@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data.tasks import load_rows  # noqa: E402
+from data.commonsense import load_rows  # noqa: E402
 from headmap.files import atomic  # noqa: E402
 
 FIRST = 1000

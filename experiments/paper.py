@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from cli import HelpFormatter, UsageError, check_at_least, run_script  # noqa: E402
-from data.tasks import DATASETS, check_dataset  # noqa: E402
+from data.commonsense import DATASETS, check_dataset  # noqa: E402
 
 METHODS = {"headmap": [], "headmap_random": ["--random-heads"], "lora": ["--method", "lora"],
            "dora": ["--method", "dora"]}
@@ -82,7 +82,7 @@ def plan(args, todo) -> None:
     from protocol_estimate import estimate  # noqa: E402 - loads nothing until called
 
     from models import load_tokenizer
-    from data.tasks import load_rows
+    from data.commonsense import load_rows
     tok = load_tokenizer(args.model)  # the rows' token lengths in the user's model's own tokens
     total = 0.0
     print(f"{'step':<28}{'done':<6}{'train rows':>11}{'steps':>8}{'est. min':>10}  command")

@@ -9,8 +9,9 @@
     circuit.py      knowledge circuits: the file format, head masks, random circuits of the same shape
     adapters.py     HeadMap, LoRA and DoRA adapters: attach, save, load, merge
     train.py        train_adapter: the AdamW loop (schedule, clipping, micro-batches, resume, torchrun)
+    batching.py     right padding, and batches planned by length within a token budget (locate, train, scoring)
     distributed.py  the rank, share and sums under torchrun
-    files.py        the atomic writer its files go through
+    files.py        the atomic writer its files go through, and the first line of an error
 
 The names below load their module on first use, so that importing one light module (files.py) does not load
 torch and transformers.

@@ -138,8 +138,21 @@ def check_unadapted(model: nn.Module) -> None:
 
 def attach_headmap(model: nn.Module, circuit: dict[int, list[int]], rank: int = 32, scaling: float = 1.0,
                    variant: str = "mha") -> Adapter:
-    """One HeadMap per circuit layer. "mha": added to that layer's attention output (o_proj(x) + s map(x_R));
-    "hs": added to the layer's output hidden state, after the MLP residual."""
+    """Attach one HeadMap per circuit layer to `model`, through forward hooks; it starts as the identity.
+
+    A model that carries an adapter already is refused (ValueError): remove that one first.
+
+    Args:
+        model: a Hugging Face decoder whose attention modules have a linear o_proj; freeze it before training.
+        circuit: {layer: [head, ...]}, the retained heads (read_circuit reads locate.py's heads.json).
+        rank: r, the width of the map.
+        scaling: s, which multiplies the whole mapped value.
+        variant: "mha" adds s map(x_R) to the layer's attention output (o_proj(x) + s map(x_R)); "hs" adds it to the
+            layer's output hidden state, after the MLP residual.
+
+    Returns:
+        The Adapter: its parameters are what trains; adapter.remove() gives the base model back.
+    """
     if variant not in ("mha", "hs"):
         raise ValueError(f"unknown HeadMap variant {variant!r}; use mha or hs")
     check_unadapted(model)
@@ -192,8 +205,19 @@ def lora_targets(model: nn.Module, targets: tuple[str, ...] = LORA_TARGETS) -> l
 
 def attach_lora(model: nn.Module, rank: int = 32, alpha: float = 64, dropout: float = 0.05, dora: bool = False,
                 targets: tuple[str, ...] = LORA_TARGETS) -> Adapter:
-    """LoRA (or DoRA) on every linear layer named in `targets` (lora_targets), as PEFT's LoraConfig with these
-    fields; B starts at zero, so the model starts as the base model."""
+    """Attach LoRA (or DoRA) to every linear layer named in `targets`, as PEFT's LoraConfig with these fields.
+
+    B starts at zero, so the model starts as the base model. A model that carries an adapter already is refused.
+
+    Args:
+        model: a Hugging Face decoder; freeze it before training.
+        rank: r; alpha: lora_alpha (the update is scaled by alpha / r); dropout: lora_dropout, on the layer's input.
+        dora: DoRA's magnitude and direction instead of plain LoRA.
+        targets: projection names; a fused projection stands in for the ones it fuses (lora_targets).
+
+    Returns:
+        The Adapter, whose config is the LoraConfig's fields (adapter_config.json).
+    """
     check_unadapted(model)
     found = lora_targets(model, targets)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
@@ -237,8 +261,14 @@ def _lora_arguments(config: dict) -> dict:
 
 
 def save_adapter(adapter: Adapter, folder: str) -> None:
-    """adapter_config.json + adapter_model.safetensors, each written atomically. LoRA and DoRA use PEFT's layout
-    and key names, so `PeftModel.from_pretrained(base, folder)` loads them."""
+    """Write `adapter` to `folder`: adapter_config.json and adapter_model.safetensors, each atomically.
+
+    LoRA and DoRA use PEFT's layout and key names, so `PeftModel.from_pretrained(base, folder)` loads them.
+
+    Args:
+        adapter: what attach_headmap, attach_lora or load_adapter returned.
+        folder: created if missing; the two files in it are replaced whole, other files are kept.
+    """
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     tensors = {}
@@ -253,8 +283,17 @@ def save_adapter(adapter: Adapter, folder: str) -> None:
 
 
 def load_adapter(model: nn.Module, folder: str) -> Adapter:
-    """Attach the adapter saved in `folder` (by save_adapter, or a PEFT LoRA/DoRA folder) to `model`, its base model.
-    An adapter that does not fit `model` (another base model) raises ValueError, and nothing stays attached."""
+    """Attach the adapter saved in `folder` to `model`, its base model.
+
+    An adapter that does not fit `model` (another base model) raises ValueError, and nothing stays attached.
+
+    Args:
+        model: the base model the adapter was trained on.
+        folder: written by save_adapter, or a PEFT LoRA/DoRA folder.
+
+    Returns:
+        The Adapter, attached.
+    """
     from safetensors.torch import load_file
     with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
         config = json.load(f)
@@ -283,12 +322,23 @@ def load_adapter(model: nn.Module, folder: str) -> Adapter:
 # ---------------------------------------------------------------- merging into the base weights
 
 def merge_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
-    """Fold the adapter into the weights: returns a plain transformers model, with no hooks, that computes what the
-    model with the adapter computes (to float rounding). Merging sits beside the forward it undoes, as in PEFT.
+    """Fold `adapter` into the weights: a plain transformers model, with no hooks, that computes what the model
+    with the adapter computes (to float rounding).
+
+    Merging sits beside the forward it undoes, as in PEFT:
     - LoRA: W = W0 + s B A.  DoRA: W = m * (W0 + s B A) / ||W0 + s B A|| (per output row).
     - HeadMap (MHA): the map is affine in the o_proj input, so o_proj's weight gains s W_up W_down on the retained
       heads' columns and o_proj gains the bias s (W_up b_down + b_up). A model without o_proj biases is rebuilt with
-      its config's attention_bias switch on (q/k/v biases zero). HS adds after the MLP: it cannot be merged."""
+      its config's attention_bias switch on (q/k/v biases zero). HS adds after the MLP: it cannot be merged
+      (ValueError).
+
+    Args:
+        model: the model the adapter is attached to; changed in place (or, for HeadMap without o_proj biases, copied).
+        adapter: attached to `model`; it is removed.
+
+    Returns:
+        The merged model.
+    """
     with torch.no_grad():
         if adapter.method == "headmap":
             if adapter.config["variant"] != "mha":

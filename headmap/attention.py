@@ -216,14 +216,23 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         n_lead = (full_lo - first) // BLOCK_N  # masked blocks before the unmasked run, then those after it
         n_edge = n_lead + tl.cdiv(last - full_hi, BLOCK_N)
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, dense_base, full_lo, (full_hi - full_lo) // BLOCK_N,
-                                full_lo, (full_hi - full_lo) // BLOCK_N, offs_m, offs_n, offs_d, lo, hi, stride_ks,
-                                stride_vs, stride_aq, stride_ak, k_len, q_len, qk_scale, softcap,
-                                BLOCK_N, EVEN_D, HEAD_DIM, False, DENSE, SOFTCAP, PRECISION, DOT_FP32)
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, dense_base, first, n_lead, full_hi, n_edge,
-                                offs_m, offs_n, offs_d, lo, hi, stride_ks, stride_vs, stride_aq, stride_ak, k_len,
-                                q_len, qk_scale, softcap, BLOCK_N, EVEN_D, HEAD_DIM, True, DENSE, SOFTCAP, PRECISION,
-                                DOT_FP32)
+        n_full = (full_hi - full_lo) // BLOCK_N
+        # stage 1: the blocks every query of the block sees whole, [full_lo, full_hi): no mask arithmetic
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, dense_base,
+                                start=full_lo, n_first=n_full, restart=full_lo, n_blocks=n_full,
+                                offs_m=offs_m, offs_n=offs_n, offs_d=offs_d, lo=lo, hi=hi,
+                                stride_ks=stride_ks, stride_vs=stride_vs, stride_aq=stride_aq, stride_ak=stride_ak,
+                                k_len=k_len, q_len=q_len, qk_scale=qk_scale, softcap=softcap,
+                                BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, HEAD_DIM=HEAD_DIM, MASKED=False,
+                                DENSE=DENSE, SOFTCAP=SOFTCAP, PRECISION=PRECISION, DOT_FP32=DOT_FP32)
+        # stage 2: the edge blocks, before and after that run, each score checked against the queries' key ranges
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, dense_base,
+                                start=first, n_first=n_lead, restart=full_hi, n_blocks=n_edge,
+                                offs_m=offs_m, offs_n=offs_n, offs_d=offs_d, lo=lo, hi=hi,
+                                stride_ks=stride_ks, stride_vs=stride_vs, stride_aq=stride_aq, stride_ak=stride_ak,
+                                k_len=k_len, q_len=q_len, qk_scale=qk_scale, softcap=softcap,
+                                BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, HEAD_DIM=HEAD_DIM, MASKED=True,
+                                DENSE=DENSE, SOFTCAP=SOFTCAP, PRECISION=PRECISION, DOT_FP32=DOT_FP32)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

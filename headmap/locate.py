@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
+from .batching import pad_right, plan_batches
 from .circuit import circuit_mask
 from .masking import UnsupportedModel, check_maskable, decoder_layers, layers_and_heads, mask_heads, probe
 
@@ -37,10 +38,7 @@ class Samples:
         self.lengths = [len(row) for row in rows]
         # right padding with any id: causal attention keeps it out of every real position, and batches are cut to
         # their longest row
-        self.ids = torch.zeros(len(rows), max(self.lengths), dtype=torch.long)
-        for i, row in enumerate(rows):
-            self.ids[i, :len(row)] = torch.tensor(row)
-        self.ids = self.ids.to(device)
+        self.ids = pad_right(rows, 0, device)[0]  # (samples, longest)
         self.pos = [list(range(start - 1, len(row) - 1)) for (_, start), row in zip(samples, rows)]
         self.targets = [row[start:] for (_, start), row in zip(samples, rows)]
 
@@ -156,23 +154,6 @@ def answer_loss(model: nn.Module, hidden: torch.Tensor, index: AnswerIndex) -> t
     return torch.zeros(index.n_rows, device=hidden.device).index_add_(0, index.row, nll)
 
 
-def plan_batches(lengths: list[int], heads: int, token_budget: int, world: int = 1):
-    """The (candidate head, sample) rows of one layer, cut into batches: rows of the longest samples first, each
-    batch at most `token_budget` padded tokens (rows x its longest row; a single row may exceed it) and cut to its
-    own longest row, so no layer runs on padding beyond it (right padding and a causal mask: cutting it off changes
-    nothing). Under torchrun the ranks take turns along the batches. Returns (candidates, samples, width) per batch."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    rows = [(h, i) for i in order for h in range(heads)]
-    batches, start = [], 0
-    while start < len(rows):
-        width, end = lengths[rows[start][1]], start + 1  # the first row is the batch's longest
-        while end < len(rows) and (end - start + 1) * width <= token_budget:
-            end += 1
-        batches.append(([h for h, _ in rows[start:end]], [i for _, i in rows[start:end]], width))
-        start = end
-    return batches + [([], [], 0)] * (-len(batches) % world)  # as many as a multiple of the ranks
-
-
 def default_token_budget(device: torch.device) -> int:
     """Padded tokens in one locating pass. A GPU pass is cheap per token only when it is large (bench/gpu_scale.py);
     on a CPU, passes of 512 to 2,048 tokens ran about 20% faster than 4,096 (BENCHMARKS.md, bench/locate.py)."""
@@ -183,14 +164,27 @@ def default_token_budget(device: torch.device) -> int:
 def locate_circuit(model: nn.Module, samples: list[tuple[torch.Tensor, int]], heads_per_layer: int,
                    token_budget: int | None = None, on_layer: Callable[[dict], None] | None = None,
                    state: dict | None = None, progress: bool = False) -> tuple[dict[int, list[int]], torch.Tensor]:
-    """Algorithm 1 on D = `samples`: returns (circuit {layer: sorted heads}, loss_matrix (layers, heads), the summed
-    answer loss with each head masked on top of the circuit below it). Beside the H candidates of a layer one more
-    row runs with no head of the layer masked: the loss with only the circuit below masked (the heat map's
-    reference), kept in state["circuit_below_loss"].
-    `state` ({"circuit", "loss_matrix", "circuit_below_loss"}, JSON-able) holds the layers done so far: pass an
-    interrupted run's to continue it; on_layer(state) is called after every layer (save it there). Batches of at most
-    `token_budget` padded tokens (default: default_token_budget); nothing in the layer loop waits for the GPU but the
-    ranking of each layer's heads (ties: the lower head index)."""
+    """Locate the knowledge circuit of D = `samples`: the paper's Algorithm 1, layer by layer.
+
+    Beside the H candidates of a layer one more row runs with no head of the layer masked: the loss with only the
+    circuit below masked (the heat map's reference). Nothing in the layer loop waits for the GPU but the ranking of
+    each layer's heads (ties go to the lower head index).
+
+    Args:
+        model: a Hugging Face decoder, in eval mode; it is not changed.
+        samples: D, a list of (input_ids, answer_start): 1-D token ids of prompt + gold answer, and where the answer
+            starts.
+        heads_per_layer: n, the heads each layer adds to the circuit.
+        token_budget: the most padded tokens (rows x longest row) in one pass; default: default_token_budget.
+        on_layer: called with `state` after every layer (save it there to resume).
+        state: {"circuit", "loss_matrix", "circuit_below_loss"} of the layers done so far (JSON-able): an
+            interrupted run's continues it; an empty dict is filled in.
+        progress: show a tqdm bar over the layers.
+
+    Returns:
+        (circuit {layer: sorted heads}, loss_matrix (layers, heads)): the summed answer loss with each head masked on
+        top of the circuit below it.
+    """
     check_locatable(model)
     layers, heads = layers_and_heads(model)
     if not 1 <= heads_per_layer < heads:

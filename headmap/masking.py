@@ -208,8 +208,15 @@ def registered(model: nn.Module, modules: list[nn.Module], mask: torch.Tensor):
 
 @contextmanager
 def mask_heads(model: nn.Module, mask: torch.Tensor):
-    """Run `model` with heads ablated: mask[l, h] (same head set for every sequence) or mask[l, b, h] (one head
-    set per sequence of the batch), True = that head's output is zero."""
+    """Run `model` with heads ablated inside the block: their outputs are zero in o_proj's input.
+
+    The masked attention runs through transformers' AttentionInterface (the model's own forward is untouched).
+
+    Args:
+        model: a Hugging Face decoder.
+        mask: bool, True = that head's output is zero: (layers, heads), one head set for every sequence, or
+            (layers, batch, heads), one per sequence of the batch (circuit_mask builds one from a circuit).
+    """
     modules = attention_modules(model)
     layers, heads = layers_and_heads(model)
     if mask.dtype != torch.bool or mask.dim() not in (2, 3) or mask.shape[0] != layers or mask.shape[-1] != heads:

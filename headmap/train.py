@@ -19,40 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-
-# A forward pass costs about this many tokens' work on top of its tokens (launches, per-layer overhead): a padded
-# token is only worth saving when it costs more than starting another pass. Measured with `bench/finetune.py
-# --pass-overhead N` (BENCHMARKS.md): on the 2-core CPU 64 was fastest of 16, 64, 256 and 1024; on an H100 a
-# SmolLM2-135M HeadMap step took 0.12 s at 4096 and 1.83 s at 64, since a pass there is launch-bound and padded
-# tokens are nearly free, so on a GPU a batch splits only to stay within the token budget.
-PASS_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 4096}
-
-
-def pass_overhead_tokens(device) -> int:
-    """PASS_OVERHEAD_TOKENS for `device`; an accelerator without its own entry is launch-bound like CUDA."""
-    return PASS_OVERHEAD_TOKENS.get(torch.device(device).type, PASS_OVERHEAD_TOKENS["cuda"])
-
-
-def length_groups(lengths: list[int], token_budget: int, pass_overhead: int) -> list[list[int]]:
-    """Split rows of the given lengths, sorted longest first, into consecutive groups, each run as one right-padded
-    pass: the split with the fewest padded tokens plus `pass_overhead` per pass, among those whose padded size
-    (rows x longest row) fits `token_budget` (an exact dynamic programme; a row longer than the budget runs alone).
-    Returns lists of row indices (into `lengths`)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    cost, start = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
-    for end in range(1, len(order) + 1):
-        for first in range(end - 1, -1, -1):  # the last group is order[first:end], as wide as its first row
-            size = (end - first) * lengths[order[first]]
-            if size > token_budget and first < end - 1:
-                break  # adding longer rows only grows it
-            if cost[first] + size + pass_overhead < cost[end]:
-                cost[end], start[end] = cost[first] + size + pass_overhead, first
-    groups, end = [], len(order)
-    while end:
-        groups.append(order[start[end]:end])
-        end = start[end]
-    return groups[::-1]
-
+from .batching import length_groups, pass_overhead_tokens
 
 def summed_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                labels: torch.Tensor) -> torch.Tensor:
@@ -117,16 +84,33 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
                   eval_batch: dict | None = None, eval_every: int | None = None, resume: dict | None = None,
                   on_step: Callable[[dict, Callable[[], dict]], None] | None = None, seed: int = 0,
                   progress: bool = False) -> list[float]:
-    """Train `adapter` (only its parameters; the model should be frozen) for `steps` optimizer steps of AdamW
-    (no weight decay; fused on CUDA) with the linear_schedule, clipping the gradient norm at `max_grad_norm`.
-    `batches` yields one batch per step from step 0 on. With `eval_batch`, its loss is measured (adapter in eval
-    mode: no dropout) every `eval_every` steps and at the last, and the adapter ends with the weights of the lowest.
-    With `resume` (a checkpoint, see below) the steps it finished are skipped and the run continues exactly where it
-    stopped (weights, optimizer, schedule, RNG, best so far). After each step on_step(record, checkpoint) gets
-    {"step", "loss", "lr", "grad_norm"} (and "val_loss", and "best": True when it is the lowest so far) and a function
-    returning the checkpoint dict {"adapter", "optimizer", "schedule", "rng", "step", "best"} at that step, for
-    torch.save. A loss that is not finite raises FloatingPointError. Under torchrun, rank r > 0 draws its dropout
-    masks from its own stream, seeded by (`seed`, r, the first step). Returns the losses of the steps run here."""
+    """Train `adapter` on the frozen `model`: AdamW, linear warm-up and decay, gradient clipping.
+
+    AdamW has no weight decay (fused on CUDA). A model whose own weights still require gradients is refused
+    (ValueError): freeze it with model.requires_grad_(False) before attaching the adapter. A loss that is not finite
+    raises FloatingPointError. Under torchrun, rank r > 0 draws its dropout masks from its own stream, seeded by
+    (`seed`, r, the first step).
+
+    Args:
+        model: the frozen Hugging Face decoder the adapter is attached to.
+        adapter: what attach_headmap, attach_lora or load_adapter returned; only its parameters train.
+        batches: one batch per optimizer step, from step 0 on, in Hugging Face's convention (the module's docstring).
+        steps: optimizer steps in all; lr: the peak learning rate; warmup: its linear warm-up steps.
+        max_grad_norm: the gradient norm is clipped to this.
+        token_budget: the most padded tokens in one micro-batch (memory).
+        eval_batch: measured every `eval_every` steps and at the last (adapter in eval mode: no dropout); the
+            adapter ends with the weights of the lowest loss.
+        resume: a checkpoint dict (below): the steps it finished are skipped and the run continues exactly where it
+            stopped (weights, optimizer, schedule, RNG, best so far).
+        on_step: on_step(record, checkpoint) after each step: record {"step", "loss", "lr", "grad_norm"} (and
+            "val_loss", and "best": True when it is the lowest so far); checkpoint() returns the dict {"adapter",
+            "optimizer", "schedule", "rng", "step", "best"} at that step, for torch.save.
+        seed: seeds the other ranks' dropout streams.
+        progress: show a tqdm bar over the steps.
+
+    Returns:
+        The losses of the steps run here.
+    """
     params = [p for p in adapter.parameters() if p.requires_grad]
     ours = {id(p) for p in adapter.parameters()}
     unfrozen = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in ours]
@@ -150,8 +134,14 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
         torch.manual_seed(hash((seed, distributed.rank(), step)))
 
     def checkpoint() -> dict:
-        return {"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step, "best": best}
+        return {
+            "adapter": adapter.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "rng": torch.get_rng_state(),  # dropout resumes with the masks it would have drawn
+            "step": step,
+            "best": best,  # {"loss", "step", "state": the best adapter's weights so far}
+        }
 
     losses = []
     bar = tqdm(total=steps, initial=step, desc=f"training {getattr(adapter, 'method', 'adapter')}", disable=not progress)

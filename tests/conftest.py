@@ -83,7 +83,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def bundled_data():
     """The datasets shipped in data/datasets: every real-data test runs on a fresh clone, no hub, no ../shared."""
-    from data.tasks import BUNDLED
+    from data.commonsense import BUNDLED
     return BUNDLED
 
 

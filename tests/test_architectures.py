@@ -14,7 +14,7 @@ import torch
 
 import headmap.attention
 from data.scoring import answer_samples, score_examples
-from data.tasks import Example
+from data.common import Example
 from headmap.adapters import attach_headmap, attach_lora
 from headmap.locate import locate_circuit
 from headmap.masking import UnsupportedModel, mask_heads

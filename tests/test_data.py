@@ -7,7 +7,7 @@ import pytest
 
 from runs import write_json
 from data.files import DataError
-from data.tasks import DATASETS, data_source, load_examples, load_rows
+from data.commonsense import DATASETS, data_source, load_examples, load_rows
 
 # rows per split, from the table in data/datasets/SOURCES.md
 ROWS = {"arc_easy": {"train": 2251, "validation": 570, "test": 2376},
@@ -41,7 +41,7 @@ def test_bundled_copy_is_whole(name, bundled_data):
 
 
 def test_partial_copies_are_announced_once_and_recorded(bundled_data, capsys, monkeypatch):
-    monkeypatch.setattr("data.tasks._warned", set())  # as in a fresh process
+    monkeypatch.setattr("data.commonsense._warned", set())  # as in a fresh process
     load_examples("hellaswag", None, "paper", bundled_data, limit=3)
     load_examples("hellaswag", None, "harness", bundled_data, limit=3)
     assert capsys.readouterr().err.count("HellaSwag validation split is lossy") == 1

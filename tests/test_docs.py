@@ -135,7 +135,7 @@ def test_every_output_has_the_mode_a_plain_open_gives(tiny_run, tmp_path):
 
 def test_locates_validation_bars_say_what_each_pass_scores(tiny, monkeypatch):
     import locate
-    from data.tasks import CHOICE, Example
+    from data.common import CHOICE, Example
     model, tokenizer = tiny
     bars = []
     monkeypatch.setattr(locate, "task_metric", lambda *args: bars.append(args[-1]) or 0.5)

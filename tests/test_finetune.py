@@ -9,7 +9,8 @@ import torch
 import finetune
 from data.scoring import lm_batch
 from headmap.adapters import attach_headmap, attach_lora, load_adapter, save_adapter
-from headmap.train import batch_loss, length_groups, pass_overhead_tokens, summed_nll, train_adapter
+from headmap.batching import length_groups, pass_overhead_tokens
+from headmap.train import batch_loss, summed_nll, train_adapter
 from tests.conftest import TinyTokenizer, tiny_llama
 
 CIRCUIT = {0: [1, 3], 2: [0, 2]}
@@ -60,11 +61,13 @@ def test_only_adapter_gets_gradients_and_base_is_untouched(model, method):
 
 def test_trainable_parameter_counts_match_formulas(model):
     n, d, r, hidden, inter = 2, 16, 8, 64, 96
-    assert sum(p.numel() for p in attach(model, "headmap-mha").parameters()) == 2 * (n * d * r + r + r * hidden + hidden)
     # per layer: q (64->64), k and v (64->32), up (64->96), down (96->64)
     lora = 3 * r * ((64 + 64) + 2 * (64 + 32) + (64 + inter) + (inter + 64))
-    assert sum(p.numel() for p in attach(model, "lora").parameters()) == lora
-    assert sum(p.numel() for p in attach(model, "dora").parameters()) == lora + 3 * (64 + 32 + 32 + inter + 64)
+    for method, count in [("headmap-mha", 2 * (n * d * r + r + r * hidden + hidden)), ("lora", lora),
+                          ("dora", lora + 3 * (64 + 32 + 32 + inter + 64))]:
+        adapter = attach(model, method)
+        assert sum(p.numel() for p in adapter.parameters()) == count, method
+        adapter.remove()  # one adapter on a model at a time
 
 
 def test_headmap_equals_its_formula(model):

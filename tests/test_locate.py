@@ -8,9 +8,10 @@ import headmap.attention
 import locate
 from bench.naive import locate_brute_force
 from data.scoring import answer_samples
-from data.tasks import Example
+from data.common import Example
 from headmap.circuit import circuit_entry, circuit_mask
-from headmap.locate import locate_circuit, plan_batches, unmasked_answer_loss
+from headmap.batching import plan_batches
+from headmap.locate import locate_circuit, unmasked_answer_loss
 from headmap.masking import mask_heads
 from tests.conftest import assert_usage_error, run
 

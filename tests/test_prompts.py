@@ -1,7 +1,8 @@
 """Every prompt template pinned against a literal, hand-written expected prompt."""
 import pytest
 
-from data.tasks import Example, make_example
+from data.common import Example
+from data.commonsense import make_example
 
 ROWS = {
     "boolq": {"question": "is the sky blue", "passage": "The sky is blue.", "label": True},

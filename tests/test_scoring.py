@@ -5,7 +5,8 @@ import pytest
 from transformers.utils import logging as transformers_logging
 
 from data.scoring import accuracy, build_prompts, score_examples
-from data.tasks import Example, load_examples
+from data.common import Example
+from data.commonsense import load_examples
 from bench.naive import choice_scores_one_by_one
 
 TINY_EXAMPLES = [
@@ -60,7 +61,7 @@ def test_accuracy_and_length_normalisation():
 
 
 def test_winogrande_acc_norm_divides_by_the_option_filled_context_as_lm_eval_does():
-    from data.tasks import make_example
+    from data.commonsense import make_example
     rows = [{"sentence": "Ann beat Bo because _ was fast.", "option1": "Annabelle", "option2": "Bo", "answer": "1"},
             {"sentence": "The trophy didn't fit in the suitcase because _ was too big.", "option1": "the trophy",
              "option2": "the suitcase", "answer": "2"}]

@@ -14,7 +14,9 @@ import torch
 from cli import UsageError
 from data.files import DataError
 from data.scoring import Scores, encode_pair, metrics, score_continuations
-from data.tasks import CHOICE, TARGET, Example, open_task, read_records
+from data.common import CHOICE, TARGET, Example
+from data.files import read_records
+from data.tasks import open_task
 from data.user_files import count_rows, sha256
 from tests.conftest import needed
 
@@ -196,7 +198,7 @@ def lm_eval_tasks(tmp_path_factory):
     """Task YAMLs that take lm-eval's own arc_easy and winogrande and swap their data for the first ROWS bundled
     rows (how a task runs offline), and a generate_until and a loglikelihood_rolling task on local rows."""
     lm_eval = needed("lm_eval")
-    from data.tasks import load_rows
+    from data.commonsense import load_rows
     root, tasks = tmp_path_factory.mktemp("lm_eval_tasks"), Path(lm_eval.__file__).parent / "tasks"
     for name, split, config in (("arc_easy", "test", tasks / "arc" / "arc_easy.yaml"),
                                 ("winogrande", "validation", tasks / "winogrande" / "default.yaml")):
