@@ -71,8 +71,8 @@ import transformers  # noqa: E402
 
 from cli import refused  # noqa: E402
 from models import load_model, pick_device, start_distributed  # noqa: E402
-from runs import (check_adapter_weights, check_inputs_kept, check_writable, hold_output, input_paths,  # noqa: E402
-                  open_task_for, read_circuit_file, recorded, settle, write_json)
+from records import check_adapter_weights, open_task_for, read_circuit_file, recorded, settle  # noqa: E402
+from runs import check_inputs_kept, check_writable, hold_output, input_paths, write_json  # noqa: E402
 from data.scoring import PRIMARY, context_limit, metrics, reported, score_continuations  # noqa: E402
 from data.common import CHOICE  # noqa: E402
 from headmap import distributed  # noqa: E402

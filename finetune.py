@@ -92,8 +92,8 @@ import torch  # noqa: E402
 
 from cli import refused  # noqa: E402
 from models import hub_id_of, load_model, pick_device, start_distributed  # noqa: E402
-from runs import (open_log, open_task_for, read_checkpoint, read_circuit_file, read_interrupted_run,  # noqa: E402
-                  recorded, settle, write_json)
+from records import open_task_for, read_circuit_file, read_interrupted_run, recorded, settle  # noqa: E402
+from runs import open_log, read_checkpoint, write_json  # noqa: E402
 from data.scoring import PRIMARY, epoch_batches, lm_batch, pad_id_of, task_metric, training_texts  # noqa: E402
 from data.common import held_out_rows  # noqa: E402
 from headmap import distributed  # noqa: E402

@@ -70,8 +70,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from models import load_model, pick_device, start_distributed  # noqa: E402
-from runs import (check_inputs_kept, check_same_run, check_writable, hold_output, input_paths,  # noqa: E402
-                  open_task_for, read_json, write_json)
+from records import check_same_run, open_task_for  # noqa: E402
+from runs import check_inputs_kept, check_writable, hold_output, input_paths, read_json, write_json  # noqa: E402
 from data.scoring import (PRIMARY, answer_samples, baselines, context_limit, metrics,  # noqa: E402
                           score_continuations, task_metric)
 from data.common import CHOICE  # noqa: E402

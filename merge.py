@@ -82,7 +82,7 @@ if __name__ == "__main__":
 
 from cli import refused  # noqa: E402
 from models import load_model  # noqa: E402
-from runs import check_adapter_weights, recorded, settle  # noqa: E402
+from records import check_adapter_weights, recorded, settle  # noqa: E402
 from headmap.adapters import load_adapter, merge_adapter  # noqa: E402
 from headmap.files import atomic, space_for  # noqa: E402
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from runs import read_circuit_file
+from records import read_circuit_file
 from data.files import DataError
 from headmap.circuit import check_circuit, circuit_entry, circuit_mask, random_circuit_like, read_circuit
 from headmap.masking import mask_heads
