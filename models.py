@@ -142,6 +142,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     torch_dtype = pick_dtype(dtype, dev)
     if not progress:
         transformers.utils.logging.disable_progress_bar()
+        os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF conversion draws a plain tqdm bar of its own
     folder, gguf_file = resolve_model(name)
     if gguf_file is not None:
         cached = gguf_cache_path(folder, gguf_file)
