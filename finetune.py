@@ -93,7 +93,7 @@ import torch  # noqa: E402
 from cli import refused  # noqa: E402
 from models import hub_id_of, load_model, pick_device, start_distributed  # noqa: E402
 from records import open_task_for, read_circuit_file, read_interrupted_run, recorded, settle  # noqa: E402
-from runs import open_log, read_checkpoint, write_json  # noqa: E402
+from runs import open_log, read_checkpoint, write_json, write_model_card  # noqa: E402
 from data.scoring import PRIMARY, epoch_batches, lm_batch, pad_id_of, task_metric, training_texts  # noqa: E402
 from data.common import held_out_rows  # noqa: E402
 from headmap import distributed  # noqa: E402
@@ -182,10 +182,11 @@ def attach(model, circuit, args):
             check_circuit(circuit, layers, heads)
         if args.random_heads:
             circuit = random_circuit_like(circuit, heads, torch.Generator().manual_seed(args.seed))
-        return attach_headmap(model, circuit, args.rank, args.scaling, args.variant)
-    with refused(f"cannot attach {args.method}"):
-        adapter = attach_lora(model, args.rank, args.alpha, args.dropout, dora=args.method == "dora")
-    print(f"{args.method} targets: {', '.join(adapter.config['target_modules'])}")
+        adapter = attach_headmap(model, circuit, args.rank, args.scaling, args.variant)
+    else:
+        with refused(f"cannot attach {args.method}"):
+            adapter = attach_lora(model, args.rank, args.alpha, args.dropout, dora=args.method == "dora")
+        print(f"{args.method} targets: {', '.join(adapter.config['target_modules'])}")
     adapter.config["base_model_name_or_path"] = hub_id_of(args.model)  # what PEFT's AutoPeftModel loads
     return adapter
 
@@ -255,6 +256,7 @@ def main(argv=None):
         "dataset": task.name,
         "prompt": task.prompt,
         "random_heads": args.random_heads,
+        "circuit_file": args.heads,
         "kind": task.kind,
         "split": task.train_split,
         "data": source,  # where the rows came from (a file: its path, row count and sha256)
@@ -275,6 +277,7 @@ def main(argv=None):
     if distributed.rank() == 0:
         save_adapter(adapter, args.out)
         write_json(os.path.join(args.out, "training.json"), record)
+        write_model_card(args.out, record)  # README.md: the folder is ready for the Hub
         curves([args.out], os.path.join(args.out, "curves.svg"), title=f"{adapter.method} on {args.dataset}")
     print(f"{PRIMARY[task.kind]} on {len(eval_examples)} rows of {eval_split}: {before:.3f} -> {after:.3f} "
           f"(best validation loss {best['loss']:.4f} at step {best['step']}); adapter in {args.out}")

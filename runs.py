@@ -182,3 +182,72 @@ def hold_output(out: str) -> None:
             pass
         f.close()
     atexit.register(release)
+
+
+def write_model_card(folder: str, record: dict) -> None:
+    """README.md beside an adapter, from its training.json `record`, as PEFT's save_pretrained writes one: YAML front
+    matter for the Hugging Face Hub, what was trained, and how to load it (PEFT, headmap, lm-evaluation-harness)."""
+    from headmap.adapters import HS_NOT_PEFT
+    config, method = record["adapter"], record["method"]
+    base = config.get("base_model_name_or_path") or record["base_model"]
+    hs = method == "headmap" and config["variant"] == "hs"
+    task = record["dataset"].removeprefix("lm-eval:")
+    named = os.path.sep not in task and not task.endswith((".yaml", ".yml"))  # a dataset or task name, not a file
+    tags = list(dict.fromkeys(["headmap", "knowledge-circuit", method] + ([task] if named else [])))
+    if method == "headmap":
+        heads = sum(map(len, config["heads"].values()))
+        what = (f"HeadMap ({config['variant'].upper()} variant{', on random heads' if record['random_heads'] else ''}): "
+                f"a rank-{config['rank']} map from {heads} heads in {len(config['heads'])} layers "
+                f"(circuit file `{record.get('circuit_file')}`), scaling {config['scaling']}")
+    else:
+        what = (f"{method.upper()} baseline: r = {config['r']}, alpha = {config['lora_alpha']}, on "
+                f"{', '.join(config['target_modules'])}")
+    hp = record["hyper_parameters"]
+    rows = [("method", what), ("base model", f"`{record['base_model']}`"),
+            ("data", f"{record['dataset']} ({record['split']}; prompt style {record['prompt']})"),
+            ("trainable parameters", f"{record['trainable_parameters']:,}"), ("steps", f"{record['steps']:,}"),
+            ("learning rate", f"{hp['lr']:g} (batch {hp['batch_size']}, warm-up {hp['warmup']})"),
+            ("best validation loss", f"{record['best_val_loss']:.4f} at step {record['best_step']} (base model "
+                                     f"{record['val_loss_before']:.4f})"),
+            (f"{record['metric']} on {record['eval_rows']} rows of {record['eval_split']}",
+             f"{record['accuracy_before']:.3f} before, {record['accuracy_after']:.3f} after")]
+    name = os.path.basename(os.path.abspath(folder))
+    loading = (f"""This adapter uses HeadMap's own layout: {HS_NOT_PEFT}.
+
+```python
+from transformers import AutoModelForCausalLM
+from headmap import load_adapter
+model = AutoModelForCausalLM.from_pretrained("{base}")
+adapter = load_adapter(model, "{name}")
+```""" if hs else f"""With PEFT (the HeadMap map is saved as the LoRA on o_proj it equals: `lora_bias`):
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{name}")
+```
+
+With lm-evaluation-harness, no code of ours:
+
+```bash
+lm_eval --model hf --model_args pretrained={base},peft={name} --tasks {task if named else "TASK"}
+```
+
+With headmap (`load_adapter` builds the {method} modules back; merge.py folds them into the weights):
+
+```python
+from transformers import AutoModelForCausalLM
+from headmap import load_adapter
+model = AutoModelForCausalLM.from_pretrained("{base}")
+adapter = load_adapter(model, "{name}")
+```""")
+    card = "\n".join(["---", f"base_model: {base}"] + ([] if hs else ["library_name: peft"]) + ["tags:"]
+                     + [f"- {tag}" for tag in tags] + ["---", "",
+                        f"# {method} adapter for {base} on {record['dataset']}", "",
+                        "Trained by `finetune.py` of the HeadMap reference implementation (Wang et al., \"HeadMap: "
+                        "Locating and Enhancing Knowledge Circuits in LLMs\", ICLR 2025); written from the run's "
+                        "`training.json`.", "", "| | |", "|---|---|"]
+                     + [f"| {key} | {value} |" for key, value in rows] + ["", "## Load it", "", loading, ""])
+    from headmap.files import atomic
+    with atomic(os.path.join(folder, "README.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(card)

@@ -31,8 +31,9 @@ class HeadMap(nn.Module):
     The scaling s multiplies the whole mapped value, b_up included (docs/PROTOCOL.md: the scaling multiplies the
     mapped value)."""
 
-    def __init__(self, heads: list[int], head_dim: int, hidden: int, rank: int, scaling: float):
+    def __init__(self, heads: list[int], head_dim: int, width: int, hidden: int, rank: int, scaling: float):
         super().__init__()
+        self.width = width  # o_proj's input features: the LoRA form's A spans all of them
         cols = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
         self.register_buffer("cols", cols, persistent=False)  # x_R's columns of the o_proj input (merge writes them)
         self.register_buffer("heads", torch.tensor(heads), persistent=False)
@@ -107,6 +108,7 @@ class Adapter(nn.Module):
         super().__init__()
         self.method, self.config = method, config
         self.sites = nn.ModuleDict()
+        self.targets = {}  # HeadMap: site -> the module name of the o_proj it maps into (PEFT's target_modules)
         self._handles = []
 
     def remove(self) -> None:
@@ -159,6 +161,7 @@ def attach_headmap(model: nn.Module, circuit: dict[int, list[int]], rank: int = 
     attn = attention_modules(model)  # first: a model without per-layer attention is refused by name
     layers, heads_per_layer = layers_and_heads(model)
     check_circuit(circuit, layers, heads_per_layer)
+    module_names = {module: name for name, module in model.named_modules()}
     adapter = Adapter("headmap", {"method": "headmap", "variant": variant, "rank": rank, "scaling": scaling,
                                   "heads": {str(k): v for k, v in sorted(circuit.items())}})
     for layer, heads in sorted(circuit.items()):
@@ -167,8 +170,9 @@ def attach_headmap(model: nn.Module, circuit: dict[int, list[int]], rank: int = 
             raise UnsupportedModel(f"{type(model).__name__}: its o_proj is a {type(o_proj).__name__}, not a linear "
                                    "layer, which HeadMap needs to attach to and merge into")
         head_dim = o_proj.in_features // heads_per_layer  # per layer: Gemma 4's global layers are wider
-        hm = HeadMap(heads, head_dim, o_proj.out_features, rank, scaling).to(o_proj.weight.device)  # device maps too
-        adapter.sites[str(layer)] = hm
+        hm = HeadMap(heads, head_dim, o_proj.in_features, o_proj.out_features, rank, scaling).to(o_proj.weight.device)
+        adapter.sites[str(layer)] = hm  # on o_proj's device: device maps too
+        adapter.targets[str(layer)] = module_names[o_proj]
         if variant == "mha":
             adapter._handles.append(o_proj.register_forward_hook(lambda m, args, out, hm=hm: out + hm(args[0])))
         else:
@@ -260,26 +264,74 @@ def _lora_arguments(config: dict) -> dict:
                 dora=bool(config.get("use_dora")), targets=tuple(config["target_modules"]))
 
 
-def save_adapter(adapter: Adapter, folder: str) -> None:
-    """Write `adapter` to `folder`: adapter_config.json and adapter_model.safetensors, each atomically.
+HEADMAP_FILE = "headmap.json"  # beside PEFT's two files: what HeadMap adds (method, variant, circuit), where PEFT
+# does not read it (an unknown field in adapter_config.json would make PEFT warn)
+HS_NOT_PEFT = ("the HS variant adds its map after the MLP, which no PEFT LoRA computes: load it with headmap's "
+               "load_adapter (its own layout)")
 
-    LoRA and DoRA use PEFT's layout and key names, so `PeftModel.from_pretrained(base, folder)` loads them.
+
+def headmap_as_lora(adapter: Adapter) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The MHA map as the LoRA on o_proj that it equals, in PEFT's saved form: (adapter_config, tensors).
+
+    s (W_up (W_down x_R + b_down) + b_up) = s (B (A x) + b_B) with A = W_down on the circuit heads' columns of the
+    o_proj input (zero elsewhere), B = W_up, b_B = W_up b_down + b_up (PEFT's lora_bias) and s = lora_alpha / r.
+    """
+    tensors = {}
+    with torch.no_grad():
+        for layer, hm in adapter.sites.items():
+            key = f"base_model.model.{adapter.targets[layer]}"
+            a = torch.zeros(hm.down.out_features, hm.width, dtype=hm.down.weight.dtype, device=hm.down.weight.device)
+            a[:, hm.cols] = hm.down.weight
+            bias = hm.up.weight.double() @ hm.down.bias.double() + hm.up.bias.double()
+            tensors |= {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": hm.up.weight,
+                        f"{key}.lora_B.bias": bias.to(hm.up.bias.dtype)}
+    rank, scaling = adapter.config["rank"], adapter.config["scaling"]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
+        "r": rank,
+        "lora_alpha": scaling * rank,  # PEFT scales by lora_alpha / r: HeadMap's s
+        "lora_dropout": 0.0,
+        "lora_bias": True,  # b_B: HeadMap's two biases as one
+        "bias": "none",
+        "use_dora": False,
+        "use_rslora": False,
+        "target_modules": sorted(adapter.targets.values()),  # exactly the circuit layers' o_proj modules
+        "inference_mode": True,
+    }
+    return config, tensors
+
+
+def save_adapter(adapter: Adapter, folder: str) -> None:
+    """Write `adapter` to `folder` in PEFT's layout, so `PeftModel.from_pretrained(base, folder)` loads it.
+
+    adapter_config.json and adapter_model.safetensors, each written atomically. LoRA and DoRA are PEFT's own. A
+    HeadMap MHA adapter is saved as the LoRA on o_proj it equals (headmap_as_lora); headmap.json beside them keeps
+    what HeadMap adds (method, variant, circuit), so load_adapter builds the HeadMap modules back. The HS variant
+    keeps HeadMap's own layout (HS_NOT_PEFT, said in its adapter_config.json too).
 
     Args:
         adapter: what attach_headmap, attach_lora or load_adapter returned.
-        folder: created if missing; the two files in it are replaced whole, other files are kept.
+        folder: created if missing; the adapter's files in it are replaced whole, other files are kept.
     """
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
-    tensors = {}
-    for key, value in adapter.state_dict().items():
-        site, ours = key[len("sites."):].split(".", 1)
-        name = key if adapter.method == "headmap" else _peft_key(site, ours)
-        tensors[name] = value.detach().cpu().contiguous()
+    extra = None
+    if adapter.method == "headmap" and adapter.config["variant"] == "mha":
+        config, tensors = headmap_as_lora(adapter)
+        extra = {**adapter.config, "saved_as": "a PEFT LoRA on o_proj with lora_bias (headmap_as_lora)"}
+    elif adapter.method == "headmap":
+        config, tensors = {**adapter.config, "peft": "not loadable: " + HS_NOT_PEFT}, adapter.state_dict()
+    else:
+        config = adapter.config
+        tensors = {_peft_key(*key[len("sites."):].split(".", 1)): value for key, value in adapter.state_dict().items()}
     with atomic(os.path.join(folder, "adapter_model.safetensors")) as tmp:
-        save_file(tensors, tmp)
-    with atomic(os.path.join(folder, "adapter_config.json")) as tmp, open(tmp, "w") as f:
-        json.dump(adapter.config, f, indent=1)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    for name, content in (("adapter_config.json", config), (HEADMAP_FILE, extra)):
+        if content is not None:
+            with atomic(os.path.join(folder, name)) as tmp, open(tmp, "w") as f:
+                json.dump(content, f, indent=1)
 
 
 def load_adapter(model: nn.Module, folder: str) -> Adapter:
@@ -289,34 +341,79 @@ def load_adapter(model: nn.Module, folder: str) -> Adapter:
 
     Args:
         model: the base model the adapter was trained on.
-        folder: written by save_adapter, or a PEFT LoRA/DoRA folder.
+        folder: written by save_adapter (in either of HeadMap's layouts: PEFT's LoRA form, or its own), or a PEFT
+            LoRA/DoRA folder.
 
     Returns:
-        The Adapter, attached.
+        The Adapter, attached. A HeadMap adapter read from its LoRA form computes the same map with b_down = 0 and
+        b_up = b_B (the saved form keeps only their sum through W_up).
     """
     from safetensors.torch import load_file
-    with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
-        config = json.load(f)
+    config, meta = (_read_json(os.path.join(folder, name)) for name in ("adapter_config.json", HEADMAP_FILE))
     tensors = load_file(os.path.join(folder, "adapter_model.safetensors"), device=str(next(model.parameters()).device))
+    described = meta if meta is not None else config  # what the adapter is: HeadMap's file, else PEFT's config
     try:
-        if config.get("method") == "headmap":
-            circuit = {int(k): v for k, v in config["heads"].items()}
-            adapter = attach_headmap(model, circuit, config["rank"], config["scaling"], config["variant"])
+        if described.get("method") == "headmap":
+            circuit = {int(k): v for k, v in described["heads"].items()}
+            adapter = attach_headmap(model, circuit, described["rank"], described["scaling"], described["variant"])
         elif "peft_type" in config:
             adapter = attach_lora(model, **_lora_arguments(config))
-            ours = {_peft_key(*key[len("sites."):].split(".", 1)): key for key in adapter.state_dict()}
-            tensors = {ours.get(k, k): v for k, v in tensors.items()}  # an unknown key stays, for the error to name
         else:
             raise ValueError("adapter_config.json is neither a HeadMap adapter nor a PEFT LoRA/DoRA adapter")
     except (KeyError, TypeError) as err:
-        raise ValueError(f"adapter_config.json lacks or garbles {err}") from None
-    adapter.config = config
+        raise ValueError(f"adapter_config.json or {HEADMAP_FILE} lacks or garbles {err}") from None
     try:
+        if meta is not None:
+            tensors = _headmap_from_lora(adapter, config, tensors)
+        elif adapter.method != "headmap":
+            ours = {_peft_key(*key[len("sites."):].split(".", 1)): key for key in adapter.state_dict()}
+            tensors = {ours.get(k, k): v for k, v in tensors.items()}  # an unknown key stays, for the error to name
         adapter.load_state_dict(tensors)
+    except ValueError:
+        adapter.remove()
+        raise
     except RuntimeError as err:  # missing, unexpected or differently shaped weights: made for another model
         adapter.remove()
         raise ValueError(f"its weights do not fit {type(model).__name__} ({' '.join(str(err).split())[:300]})") from None
+    adapter.config = config if meta is None else {k: v for k, v in meta.items() if k != "saved_as"}
     return adapter
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _headmap_from_lora(adapter: Adapter, config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The HeadMap state dict of `adapter` from its LoRA form (headmap_as_lora): W_down = A on the circuit columns,
+    b_down = 0, W_up = B, b_up = b_B. A LoRA that is not such a map (another r or scaling, other target modules, A
+    non-zero off the circuit's columns) is refused."""
+    rank, scaling = adapter.config["rank"], adapter.config["scaling"]
+    if config.get("r") != rank or not math.isclose(config.get("lora_alpha", 0) / rank, scaling):
+        raise ValueError(f"adapter_config.json's r and lora_alpha do not give {HEADMAP_FILE}'s rank {rank} and "
+                         f"scaling {scaling}")
+    if sorted(config.get("target_modules") or []) != sorted(adapter.targets.values()):
+        raise ValueError(f"its target_modules {config.get('target_modules')} are not this model's o_proj modules of "
+                         f"the circuit's layers ({', '.join(sorted(adapter.targets.values()))})")
+    state = {}
+    for layer, hm in adapter.sites.items():
+        key = f"base_model.model.{adapter.targets[layer]}"
+        a, b, bias = (tensors.pop(f"{key}.{name}", None) for name in ("lora_A.weight", "lora_B.weight", "lora_B.bias"))
+        if a is None or b is None or bias is None or a.shape != (rank, hm.width):
+            raise ValueError(f"its weights do not fit {adapter.targets[layer]}: lora_A ({rank}, {hm.width}), lora_B "
+                             "and lora_B.bias expected")
+        cols = hm.cols.to(a.device)
+        off = torch.ones(hm.width, dtype=torch.bool, device=a.device).index_fill_(0, cols, False)
+        if bool(a[:, off].any()):
+            raise ValueError(f"its lora_A of {adapter.targets[layer]} reads columns outside the circuit's heads: a LoRA "
+                             "of its own, not a HeadMap map; load it with PEFT")
+        state |= {f"sites.{layer}.down.weight": a[:, cols],
+                  f"sites.{layer}.down.bias": torch.zeros(rank, dtype=a.dtype, device=a.device),
+                  f"sites.{layer}.up.weight": b,
+                  f"sites.{layer}.up.bias": bias}
+    return state | tensors  # a key left over stays, for load_state_dict to name
 
 
 # ---------------------------------------------------------------- merging into the base weights

@@ -184,6 +184,18 @@ def test_finetune_then_evaluate_the_adapter_and_its_merged_checkpoint(smollm2, t
     assert 0 < record["val_loss_before"] < 20 and 0 < record["best_val_loss"] < 20  # nats per token
     assert record["trainable_parameters"] == 30 * (2 * 64 * 32 + 32 + 32 * 576 + 576)
     assert len((out / "log.jsonl").read_text().splitlines()) == 2 and "trainable parameters" in result.stdout
+    # the model card: Hub front matter, then the run's own numbers, read here from training.json
+    card = (out / "README.md").read_text()
+    front = card.split("---\n")[1].splitlines()
+    assert front == ["base_model: HuggingFaceTB/SmolLM2-135M-Instruct", "library_name: peft", "tags:",
+                     "- headmap", "- knowledge-circuit", "- boolq"]
+    for shown in (f"| trainable parameters | {record['trainable_parameters']:,} |", "| steps | 2 |",
+                  f"{record['best_val_loss']:.4f} at step {record['best_step']}",
+                  f"| acc on 6 rows of validation | {record['accuracy_before']:.3f} before, "
+                  f"{record['accuracy_after']:.3f} after |", f"circuit file `{record['circuit_file']}`",
+                  "PeftModel.from_pretrained(", "lm_eval --model hf --model_args pretrained=HuggingFaceTB/SmolLM2-135M-"
+                  "Instruct,peft=run --tasks boolq", "load_adapter(model, \"run\")"):
+        assert shown in card, shown
     merged = run("merge.py", "--adapter", str(out), "--out", str(tmp_path / "merged"))
     assert merged.returncode == 0, merged.stderr
     scores = {}

@@ -138,3 +138,104 @@ def test_merge_refuses_what_it_cannot_express():
                                                num_attention_heads=2, num_key_value_heads=1, head_dim=16))
     with pytest.raises(ValueError, match="no attention_bias switch"):
         merge_adapter(mistral, attach_headmap(mistral, {0: [1]}, rank=4))
+
+
+# ---------------------------------------------------------------- HeadMap's MHA adapter in PEFT's LoRA layout
+
+def headmap_folder(model, folder, dtype=torch.float32):
+    """A trained-looking HeadMap MHA adapter on `model` (the model in `dtype`), saved to `folder`; returns our logits
+    with it attached and the inputs, the adapter removed afterwards."""
+    adapter = attach_headmap(model, {0: [1, 3], 1: [2]}, rank=4, scaling=0.7)
+    randomise(adapter)
+    adapter.eval()
+    x = torch.randint(0, 500, (2, 11))
+    with torch.no_grad():
+        ours = model(x).logits.float()
+    save_adapter(adapter, str(folder))
+    adapter.remove()
+    return ours, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_stock_peft_loads_a_headmap_adapter_and_computes_what_it_computes(which, dtype, tmp_path, request):
+    """PEFT 0.21, no plug-in: the folder loads without an error or a warning about fields it does not know, and its
+    logits equal ours with the HeadMap hooks, on a tiny random LLaMA and on SmolLM2, in fp32 and bf16."""
+    import copy
+    import warnings
+    if which == "smollm2":
+        real, _ = request.getfixturevalue("smollm2")
+        model = copy.deepcopy(real).to(dtype).requires_grad_(False)
+    else:
+        model = base().to(dtype)
+    ours, x = headmap_folder(model, tmp_path / "hm")
+    config = json.loads((tmp_path / "hm" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["lora_bias"] is True and config["r"] == 4
+    assert config["lora_alpha"] / config["r"] == 0.7
+    assert config["target_modules"] == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reference = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "hm")).eval()
+    said = [str(w.message) for w in caught]
+    assert not [w for w in said if "nexpected" in w or "unknown" in w.lower() or "ignored" in w], said
+    with torch.no_grad():
+        theirs = reference(x).logits.float()
+    gap, scale = (theirs - ours).abs().max().item(), ours.abs().max().item()
+    if dtype == torch.float32:  # float rounding: a few units in the last place of the largest logit
+        tolerance = 2 ** -23 * 64 * max(1.0, scale)
+    else:  # bf16 rounds through every layer: PEFT and ours may differ as much as bf16 differs from fp32 (plus one
+        # unit in the last place of the largest logit), no more
+        model.float()
+        adapter = load_adapter(model, str(tmp_path / "hm"))
+        with torch.no_grad():
+            tolerance = (model(x).logits - ours).abs().max().item() + 2 ** -8 * scale
+        adapter.remove()
+    print(f"{which} {dtype}: max |PEFT - ours| {gap:.3g} of logits up to {scale:.3g} (allowed {tolerance:.3g})")
+    assert gap <= tolerance, (gap, tolerance)
+    if which == "tiny":
+        assert (ours - base().to(dtype)(x).logits.float()).abs().max() > 10 * gap  # the map moved the logits
+
+
+def test_load_adapter_reads_both_headmap_layouts_and_merges_them(tmp_path):
+    from safetensors.torch import save_file
+    model = base()
+    ours, x = headmap_folder(model, tmp_path / "peft_form")
+    for layout in ("peft_form", "own_form"):
+        if layout == "own_form":  # the layout adapters were saved in before: our keys, our config
+            adapter = load_adapter(model, str(tmp_path / "peft_form"))
+            (tmp_path / layout).mkdir()
+            (tmp_path / layout / "adapter_config.json").write_text(json.dumps(adapter.config))
+            save_file({k: v.contiguous() for k, v in adapter.state_dict().items()},
+                      str(tmp_path / layout / "adapter_model.safetensors"))
+            adapter.remove()
+        adapter = load_adapter(model, str(tmp_path / layout)).eval()
+        assert adapter.method == "headmap" and adapter.config["heads"] == {"0": [1, 3], "1": [2]}
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits, ours, rtol=1e-5, atol=1e-5)
+            merged = merge_adapter(model, adapter)
+            torch.testing.assert_close(merged(x).logits, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_on_o_proj_that_is_no_headmap_map_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = base()
+    headmap_folder(model, tmp_path)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    tensors["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"][:, 0] = 1.0  # head 0: not in the circuit
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="reads columns outside the circuit's heads"):
+        load_adapter(model, str(tmp_path))
+    assert "_headmap_adapter" not in model.__dict__  # nothing stays attached
+
+
+def test_the_hs_variant_keeps_its_own_layout_and_peft_refuses_it_with_its_own_error(tmp_path):
+    model = base()
+    adapter = attach_headmap(model, {0: [1]}, rank=4, variant="hs")
+    save_adapter(adapter, str(tmp_path))
+    adapter.remove()
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["variant"] == "hs" and config["peft"].startswith("not loadable: the HS variant adds its map after")
+    assert not (tmp_path / "headmap.json").exists()
+    with pytest.raises(KeyError, match="peft_type"):
+        peft.PeftModel.from_pretrained(model, str(tmp_path))
+    assert load_adapter(model, str(tmp_path)).config["variant"] == "hs"

@@ -32,7 +32,8 @@ def test_the_library_copied_under_another_name_runs_the_readme_example(tmp_path)
                               env=clean_env(), timeout=600)
         assert done.returncode == 0, done.stderr
     assert "masked, trained, saved, loaded and merged" in done.stdout
-    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors",
+                                                        "headmap.json"]  # PEFT's two files, and HeadMap's own
     for path in (tmp_path / "vendor" / "hm_kernels").glob("*.py"):  # relative imports only, no script code
         source = path.read_text()
         assert not re.search(r"^\s*(from|import) (headmap|cli|runs|models|data|kernels)\b", source, re.M), path.name
@@ -60,7 +61,8 @@ print("located, trained and saved")
     assert "located, trained and saved" in done.stdout
     assert "circuit: 4 heads in 2 layers" in done.stdout  # what it did, said as it runs
     assert re.search(r"training loss \d+\.\d{3} -> \d+\.\d{3}", done.stdout), done.stdout
-    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors",
+                                                        "headmap.json"]  # PEFT's two files, and HeadMap's own
 
 
 def test_every_script_runs_with_hugging_faces_kernels_package_installed(tiny_run, tmp_path):

@@ -274,6 +274,39 @@ def test_evaluate_equals_lm_eval_and_the_readme_snippet_masks_heads_in_lm_eval(l
     assert max(gaps) > 1e-2  # the mask reached the model lm-eval ran
 
 
+def test_lm_eval_loads_a_headmap_adapter_through_peft_and_scores_as_evaluate_does(lm_eval_tasks, tiny_run, tmp_path):
+    """lm-evaluation-harness with no code of ours (`--model hf --model_args pretrained=...,peft=...`) on a HeadMap
+    adapter: the same per-row log-likelihoods and accuracy as `evaluate.py --adapter`."""
+    import evaluate
+    import lm_eval
+    from transformers import AutoModelForCausalLM
+
+    from headmap.adapters import attach_headmap, save_adapter
+    model_dir, yaml, folder = tiny_run / "model", lm_eval_tasks / "arc_easy.yaml", tmp_path / "headmap"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).requires_grad_(False)
+    adapter = attach_headmap(model, {0: [1, 2], 1: [0]}, rank=4, scaling=2.0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))  # far from the identity: the adapter moves every score
+    adapter.config["base_model_name_or_path"] = str(model_dir)
+    save_adapter(adapter, str(folder))
+    ours = evaluate.main(["--dataset", f"lm-eval:{yaml}", "--adapter", str(folder), "--no-progress",
+                          "--log-samples"])["results"][f"lm-eval:{yaml}"]
+    plain = evaluate.main(["--dataset", f"lm-eval:{yaml}", "--model", str(model_dir), "--no-progress",
+                           "--log-samples"])["results"][f"lm-eval:{yaml}"]
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},peft={folder}",
+                                     tasks=[str(yaml)], log_samples=True, batch_size=4, device="cpu")
+    rows = sorted(theirs["samples"]["arc_easy"], key=lambda s: s["doc_id"])
+    assert len(rows) == len(ours["samples"]) == ROWS
+    for row, sample in zip(rows, ours["samples"]):
+        assert [r[0][0] for r in row["resps"]] == pytest.approx(sample["scores"], abs=1e-4)
+    assert ours["acc"] == theirs["results"]["arc_easy"]["acc,none"]
+    assert ours["acc_norm"] == theirs["results"]["arc_easy"]["acc_norm,none"]
+    moved = [abs(a - b) for o, p in zip(ours["samples"], plain["samples"]) for a, b in zip(o["scores"], p["scores"])]
+    assert max(moved) > 0.1  # lm-eval ran the adapter, not the base model
+
+
 # ---------------------------------------------------------------- the scripts on a file of one's own
 
 def greedy_rows(model_dir: Path) -> tuple[list[dict], int]:
