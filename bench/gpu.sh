@@ -17,9 +17,7 @@ claims="${CLAIMS:-bench/results/gpu.json}"
 mkdir -p "$raw"
 # the dry run checks every path, so it needs every reference the claims are timed against: one line if one is
 # missing (on a GPU a section without its reference records the error, and the others still run)
-[ ${#dry[@]} -eq 0 ] || python -c 'import importlib.util as u, sys
-missing = [m for m in ("peft", "lm_eval", "accelerate") if not u.find_spec(m)]
-sys.exit(f"error: the dry run needs {chr(32).join(missing)}: pip install -r requirements-test.txt" if missing else 0)'
+[ ${#dry[@]} -eq 0 ] || python bench/needs.py peft lm_eval accelerate
 export PYTHONUNBUFFERED=1
 step() { echo "== $* ($SECONDS s in)"; }
 step kernel exactness, then the kernel against SDPA and FlexAttention

@@ -65,3 +65,12 @@ def test_scale_check_dry_run_runs_every_section(tmp_path):
     check_scale_sections(data, others)
     assert data["naive_7b_arc"]["projected_seconds"] > 0
     assert data["bf16_vs_fp32"]["circuit_heads"] == 2
+
+
+def test_a_missing_reference_is_one_line_before_the_dry_run_starts():
+    import sys
+    done = subprocess.run([sys.executable, "bench/needs.py", "peft", "no_such_package_here"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip() == ("error: no_such_package_here not installed: pip install "
+                                                            "-r requirements-test.txt")
+    assert "bench/needs.py peft lm_eval accelerate" in (ROOT / "bench" / "gpu.sh").read_text()
