@@ -92,7 +92,8 @@ def refused(what: str, fix: str | None = None):
 
 
 def add_model_arguments(p: argparse.ArgumentParser, model_default: str | None, model_help: str,
-                        device: str = "auto", dtype: str = "auto", device_map: bool = True, data: bool = True) -> None:
+                        device: str = "auto", dtype: str = "auto", device_map: bool = True, data: bool = True,
+                        fsdp: bool = False) -> None:
     """--model, --trust-remote-code, --device, --dtype, --device-map where the script spreads a model over devices,
     and --data-dir and --no-progress for the scripts that read data."""
     from data.commonsense import DATA_DIR_HELP, default_data_dir
@@ -106,6 +107,9 @@ def add_model_arguments(p: argparse.ArgumentParser, model_default: str | None, m
         p.add_argument("--device-map", type=user_path, help="spread the model over several devices (accelerate): "
                        "auto, balanced, sequential, or a JSON map {module name: device}, as a file or a string; "
                        "overrides --device")
+    if fsdp:
+        p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen model over the processes "
+                       "with FSDP2 (each holds 1/world of its weights), for a model larger than one GPU")
     if data:
         p.add_argument("--data-dir", default=default_data_dir(), type=user_path, help=DATA_DIR_HELP)
         p.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' too)")
@@ -130,6 +134,18 @@ def add_out_arguments(p: argparse.ArgumentParser, out_help: str, default: str | 
     (check_writable enforces it before the run)."""
     p.add_argument("--out", default=default, required=required, type=user_path, help=out_help)
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+
+def check_fsdp(args: argparse.Namespace) -> None:
+    """--fsdp needs torchrun's processes and cannot go with --device-map (one process spreading the model)."""
+    if not getattr(args, "fsdp", False):
+        return
+    if getattr(args, "device_map", None):
+        raise UsageError("--fsdp shards the model over torchrun's processes and --device-map spreads it over one "
+                         "process's devices; use one or the other")
+    if "WORLD_SIZE" not in os.environ:
+        raise UsageError("--fsdp shards the model over torchrun's processes: run the script under torchrun "
+                         "(torchrun --nproc_per_node N ... --fsdp)")
 
 
 def check_at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:

@@ -21,7 +21,7 @@ import sys
 from contextlib import nullcontext
 
 from cli import (HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
-                 run_script, user_path)
+                 check_fsdp, run_script, user_path)
 from models import DEFAULT_MODEL
 from data.commonsense import DATASETS
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="score only the first N rows (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
     add_model_arguments(p, None, f"hub id, local folder or .gguf file (default: the adapter's or circuit's base "
-                        f"model, else {DEFAULT_MODEL})")
+                        f"model, else {DEFAULT_MODEL})", fsdp=True)
     p.add_argument("--mask", type=user_path, help="heads.json (or the official .pt circuit file): score with those "
                    "heads ablated")
     p.add_argument("--random-mask", action="store_true",
@@ -56,6 +56,7 @@ def parse_args(argv=None):
     if not args.dataset:
         raise UsageError("pass --dataset: one of the eight, all, a file or folder of your own rows, or lm-eval:TASK")
     check_at_least(args, 1, "limit", "batch_size")
+    check_fsdp(args)
     if args.random_mask and not args.mask:
         raise UsageError("--random-mask needs --mask heads.json to know how many heads to ablate per layer")
     if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
@@ -70,7 +71,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from cli import refused  # noqa: E402
-from models import load_model, pick_device, start_distributed  # noqa: E402
+from models import load_model, pick_device, sharding, start_distributed  # noqa: E402
 from records import check_adapter_weights, open_task_for, read_circuit_file, recorded, settle  # noqa: E402
 from runs import check_inputs_kept, check_writable, hold_output, input_paths, write_json  # noqa: E402
 from data.scoring import PRIMARY, context_limit, metrics, reported, score_continuations  # noqa: E402
@@ -132,9 +133,9 @@ def main(argv=None) -> dict:
         examples[name] = (split, source, task.examples(split, args.limit))
 
     circuit = read_circuit_file(args.mask) if args.mask else None
-    start_distributed(pick_device(args.device))
+    start_distributed(pick_device(args.device), args.fsdp)
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map, args.trust_remote_code,
-                                  not args.no_progress)
+                                  not args.no_progress, args.fsdp)
     param = next(model.parameters())
     prompts = {task.prompt for task in tasks.values()} - {None}
     results = {
@@ -151,6 +152,7 @@ def main(argv=None) -> dict:
         "data_dir": args.data_dir,
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "transformers": transformers.__version__},
+        "sharding": sharding(model),  # --fsdp: the bytes of the weights, in all and on each rank
         "results": {},  # per task: its metrics, their standard errors, its rows
     }
     if args.adapter:

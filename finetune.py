@@ -18,8 +18,8 @@ import os
 import sys
 import time
 
-from cli import (HelpFormatter, UsageError, add_model_arguments, add_task_arguments, check_at_least, check_positive,
-                 run_script, user_path)
+from cli import (HelpFormatter, UsageError, add_model_arguments, add_task_arguments, check_at_least, check_fsdp,
+                 check_positive, run_script, user_path)
 from models import DEFAULT_MODEL
 from runs import check_run_folder, hold_output, input_paths
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_task_arguments(p, "default: the dataset of --heads", "the eight datasets' prompt style (default: the one of "
                        "--heads, else paper)")
     add_model_arguments(p, None, "hub id, local folder or .gguf file (default: the model of --heads, else "
-                        f"{DEFAULT_MODEL})", device_map=False)  # one device per process; several under torchrun
+                        f"{DEFAULT_MODEL})", device_map=False, fsdp=True)  # one device per process
     p.add_argument("--force", action="store_true", help="use --model even where --heads recorded another model")
     p.add_argument("--rank", type=int, default=32, help="r of HeadMap, LoRA and DoRA")
     p.add_argument("--scaling", type=float, default=1.0, help="HeadMap scaling factor")
@@ -74,6 +74,10 @@ def parse_args(argv=None):
                    "max_length", "max_steps", "train_limit", "val_limit", "eval_limit")
     check_at_least(args, 0, "warmup")
     check_positive(args, "lr", "alpha", "scaling")
+    check_fsdp(args)
+    if args.fsdp and args.method == "dora":  # DoRA's magnitude reads whole weight rows, which FSDP keeps sharded
+        raise UsageError("--fsdp trains HeadMap and LoRA; DoRA needs each adapted weight whole: drop --fsdp or use "
+                         "--method lora")
     if not 0.0 <= args.dropout < 1.0:  # also refuses nan
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
     hold_output(args.out)  # a live run in --out is named before anything else is said of the folder
@@ -91,7 +95,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from cli import refused  # noqa: E402
-from models import hub_id_of, load_model, pick_device, start_distributed  # noqa: E402
+from models import hub_id_of, load_model, pick_device, sharding, start_distributed  # noqa: E402
 from records import open_task_for, read_circuit_file, read_interrupted_run, recorded, settle  # noqa: E402
 from runs import open_log, read_checkpoint, write_json, write_model_card  # noqa: E402
 from data.scoring import PRIMARY, epoch_batches, lm_batch, pad_id_of, task_metric, training_texts  # noqa: E402
@@ -218,11 +222,11 @@ def main(argv=None):
     settings = {k: getattr(args, k) for k in ("method", "variant", "random_heads", "dataset", "prompt", "model", "rank",
                                               "scaling", "alpha", "dropout", *HYPER_PARAMETERS, "eval_limit")}
     settings["circuit"] = {str(k): v for k, v in sorted(circuit.items())} if args.method == "headmap" else None
-    start_distributed(pick_device(args.device))
+    start_distributed(pick_device(args.device), args.fsdp)
     recorded_run, ckpt = read_interrupted_run(args.out, args.resume, settings)
 
     model, tokenizer = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, fsdp=args.fsdp)
     model.requires_grad_(False)
     adapter = attach(model, circuit, args)
     trainable, base = sum(p.numel() for p in adapter.parameters()), sum(p.numel() for p in model.parameters())
@@ -269,6 +273,7 @@ def main(argv=None):
         "trainable_parameters": trainable,
         "hyper_parameters": {k: getattr(args, k) for k in HYPER_PARAMETERS},
         "processes": distributed.world(),
+        "sharding": sharding(model),  # --fsdp: the bytes of the frozen weights, in all and on each rank
         "metric": PRIMARY[task.kind],
         "accuracy_before": before,
         "accuracy_after": after,

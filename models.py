@@ -124,12 +124,13 @@ def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False):
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
-               trust_remote_code: bool = False, progress: bool = True):
+               trust_remote_code: bool = False, progress: bool = True, fsdp: bool = False):
     """Return (model, tokenizer), the model in eval mode on the chosen device and dtype and probed once (the
     library's probe: a model whose own forward fails is refused here, before any real compute). A device map
     (accelerate) spreads the layers over several devices instead: a model larger than one GPU. A model's own code
     (auto_map) runs only with trust_remote_code; without it such a model is refused in one line (transformers is
-    told False outright, so it never asks on a terminal). progress=False silences transformers' loading bar."""
+    told False outright, so it never asks on a terminal). progress=False silences transformers' loading bar. With
+    fsdp (under torchrun) the model is sharded over the ranks with FSDP2 (load_sharded)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,6 +155,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         folder = str(cached)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        if fsdp:
+            return load_sharded(folder, torch_dtype, dev, trust_remote_code), tokenizer
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=placement,
                                                      trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -178,7 +181,58 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     return model, tokenizer
 
 
-def start_distributed(device) -> None:
+def load_sharded(folder: str, dtype, device, trust_remote_code: bool = False):
+    """The model sharded with FSDP2 over torchrun's ranks: every decoder layer, and the rest (embeddings, final norm,
+    LM head, tied or not) as the root, wrapped with fully_shard, so each rank holds 1/world of the weights and
+    gathers one layer at a time. Only rank 0 reads the weights (into host memory); the others build the model on
+    the meta device and receive their shards from it (broadcast_from_rank0), as accelerate's
+    cpu_ram_efficient_loading and torchtune do. Probed once, in eval mode, frozen."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from headmap.masking import decoder_layers, probe
+    full = None
+    if dist.get_rank() == 0:
+        full = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval().requires_grad_(False)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    kept = dict(full.named_buffers()) if full is not None else {}
+    for name, buffer in model.named_buffers():  # in no state dict (rotary frequencies): rank 0's, as they are
+        source = kept[name].to(device) if full is not None else buffer
+        dist.broadcast(source, 0)
+        buffer.copy_(source)
+    del full
+    probe(model)
+    return model
+
+
+def sharding(model) -> dict | None:
+    """What FSDP holds where, read from the shards: {"world", "full_parameter_bytes", "local_parameter_bytes": [per
+    rank]}; None for a model that is not sharded."""
+    from headmap import distributed
+    if not distributed.sharded(model):
+        return None
+    model.reshard()  # the root's parameters stay gathered after a forward
+    local = sum(getattr(p, "to_local", lambda p=p: p)().numel() * p.element_size() for p in model.parameters())
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"world": distributed.world(), "full_parameter_bytes": full,
+            "local_parameter_bytes": distributed.all_gather(local)}
+
+
+def start_distributed(device, fsdp: bool = False) -> None:
     """Under torchrun, join the process group it describes: gloo for CPU tensors and Python objects, NCCL for CUDA
     tensors. Ranks other than 0 print nothing but a crash, which names the rank (progress bars, notes and warnings:
     rank 0 shows them). Without torchrun (no WORLD_SIZE) nothing happens."""
@@ -186,8 +240,8 @@ def start_distributed(device) -> None:
     import traceback
 
     import torch.distributed as dist
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
-        return
+    if (int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp) or dist.is_initialized():
+        return  # one process (under FSDP, one rank still gathers its shards through the group)
     if device.type == "cuda":
         import torch
         torch.cuda.set_device(device)

@@ -230,7 +230,8 @@ def score_continuations(model, tokenizer, examples: list[Example], batch_size: i
     batches = list(prompt_batches(prompts, batch_size))
     pad = pad_id_of(tokenizer)
     values = {}  # batch index -> its continuations' (log-likelihoods, greedy flags), in order
-    with tqdm(total=sum(map(len, distributed.mine(batches))), desc=desc, disable=not progress, leave=False) as bar:
+    with tqdm(total=sum(map(len, distributed.mine(batches))), desc=desc, disable=not progress, leave=False) as bar, \
+            distributed.same_passes(model):  # a sharded model: every rank runs as many passes
         for b in distributed.mine(range(len(batches))):
             values[b] = continuation_logprobs(model, batches[b], pad, token_budget)
             bar.update(len(batches[b]))

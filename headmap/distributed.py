@@ -4,8 +4,11 @@ Without an initialised process group every function is the one-process identity:
 and gathers return their input. Joining the group is the caller's (torch.distributed.init_process_group); the rule
 the library follows: every rank computes its share of the rows and takes part in every collective.
 """
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def rank() -> int:
@@ -44,3 +47,33 @@ def from_rank0(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def sharded(model: nn.Module) -> bool:
+    """Whether `model` is sharded with FSDP2 (fully_shard): then every pass of it is a collective."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def same_passes(model: nn.Module, backward: bool = False):
+    """Around a block in which the ranks run different numbers of passes of `model` (their shares of the rows):
+    under FSDP each pass gathers every layer's shards from all ranks, so afterwards each rank runs zero-weight
+    passes (one token; with `backward`, backward too, adding zero to every gradient) until it has run as many as
+    the busiest rank. Without FSDP, nothing."""
+    if not sharded(model) or world() == 1:
+        yield
+        return
+    passes = [0]
+    handle = model.register_forward_pre_hook(lambda module, args: passes.__setitem__(0, passes[0] + 1))
+    try:
+        yield
+    finally:
+        handle.remove()
+    most = max(all_gather(passes[0]))
+    token = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+    for _ in range(most - passes[0]):
+        with torch.enable_grad() if backward else torch.no_grad():
+            logits = model(input_ids=token).logits
+            if backward:
+                (logits.float().sum() * 0.0).backward()

@@ -47,7 +47,7 @@ def batch_loss(model: nn.Module, batch: dict, token_budget: int = 4096, backward
     n_tokens = int((labels[:, 1:] != -100).sum())  # every rank holds every row: no count to exchange
     rows = distributed.mine(sorted(range(len(ids)), key=lambda i: -lengths[i]))
     total = torch.zeros((), dtype=torch.float64, device=device)
-    with torch.enable_grad() if backward else torch.no_grad():
+    with torch.enable_grad() if backward else torch.no_grad(), distributed.same_passes(model, backward):
         for group in length_groups([lengths[r] for r in rows], token_budget, pass_overhead_tokens(device)):
             pick = torch.tensor([rows[g] for g in group])
             width = lengths[rows[group[0]]]  # the group's longest row: beyond it, only padding
