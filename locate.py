@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 
 from cli import (HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
-                 run_script, user_path)
+                 check_fsdp, run_script, user_path)
 from models import DEFAULT_MODEL
 from data.commonsense import DATASETS
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The script's options (parse_args checks the values)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_task_arguments(p, ", ".join(DATASETS), "the eight datasets' prompt style (default: paper)")
-    add_model_arguments(p, DEFAULT_MODEL, "hub id, local folder or .gguf file")
+    add_model_arguments(p, DEFAULT_MODEL, "hub id, local folder or .gguf file", fsdp=True)
     p.add_argument("--split", help="where the samples come from (default: the task's train split; a single file's "
                    "rows)")
     p.add_argument("--pool", type=int, help="draw the samples from the first N rows of the split (default: all)")
@@ -60,6 +60,7 @@ def parse_args(argv=None):
         raise UsageError("pass --dataset: one of the eight, a file or folder of your own rows, or lm-eval:TASK")
     check_at_least(args, 1, "samples", "batch_size", "token_budget", "random_trials", "pool", "heads_per_layer")
     check_at_least(args, 0, "validate_limit")
+    check_fsdp(args)
     return args
 
 
@@ -69,7 +70,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from models import load_model, pick_device, start_distributed  # noqa: E402
+from models import load_model, pick_device, sharding, start_distributed  # noqa: E402
 from records import check_same_run, open_task_for  # noqa: E402
 from runs import check_inputs_kept, check_writable, hold_output, input_paths, read_json, write_json  # noqa: E402
 from data.scoring import (PRIMARY, answer_samples, baselines, context_limit, metrics,  # noqa: E402
@@ -180,7 +181,7 @@ def main(argv=None):
                 "validate": not args.no_validate, "validate_split": args.validate_split,
                 "validate_limit": args.validate_limit, "random_trials": args.random_trials, "seed": args.seed}
     earlier = samples_from(args.samples_from, settings, source, args.samples) if args.samples_from else None
-    start_distributed(pick_device(args.device))
+    start_distributed(pick_device(args.device), args.fsdp)
     saved = None  # the interrupted run, read and checked before the model loads
     if args.resume and distributed.rank() == 0 and os.path.exists(progress_path):
         saved = read_json(progress_path, "progress file", "delete it to start over")
@@ -188,7 +189,7 @@ def main(argv=None):
             raise UsageError(f"progress file {progress_path} is not one locate.py wrote; delete it to start over")
     saved = distributed.from_rank0(saved)  # under torchrun, only rank 0 reads and writes files
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map, args.trust_remote_code,
-                                  not args.no_progress)
+                                  not args.no_progress, args.fsdp)
     layers, heads = layers_and_heads(model)
     n = args.heads_per_layer if args.heads_per_layer is not None else max(1, round(heads / 4))
     if not 1 <= n < heads:  # the library refuses it too, but only after the pool is scored
@@ -237,6 +238,7 @@ def main(argv=None):
         "kind": task.kind,
         "data": source,
         "trust_remote_code": args.trust_remote_code,
+        "sharding": sharding(model),  # --fsdp: the bytes of the weights, in all and on each rank
         "seconds": round(seconds, 1),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }

@@ -195,10 +195,16 @@ def load_sharded(folder: str, dtype, device, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from headmap.masking import decoder_layers, probe
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    text = config.get_text_config()
+    if "sliding_attention" in (getattr(text, "layer_types", None) or []) or (
+            getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True) is not False):
+        raise UsageError(f"--fsdp does not take a model with sliding-window attention ({config.model_type}) yet: "
+                         "scoring checks such a model with extra passes the other ranks cannot plan; run without "
+                         "--fsdp (data parallel, or --device-map for evaluate and locate)")
     full = None
     if dist.get_rank() == 0:
         full = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval().requires_grad_(False)

@@ -129,6 +129,15 @@ def _cache_name(model) -> str:
 ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention", "indexed_attention"}
 
 
+def continuation_groups(batch: list[Prompt], token_budget: int, device) -> list[list[int]]:
+    """The passes that follow a batch's prompt pass: its multi-token continuations, as groups of rows (indices into
+    the batch's (prompt, continuation) rows, in order) of similar length within `token_budget` padded tokens."""
+    lengths = [len(cont) for prompt in batch for _, _, cont in prompt.continuations]
+    long = [r for r, n in enumerate(lengths) if n > 1]
+    return [[long[g] for g in group]
+            for group in length_groups([lengths[r] - 1 for r in long], token_budget, pass_overhead_tokens(device))]
+
+
 def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget: int) -> tuple[list[float], list[bool]]:
     """log P(continuation | prompt) for every continuation of `batch` (equal-length prompts), in order, and whether
     the continuation is the greedy one (each of its tokens the argmax after the tokens before it: lm-eval's
@@ -158,8 +167,7 @@ def continuation_logprobs(model, batch: list[Prompt], pad_id: int, token_budget:
                                "over a multi-token answer is not exact for every such model in transformers; score "
                                "one-token answers (--prompt paper on ARC, OpenBookQA) instead")
     windows = [layer.sliding_window for layer in getattr(prompt_cache, "layers", []) if getattr(layer, "is_sliding", 0)]
-    for group in length_groups([len(rows[r][1]) - 1 for r in long], token_budget, pass_overhead_tokens(device)):
-        group = [long[g] for g in group]  # rows of similar continuation length: little padding in this pass
+    for group in continuation_groups(batch, token_budget, device):  # rows of similar length: little padding
         cache = copy.deepcopy(prompt_cache) if len(group) < len(long) else prompt_cache
         # one copy of its prompt's cache per row; reorder_cache (beam search's) selects every state a layer keeps,
         # the recurrent state of hybrid layers too, where batch_select_indices misses some (transformers 5.24)
@@ -214,7 +222,7 @@ class Scores:
     cut: list[int] | None = None
 
 
-@torch.inference_mode()
+@distributed.no_graph
 def score_continuations(model, tokenizer, examples: list[Example], batch_size: int = 16, progress: bool = True,
                         desc: str = "scoring", token_budget: int = 4096) -> Scores:
     """Score every choice of every example (continuation_logprobs). `batch_size` prompts run together; their
@@ -230,8 +238,12 @@ def score_continuations(model, tokenizer, examples: list[Example], batch_size: i
     batches = list(prompt_batches(prompts, batch_size))
     pad = pad_id_of(tokenizer)
     values = {}  # batch index -> its continuations' (log-likelihoods, greedy flags), in order
+    # passes of each batch: its prompt pass and its continuation groups (a sharded model has no sliding window: the
+    # window check's extra pass never runs), planned alike on every rank, so all run as many as the busiest
+    passes = [1 + len(continuation_groups(batch, token_budget, next(model.parameters()).device)) for batch in batches]
+    most = max(sum(passes[k::distributed.world()]) for k in range(distributed.world()))
     with tqdm(total=sum(map(len, distributed.mine(batches))), desc=desc, disable=not progress, leave=False) as bar, \
-            distributed.same_passes(model):  # a sharded model: every rank runs as many passes
+            distributed.same_passes(model, most):
         for b in distributed.mine(range(len(batches))):
             values[b] = continuation_logprobs(model, batches[b], pad, token_budget)
             bar.update(len(batches[b]))

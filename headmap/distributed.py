@@ -4,6 +4,7 @@ Without an initialised process group every function is the one-process identity:
 and gathers return their input. Joining the group is the caller's (torch.distributed.init_process_group); the rule
 the library follows: every rank computes its share of the rows and takes part in every collective.
 """
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -55,12 +56,24 @@ def sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def no_graph(fn):
+    """Decorator for fn(model, ...), whose passes keep no graph: torch.inference_mode(), or for a sharded model
+    torch.no_grad(), since FSDP gathers the shards into buffers it reuses in every later pass, and inference mode
+    would make them unusable outside it (in training)."""
+    @functools.wraps(fn)
+    def run(model: nn.Module, *args, **kwargs):
+        with torch.no_grad() if sharded(model) else torch.inference_mode():
+            return fn(model, *args, **kwargs)
+    return run
+
+
 @contextmanager
-def same_passes(model: nn.Module, backward: bool = False):
-    """Around a block in which the ranks run different numbers of passes of `model` (their shares of the rows):
-    under FSDP each pass gathers every layer's shards from all ranks, so afterwards each rank runs zero-weight
-    passes (one token; with `backward`, backward too, adding zero to every gradient) until it has run as many as
-    the busiest rank. Without FSDP, nothing."""
+def same_passes(model: nn.Module, most: int, backward: bool = False):
+    """Around a block in which the ranks run different numbers of passes of `model` (their shares of the rows), the
+    busiest running `most` (which every rank must work out alike, from the plan, before any pass: a count exchanged
+    afterwards would meet the other ranks' gathers): under FSDP each pass gathers every layer's shards from all
+    ranks, so afterwards this rank runs zero-weight passes (one token; with `backward`, backward too, adding zero to
+    every gradient) until it has run `most`. Without FSDP, nothing."""
     if not sharded(model) or world() == 1:
         yield
         return
@@ -70,7 +83,8 @@ def same_passes(model: nn.Module, backward: bool = False):
         yield
     finally:
         handle.remove()
-    most = max(all_gather(passes[0]))
+    if passes[0] > most:
+        raise RuntimeError(f"rank {rank()} ran {passes[0]} passes, more than the {most} planned")
     token = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
     for _ in range(most - passes[0]):
         with torch.enable_grad() if backward else torch.no_grad():

@@ -160,7 +160,7 @@ def default_token_budget(device: torch.device) -> int:
     return 65536 if device.type == "cuda" else 1024
 
 
-@torch.inference_mode()
+@distributed.no_graph
 def locate_circuit(model: nn.Module, samples: list[tuple[torch.Tensor, int]], heads_per_layer: int,
                    token_budget: int | None = None, on_layer: Callable[[dict], None] | None = None,
                    state: dict | None = None, progress: bool = False) -> tuple[dict[int, list[int]], torch.Tensor]:
@@ -208,17 +208,23 @@ def locate_circuit(model: nn.Module, samples: list[tuple[torch.Tensor, int]], he
     for layer in range(done):  # resume: replay the finished layers
         hidden = advance(hidden, layer)
     plan = plan_batches(d.lengths, heads + 1, budget, distributed.world())  # candidate H: no head
-    batches = [(b, torch.tensor(c, device=device), torch.tensor(s, device=device), width,
-                AnswerIndex(d, s, device)) for b, (c, s, width) in distributed.mine(list(enumerate(plan))) if c]
+    # under FSDP every rank runs as many passes as the others, of the same layers: the plan's empty batches (it
+    # fills up to a multiple of the ranks) run as one row of sample 0, "no head", whose loss is not added
+    sharded = distributed.sharded(model)
+    batches = [(b, torch.tensor(c or [heads], device=device), torch.tensor(s or [0], device=device),
+                width or d.lengths[0], AnswerIndex(d, s or [0], device), bool(c))
+               for b, (c, s, width) in distributed.mine(list(enumerate(plan))) if c or sharded]
     for layer in tqdm(range(done, layers), desc="locating", initial=done, total=layers, disable=not progress):
         # one row per batch, summed over the ranks and then over the rows: the same sum in any number of processes
         loss = torch.zeros(len(plan), heads + 1, device=device)
-        for b, c, s, width, index in batches:
+        for b, c, s, width, index, real in batches:
             mask = torch.zeros(layers, len(c), heads + 1, dtype=torch.bool, device=device)
             mask[layer, torch.arange(len(c), device=device), c] = True  # row r masks its own candidate
             out = run_layers(model, d.ids[s, :width], None if hidden is None else hidden[s, :width], layer,
                              layers, mask[..., :heads])  # column H, "no head", masks nothing
-            loss[b].index_add_(0, c, answer_loss(model, out, index))
+            losses = answer_loss(model, out, index)
+            if real:
+                loss[b].index_add_(0, c, losses)
         loss = distributed.all_sum(loss).sum(0).tolist()
         order = sorted(range(heads), key=lambda h: (-loss[h], h))
         circuit[layer] = sorted(order[:heads_per_layer])
@@ -231,7 +237,7 @@ def locate_circuit(model: nn.Module, samples: list[tuple[torch.Tensor, int]], he
     return circuit, torch.tensor(state["loss_matrix"])
 
 
-@torch.inference_mode()
+@distributed.no_graph
 def unmasked_answer_loss(model: nn.Module, samples: list[tuple[torch.Tensor, int]]) -> float:
     """The answers' NLL summed over D with no head masked: the reference of locate's loss matrix."""
     layers, heads = layers_and_heads(model)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import distributed
 from .attention import masked_attention
 from .files import first_line
 
@@ -109,7 +110,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise UnsupportedModel(f"{type(model).__name__}: no list of decoder layers holds its attention modules in order")
 
 
-@torch.inference_mode()
+@distributed.no_graph
 def probe(model: nn.Module) -> dict:
     """One short forward per model, which every check reads: a right-padded batch of two rows, run with the masked
     attention switched on (no head masked), o_proj's input and each decoder layer's output watched. Raises

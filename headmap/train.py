@@ -45,10 +45,15 @@ def batch_loss(model: nn.Module, batch: dict, token_budget: int = 4096, backward
                          "padding_side = 'right'")
     lengths = (mask.sum(1) if mask is not None else torch.full((len(ids),), ids.shape[1])).tolist()
     n_tokens = int((labels[:, 1:] != -100).sum())  # every rank holds every row: no count to exchange
-    rows = distributed.mine(sorted(range(len(ids)), key=lambda i: -lengths[i]))
+    by_length = sorted(range(len(ids)), key=lambda i: -lengths[i])
+    rows = distributed.mine(by_length)
+    overhead = pass_overhead_tokens(device)
+    # every rank plans every rank's micro-batches: under FSDP the ranks must run as many passes as the busiest
+    most = max(len(length_groups([lengths[r] for r in by_length[k::distributed.world()]], token_budget, overhead))
+               for k in range(distributed.world()))
     total = torch.zeros((), dtype=torch.float64, device=device)
-    with torch.enable_grad() if backward else torch.no_grad(), distributed.same_passes(model, backward):
-        for group in length_groups([lengths[r] for r in rows], token_budget, pass_overhead_tokens(device)):
+    with torch.enable_grad() if backward else torch.no_grad(), distributed.same_passes(model, most, backward):
+        for group in length_groups([lengths[r] for r in rows], token_budget, overhead):
             pick = torch.tensor([rows[g] for g in group])
             width = lengths[rows[group[0]]]  # the group's longest row: beyond it, only padding
             part_ids, part_labels = (t[pick.to(t.device), :width].to(device, non_blocking=True) for t in (ids, labels))
