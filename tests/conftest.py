@@ -1,5 +1,6 @@
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,39 @@ def tiny_run(smollm2, tmp_path_factory):
     adapter.config["base_model_name_or_path"] = str(root / "model")
     save_adapter(adapter, str(root / "runs" / "adapter"))
     return root
+
+
+# ---------------------------------------------------------------- torchrun
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def launch(*args, processes=1):
+    """A script as a user runs it, alone or under torchrun; one thread per process either way, so the two runs
+    multiply the same way and any difference comes from the split."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *(TORCHRUN if processes == 2 else []), *args, "--no-progress"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(smollm2, tmp_path_factory):
+    """A 2-layer random LLaMA with SmolLM2's tokenizer, saved as a model folder the scripts load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    _, tokenizer = smollm2
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

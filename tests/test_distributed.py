@@ -2,7 +2,6 @@
 a run resumes under another process count; one rank's failure stops the run; an explicit device map runs."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,42 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TORCHRUN, free_port, launch
 from tests.test_finetune import train_tiny_lora
-
-TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-def run(*args, processes=1):
-    """A script as a user runs it, alone or under torchrun; one thread per process either way, so the two runs
-    multiply the same way and any difference comes from the split."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, *(TORCHRUN if processes == 2 else []), *args, "--no-progress"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(smollm2, tmp_path_factory):
-    """A 2-layer random LLaMA with SmolLM2's tokenizer, saved as a model folder the scripts load."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    _, tokenizer = smollm2
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
 
 def test_evaluate_under_torchrun_gives_the_same_results(tiny_folder, tmp_path):
     args = ["evaluate.py", "--model", tiny_folder, "--dataset", "arc_easy,winogrande", "--limit", "24",
             "--batch-size", "4", "--log-samples"]
-    run(*args, "--out", str(tmp_path / "one.json"))
-    run(*args, "--out", str(tmp_path / "two.json"), processes=2)
+    launch(*args, "--out", str(tmp_path / "one.json"))
+    launch(*args, "--out", str(tmp_path / "two.json"), processes=2)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one == two  # every score bit for bit: each prompt batch runs whole on one rank
 
@@ -54,8 +25,8 @@ def test_locate_under_torchrun_gives_the_same_circuit(tiny_folder, tmp_path):
     args = ["locate.py", "--model", tiny_folder, "--dataset", "arc_easy", "--prompt", "harness", "--pool", "60",
             "--samples", "6", "--heads-per-layer", "2", "--batch-size", "5", "--validate-limit", "12",
             "--random-trials", "2"]
-    run(*args, "--out", str(tmp_path / "one.json"))
-    run(*args, "--out", str(tmp_path / "two.json"), processes=2)
+    launch(*args, "--out", str(tmp_path / "one.json"))
+    launch(*args, "--out", str(tmp_path / "two.json"), processes=2)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert len(one["sample_indices"]) == 6 and one["sample_indices"] == two["sample_indices"]
     assert one["knowledge_circuit"] == two["knowledge_circuit"]
@@ -73,8 +44,8 @@ def test_finetune_under_torchrun_trains_the_same_adapter(tiny_folder, tmp_path, 
             *(["--heads", str(heads)] if method == "headmap" else []), "--train-limit", "20", "--batch-size", "7",
             "--max-steps", "4", "--warmup", "1", "--eval-every", "2",
             "--val-limit", "6", "--eval-limit", "8", "--dropout", "0", "--lr", "1e-2", "--token-budget", "300"]
-    run(*args, "--out", str(tmp_path / "one"))
-    run(*args, "--out", str(tmp_path / "two"), processes=2)
+    launch(*args, "--out", str(tmp_path / "one"))
+    launch(*args, "--out", str(tmp_path / "two"), processes=2)
     for name in ("adapter_model.safetensors", "training.json", "log.jsonl"):
         assert (tmp_path / "two" / name).exists()
     a, b = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("one", "two"))
@@ -111,26 +82,20 @@ def test_explicit_device_map_gives_the_same_scores(tiny_folder, tmp_path):
     layout = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
               "model.rotary_emb": "cpu", "lm_head": "cpu"}
     args = ["evaluate.py", "--model", tiny_folder, "--dataset", "arc_easy", "--limit", "12", "--log-samples"]
-    run(*args, "--out", str(tmp_path / "plain.json"))
-    run(*args, "--out", str(tmp_path / "mapped.json"), "--device-map", json.dumps(layout))
+    launch(*args, "--out", str(tmp_path / "plain.json"))
+    launch(*args, "--out", str(tmp_path / "mapped.json"), "--device-map", json.dumps(layout))
     plain, mapped = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "mapped"))
     assert mapped.pop("device_map") == json.dumps(layout) and plain.pop("device_map") is None
     assert plain == mapped
     heads = ["locate.py", "--model", tiny_folder, "--dataset", "arc_easy", "--prompt", "harness", "--pool", "40",
              "--samples", "4", "--heads-per-layer", "1", "--no-validate"]
-    run(*heads, "--out", str(tmp_path / "plain_heads.json"))
-    run(*heads, "--out", str(tmp_path / "mapped_heads.json"), "--device-map", "auto")
+    launch(*heads, "--out", str(tmp_path / "plain_heads.json"))
+    launch(*heads, "--out", str(tmp_path / "mapped_heads.json"), "--device-map", "auto")
     plain, mapped = (json.loads((tmp_path / f"{n}_heads.json").read_text()) for n in ("plain", "mapped"))
     assert plain["knowledge_circuit"] == mapped["knowledge_circuit"] and plain["loss_matrix"] == mapped["loss_matrix"]
 
 
 # ---------------------------------------------------------------- resuming under another process count
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _rank_resumes(rank, port, out, result_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
@@ -152,7 +117,7 @@ def test_a_one_process_run_resumes_under_two(tmp_path):
             train_tiny_lora(tmp_path / "cut", 0.0, stop_at=3, batch_size=4, checkpoint_every=2)
     finally:
         torch.set_num_threads(threads)
-    torch.multiprocessing.spawn(_rank_resumes, args=(_free_port(), tmp_path / "cut", tmp_path / "resumed.pt"),
+    torch.multiprocessing.spawn(_rank_resumes, args=(free_port(), tmp_path / "cut", tmp_path / "resumed.pt"),
                                 nprocs=2)
     resumed = torch.load(tmp_path / "resumed.pt")
     for a, b in zip(resumed, full):
