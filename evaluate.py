@@ -71,9 +71,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from cli import refused  # noqa: E402
-from models import load_model, pick_device, sharding, start_distributed  # noqa: E402
+from models import load_model, pick_device, start_distributed  # noqa: E402
 from records import check_adapter_weights, open_task_for, read_circuit_file, recorded, settle  # noqa: E402
 from runs import check_inputs_kept, check_writable, hold_output, input_paths, write_json  # noqa: E402
+from sharding import shard_sizes  # noqa: E402
 from data.scoring import PRIMARY, context_limit, metrics, reported, score_continuations  # noqa: E402
 from data.common import CHOICE  # noqa: E402
 from headmap import distributed  # noqa: E402
@@ -152,7 +153,7 @@ def main(argv=None) -> dict:
         "data_dir": args.data_dir,
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "transformers": transformers.__version__},
-        "sharding": sharding(model),  # --fsdp: the bytes of the weights, in all and on each rank
+        "sharding": shard_sizes(model),  # --fsdp: the bytes of the weights, in all and on each rank
         "results": {},  # per task: its metrics, their standard errors, its rows
     }
     if args.adapter:

@@ -95,9 +95,10 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from cli import refused  # noqa: E402
-from models import hub_id_of, load_model, pick_device, sharding, start_distributed  # noqa: E402
+from models import hub_id_of, load_model, pick_device, start_distributed  # noqa: E402
 from records import open_task_for, read_circuit_file, read_interrupted_run, recorded, settle  # noqa: E402
 from runs import open_log, read_checkpoint, write_json, write_model_card  # noqa: E402
+from sharding import shard_sizes  # noqa: E402
 from data.scoring import PRIMARY, epoch_batches, lm_batch, pad_id_of, task_metric, training_texts  # noqa: E402
 from data.common import held_out_rows  # noqa: E402
 from headmap import distributed  # noqa: E402
@@ -273,7 +274,7 @@ def main(argv=None):
         "trainable_parameters": trainable,
         "hyper_parameters": {k: getattr(args, k) for k in HYPER_PARAMETERS},
         "processes": distributed.world(),
-        "sharding": sharding(model),  # --fsdp: the bytes of the frozen weights, in all and on each rank
+        "sharding": shard_sizes(model),  # --fsdp: the bytes of the frozen weights, in all and on each rank
         "metric": PRIMARY[task.kind],
         "accuracy_before": before,
         "accuracy_after": after,

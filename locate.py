@@ -70,9 +70,10 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from models import load_model, pick_device, sharding, start_distributed  # noqa: E402
+from models import load_model, pick_device, start_distributed  # noqa: E402
 from records import check_same_run, open_task_for  # noqa: E402
 from runs import check_inputs_kept, check_writable, hold_output, input_paths, read_json, write_json  # noqa: E402
+from sharding import shard_sizes  # noqa: E402
 from data.scoring import (PRIMARY, answer_samples, baselines, context_limit, metrics,  # noqa: E402
                           score_continuations, task_metric)
 from data.common import CHOICE  # noqa: E402
@@ -238,7 +239,7 @@ def main(argv=None):
         "kind": task.kind,
         "data": source,
         "trust_remote_code": args.trust_remote_code,
-        "sharding": sharding(model),  # --fsdp: the bytes of the weights, in all and on each rank
+        "sharding": shard_sizes(model),  # --fsdp: the bytes of the weights, in all and on each rank
         "seconds": round(seconds, 1),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }

@@ -11,6 +11,7 @@ import sys
 
 from cli import UsageError
 from gguf_files import check_gguf, convert_gguf, gguf_cache_path, one_at_a_time
+from sharding import load_sharded
 from headmap.files import first_line
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -156,7 +157,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         if fsdp:
-            return load_sharded(folder, torch_dtype, dev, trust_remote_code), tokenizer
+            return load_sharded(folder, torch_dtype, dev, trust_remote_code), tokenizer  # sharding.py
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=placement,
                                                      trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -179,63 +180,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     model = (model if placement is not None else model.to(dev)).eval()
     probe(model)
     return model, tokenizer
-
-
-def load_sharded(folder: str, dtype, device, trust_remote_code: bool = False):
-    """The model sharded with FSDP2 over torchrun's ranks: every decoder layer, and the rest (embeddings, final norm,
-    LM head, tied or not) as the root, wrapped with fully_shard, so each rank holds 1/world of the weights and
-    gathers one layer at a time. Only rank 0 reads the weights (into host memory); the others build the model on
-    the meta device and receive their shards from it (broadcast_from_rank0), as accelerate's
-    cpu_ram_efficient_loading and torchtune do. Probed once, in eval mode, frozen."""
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from headmap.masking import decoder_layers, probe
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    text = config.get_text_config()
-    if "sliding_attention" in (getattr(text, "layer_types", None) or []) or (
-            getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True) is not False):
-        raise UsageError(f"--fsdp does not take a model with sliding-window attention ({config.model_type}) yet: "
-                         "scoring checks such a model with extra passes the other ranks cannot plan; run without "
-                         "--fsdp (data parallel, or --device-map for evaluate and locate)")
-    full = None
-    if dist.get_rank() == 0:
-        full = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.eval().requires_grad_(False)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    model.to_empty(device=device)
-    set_model_state_dict(model, full.state_dict() if full is not None else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    kept = dict(full.named_buffers()) if full is not None else {}
-    for name, buffer in model.named_buffers():  # in no state dict (rotary frequencies): rank 0's, as they are
-        source = kept[name].to(device) if full is not None else buffer
-        dist.broadcast(source, 0)
-        buffer.copy_(source)
-    del full
-    probe(model)
-    return model
-
-
-def sharding(model) -> dict | None:
-    """What FSDP holds where, read from the shards: {"world", "full_parameter_bytes", "local_parameter_bytes": [per
-    rank]}; None for a model that is not sharded."""
-    from headmap import distributed
-    if not distributed.sharded(model):
-        return None
-    model.reshard()  # the root's parameters stay gathered after a forward
-    local = sum(getattr(p, "to_local", lambda p=p: p)().numel() * p.element_size() for p in model.parameters())
-    full = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"world": distributed.world(), "full_parameter_bytes": full,
-            "local_parameter_bytes": distributed.all_gather(local)}
 
 
 def start_distributed(device, fsdp: bool = False) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU claim in one device call (about 8 minutes on an H100 or H200): the kernel's exactness, the kernel against
 # SDPA (flash, cuDNN) and FlexAttention at every masked share, a 7B training step against PEFT + Trainer, locate's
-# MFU at 7B, HeadMap's step profiled against LoRA's, evaluate against lm-eval's HF backend at 7B; then
+# MFU at 7B, HeadMap's step profiled against LoRA's, evaluate against lm-eval's HF backend at 7B, --fsdp's
+# locate and training step sharded over the machine's GPUs; then
 # bench/gpu_claims.py's table.
 #
 #   bash bench/gpu.sh                # on the GPU: raw figures in $OUT (or bench/results/raw), claims in bench/results/gpu.json
@@ -30,5 +31,10 @@ step where a HeadMap step goes against a LoRA step
 python bench/step_profile.py "${dry[@]}" --shape llama2-7b --out "$raw/step_profile.json" --overwrite || true
 step evaluate against lm-eval
 python bench/evaluate_vs_lm_eval.py "${dry[@]}" --out "$raw/evaluate.json" --overwrite || true
+step "--fsdp: locate and HeadMap steps sharded over this machine's GPUs (NCCL; the dry run: 2 CPU processes, gloo)"
+gpus=2
+[ ${#dry[@]} -gt 0 ] || gpus=$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')
+python -m torch.distributed.run --standalone --nproc_per_node "$gpus" bench/fsdp_step.py "${dry[@]}" \
+  --out "$raw/fsdp.json" --overwrite || true
 step claims
 python bench/gpu_claims.py "$raw" --out "$claims"

@@ -89,8 +89,8 @@ def main():
     args = p.parse_args()
     run_script(lambda: check_writable(args.out, True))  # this script's own output, rewritten each run
     folder = Path(args.results)
-    names = ("kernel.json", "scale.json", "evaluate.json", "step_profile.json")
-    kernel, scale, evaluate, profile = (read(folder, name) for name in names)
+    names = ("kernel.json", "scale.json", "evaluate.json", "step_profile.json", "fsdp.json")
+    kernel, scale, evaluate, profile, fsdp = (read(folder, name) for name in names)
     claims = {"device": scale.get("device"), "kernel_checks_failed": kernel.get("failures"),
               **kernel_claims(kernel.get("throughput", []))}
     claims.update(finetune_claims(scale.get("finetune_7b", {"error": "no finetune_7b section"})))
@@ -100,6 +100,9 @@ def main():
                    "locate_layers_run": locate.get("layers_run")})
     claims.update({"evaluate_vs_lm_eval_hf": evaluate.get("speedup"), "evaluate_scores_identical":
                    evaluate.get("identical"), "evaluate_error": evaluate.get("error")})
+    claims.update({"fsdp_world": fsdp.get("world"), "fsdp_locate_seconds": fsdp.get("locate_seconds"),
+                   "fsdp_step_tokens_per_s": fsdp.get("step_tokens_per_s"), "fsdp_sharding": fsdp.get("sharding"),
+                   "fsdp_error": fsdp.get("error")})
     claims["protocol_gpu_hours"] = protocol_hours(claims, locate)
     write_json(args.out, claims)
     for key in ("kernel_vs_best_unmasked", "kernel_vs_best_masked", "headmap_tokens_per_s", "lora_tokens_per_s",

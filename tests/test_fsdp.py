@@ -1,7 +1,7 @@
 """--fsdp: the frozen model sharded with FSDP2 over torchrun's processes (gloo on CPU, one thread each) gives what one
-process gives, for evaluate, locate and finetune; each rank holds half the weights; two torchrun launchers on this
-host act as two machines; a sharded run stopped by SIGTERM resumes under another number of ranks; bad combinations
-are one line."""
+process gives, for evaluate, locate and finetune, on a tiny random LLaMA and on SmolLM2; each rank holds half the
+weights; two torchrun launchers on this host act as two machines; a sharded run stopped by SIGTERM resumes under
+another number of ranks; bad combinations are one line."""
 import json
 import os
 import signal
@@ -27,7 +27,7 @@ def check_sharding(record: dict, world: int = 2) -> None:
 def test_evaluate_locate_and_finetune_sharded_equal_one_process(tiny_folder, tmp_path):
     model = ["--model", tiny_folder]
     # harness prompts: multi-token answers, so ranks run different numbers of continuation passes
-    evaluate = ["evaluate.py", *model, "--dataset", "arc_easy,winogrande", "--prompt", "harness", "--limit", "10",
+    evaluate = ["evaluate.py", *model, "--dataset", "arc_easy", "--prompt", "harness", "--limit", "10",
                 "--batch-size", "3", "--log-samples"]
     launch(*evaluate, "--out", str(tmp_path / "e1.json"))
     launch(*evaluate, "--out", str(tmp_path / "e2.json"), "--fsdp", processes=2)
@@ -83,10 +83,11 @@ def check_adapters_and_logs(one, two, steps=4):
     assert a.keys() == b.keys() and diffs.max() < 1e-4 and diffs.mean() < 1e-7, (diffs.max(), diffs.mean())
 
 
-def test_two_launchers_on_this_host_act_as_two_machines(tiny_folder, tmp_path):
-    """torchrun --nnodes 2 twice, c10d rendezvous on localhost: the multi-machine path, not only described."""
-    args = ["evaluate.py", "--model", tiny_folder, "--dataset", "arc_easy", "--prompt", "harness", "--limit", "8",
-            "--batch-size", "3", "--log-samples", "--no-progress"]
+def test_two_launchers_on_this_host_act_as_two_machines_on_the_real_model(smollm2, tmp_path):
+    """torchrun --nnodes 2 twice, c10d rendezvous on localhost: the multi-machine path, not only described; on
+    SmolLM2-135M from the bundled GGUF (de-quantised once, rank 0 reading it; tied embeddings, sharded)."""
+    args = ["evaluate.py", "--dataset", "arc_easy", "--prompt", "harness", "--limit", "6", "--batch-size", "2",
+            "--log-samples", "--no-progress"]
     launch(*args[:-1], "--out", str(tmp_path / "one.json"))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
     port = free_port()
@@ -100,8 +101,9 @@ def test_two_launchers_on_this_host_act_as_two_machines(tiny_folder, tmp_path):
         assert launcher.returncode == 0, err
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     check_sharding(two)
+    assert one["results"]["arc_easy"]["acc"] == two["results"]["arc_easy"]["acc"]
     for x, y in zip(one["results"]["arc_easy"]["samples"], two["results"]["arc_easy"]["samples"]):
-        assert x["scores"] == pytest.approx(y["scores"], abs=1e-5)
+        assert x["scores"] == pytest.approx(y["scores"], abs=1e-4)
 
 
 def test_a_sharded_run_stopped_by_sigterm_resumes_under_another_number_of_ranks(tiny_folder, tmp_path):

@@ -35,6 +35,10 @@ def test_the_one_gpu_script_dry_run_checks_the_kernel_and_writes_every_claim(tmp
     assert {(g["masked"], g["kv_heads"]) for g in got["kernel_grid"]} == {(f, kv) for kv in (4, 2)
                                                                           for f in (0.0, 0.25, 0.5, 0.75)}
     assert got["evaluate_scores_identical"] is True
+    # --fsdp's path: two CPU processes stand in for the machine's GPUs, each holding half the weights
+    assert got["fsdp_world"] == 2 and got["fsdp_step_tokens_per_s"] > 0 and got["fsdp_locate_seconds"] > 0
+    assert all(b <= 0.55 * got["fsdp_sharding"]["full_parameter_bytes"]
+               for b in got["fsdp_sharding"]["local_parameter_bytes"])
     # the ratios are the grid's lowest: recomputed here from the raw rows (no cuDNN on a CPU)
     assert got["kernel_vs_best_unmasked"] == min(r["flash_ms"] / r["kernel_ms"] for r in rows if r["masked"] == 0)
     assert got["kernel_vs_best_masked"] == min(min(r["flash_ms"], r["flex_ms"]) / r["kernel_ms"] for r in rows)
