@@ -75,9 +75,6 @@ def parse_args(argv=None):
     check_at_least(args, 0, "warmup")
     check_positive(args, "lr", "alpha", "scaling")
     check_fsdp(args)
-    if args.fsdp and args.method == "dora":  # DoRA's magnitude reads whole weight rows, which FSDP keeps sharded
-        raise UsageError("--fsdp trains HeadMap and LoRA; DoRA needs each adapted weight whole: drop --fsdp or use "
-                         "--method lora")
     if not 0.0 <= args.dropout < 1.0:  # also refuses nan
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
     hold_output(args.out)  # a live run in --out is named before anything else is said of the folder

@@ -105,8 +105,8 @@ def cannot_load(name: str, folder: str, err: Exception) -> UsageError:
     if "does not recognize this architecture" in str(err):
         import transformers
         return UsageError(f"cannot load model {name!r}: transformers {transformers.__version__} does not know its "
-                          f"model type ({first_line(err)[:120]}); upgrade transformers, or pass --trust-remote-code if the "
-                          "model ships its own code")
+                          f"model type ({first_line(err)[:120]}); upgrade transformers, or pass --trust-remote-code if "
+                          "the model ships its own code")
     hint = "" if os.path.isdir(folder) else " (offline? pass a local folder or a .gguf path)"
     return UsageError(f"cannot load model {name!r}{hint}: {first_line(err)}")
 

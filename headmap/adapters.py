@@ -67,7 +67,9 @@ class LoRA(nn.Module):
         nn.init.zeros_(self.B.weight)
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout)
-        self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1)) if dora else None
+        weight = base.weight.detach()
+        weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight  # FSDP keeps it sharded here
+        self.magnitude = nn.Parameter(weight.float().norm(dim=1)) if dora else None
         self._norm, self._norm_key = None, None
 
     def hook(self, module: nn.Linear, args: tuple, out: torch.Tensor) -> torch.Tensor:
