@@ -125,19 +125,10 @@ def launch(*args, processes=1):
     return result
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(smollm2, tmp_path_factory):
-    """A 2-layer random LLaMA with SmolLM2's tokenizer, saved as a model folder the scripts load."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    _, tokenizer = smollm2
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+@pytest.fixture(scope="session")
+def tiny_folder(tiny_run):
+    """tiny_run's 2-layer random LLaMA (SmolLM2's tokenizer), as the path the scripts take."""
+    return str(tiny_run / "model")
 
 
 def free_port() -> int:
