@@ -238,10 +238,13 @@ def score_continuations(model, tokenizer, examples: list[Example], batch_size: i
     batches = list(prompt_batches(prompts, batch_size))
     pad = pad_id_of(tokenizer)
     values = {}  # batch index -> its continuations' (log-likelihoods, greedy flags), in order
-    # passes of each batch: its prompt pass and its continuation groups (a sharded model has no sliding window: the
-    # window check's extra pass never runs), planned alike on every rank, so all run as many as the busiest
-    passes = [1 + len(continuation_groups(batch, token_budget, next(model.parameters()).device)) for batch in batches]
-    most = max(sum(passes[k::distributed.world()]) for k in range(distributed.world()))
+    most = 0  # a sharded model: the passes of each batch (its prompt pass and its continuation groups; it has no
+    # sliding window, so the window check's extra pass never runs), planned alike on every rank, so that all run
+    # as many as the busiest
+    if distributed.sharded(model):
+        device = next(model.parameters()).device
+        passes = [1 + len(continuation_groups(batch, token_budget, device)) for batch in batches]
+        most = max(sum(passes[k::distributed.world()]) for k in range(distributed.world()))
     with tqdm(total=sum(map(len, distributed.mine(batches))), desc=desc, disable=not progress, leave=False) as bar, \
             distributed.same_passes(model, most):
         for b in distributed.mine(range(len(batches))):

@@ -48,9 +48,9 @@ def batch_loss(model: nn.Module, batch: dict, token_budget: int = 4096, backward
     by_length = sorted(range(len(ids)), key=lambda i: -lengths[i])
     rows = distributed.mine(by_length)
     overhead = pass_overhead_tokens(device)
-    # every rank plans every rank's micro-batches: under FSDP the ranks must run as many passes as the busiest
+    # under FSDP every rank plans every rank's micro-batches: all must run as many passes as the busiest
     most = max(len(length_groups([lengths[r] for r in by_length[k::distributed.world()]], token_budget, overhead))
-               for k in range(distributed.world()))
+               for k in range(distributed.world())) if distributed.sharded(model) else 0
     total = torch.zeros((), dtype=torch.float64, device=device)
     with torch.enable_grad() if backward else torch.no_grad(), distributed.same_passes(model, most, backward):
         for group in length_groups([lengths[r] for r in rows], token_budget, overhead):
