@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
     }
     if args.adapter:
         with refused(f"cannot load adapter {args.adapter} onto {args.model}", "pass its base model with --model"):
-            load_adapter(model, args.adapter).eval()
+            load_adapter(model, args.adapter)
     mask = None
     if circuit is not None:
         layers, heads = layers_and_heads(model)

@@ -12,7 +12,6 @@ every token, batch 16, 2 epochs, AdamW, 100 warm-up steps then linear decay, cli
 lr 1e-3 (HeadMap) or 2e-4 (LoRA, DoRA); the best adapter by validation loss (every --eval-every steps) is kept.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -140,11 +139,10 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
         entry["seconds"] = round(time.time() - start_time, 3)
         if entry.pop("best", False) and main_rank:
             save_adapter(adapter, args.out)
+        log.write(entry)  # before the checkpoint: a resume cuts the log back to the checkpoint's step, never short
         if main_rank and ("val_loss" in entry or entry["step"] % args.checkpoint_every == 0):
             with atomic(os.path.join(args.out, "checkpoint.pt")) as tmp:
                 torch.save({**checkpoint(), "seconds": entry["seconds"]}, tmp)
-        log.write(json.dumps(entry) + "\n")
-        log.flush()
         on_step(entry["step"])
 
     try:

@@ -160,10 +160,11 @@ def main(argv=None):
     svg = os.path.splitext(args.out)[0] + ".svg"
     hold_output(args.out)  # and so its heat map and progress file: a second run on them is refused
     check_writable(args.out, args.overwrite or args.resume)  # --resume: this run's own files, as finetune's
-    check_writable(svg, args.overwrite or args.resume)
+    check_writable(svg, args.overwrite or args.resume, "the heat map of --out")
+    progress_path = args.out + ".progress.json"
+    check_writable(progress_path, True, "the progress file of --out")
     if args.overwrite or args.resume:
         check_inputs_kept({"--out": args.out, "the heat map of --out": svg}, input_paths(args))
-    progress_path = args.out + ".progress.json"
     examples = task.examples(split, args.pool)
     if args.samples > len(examples):
         more = f" or a --pool above {args.pool}" if args.pool == len(examples) else ""

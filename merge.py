@@ -44,6 +44,8 @@ def parse_args(argv=None):
     return args
 
 
+CHECKPOINT_FILES = (".json", ".safetensors", ".model", ".txt", ".jinja")  # what save_pretrained writes: the
+# config, weights (one file or shards and their index), tokenizer, chat template
 MARKER = "merge.json"  # what merge.py writes beside the checkpoint: its files, the adapter and the base model
 
 
@@ -59,6 +61,11 @@ def check_out(out: str, adapter: str, overwrite: bool) -> None:
                              "; pass a new folder for the merged checkpoint")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; pass a folder")
+    clash = sorted(name for name in (os.listdir(out) if os.path.isdir(out) else [])
+                   if name.endswith(CHECKPOINT_FILES) and os.path.isdir(os.path.join(out, name)))
+    if clash:  # --overwrite writes the checkpoint's files one by one into the user's folder: not over a folder
+        raise UsageError(f"--out {out} holds a folder {clash[0]}, where the checkpoint writes a file of that name; "
+                         "move it away, or pass a new folder")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         ours = own_files(out)
         others = sorted(set(os.listdir(out)) - set(ours or []))

@@ -82,6 +82,10 @@ def heat_map_data(result, view="marginal"):
     """The matrix to shade, its scale's label, the circuit's cells and the title, from locate.py's result; `view`
     is marginal (each head's own effect), cumulative or per-layer."""
     loss, samples = result["loss_matrix"], len(result["sample_indices"])
+    if view == "marginal" and "circuit_below_loss" not in result:  # each head's own effect needs it: draw what is there
+        print("note: this heads.json has no circuit_below_loss (an older locate.py wrote it), so each head's own "
+              "effect is unknown; drawing --cumulative", file=sys.stderr)
+        view = "cumulative"
     if view == "per-layer":
         values = [[(v - min(row)) / (max(row) - min(row)) if max(row) > min(row) else 0.0 for v in row]
                   for row in loss]
@@ -90,9 +94,6 @@ def heat_map_data(result, view="marginal"):
         values = [[(v - result["unmasked_loss"]) / samples for v in row] for row in loss]
         scale = "loss increase over the unmasked model (nats per sample)"
     else:
-        if "circuit_below_loss" not in result:
-            raise UsageError("this heads.json has no circuit_below_loss (an older locate.py wrote it), so each "
-                             "head's own effect is unknown; pass --cumulative or --per-layer")
         values = [[(v - below) / samples for v in row] for row, below in zip(loss, result["circuit_below_loss"])]
         scale = "loss increase from the head alone, over the circuit below (nats per sample)"
     circuit = head_set(result)

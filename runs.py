@@ -28,9 +28,12 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=1)
 
 
-def check_writable(path: str, overwrite: bool) -> None:
+def check_writable(path: str, overwrite: bool, what: str = "--out") -> None:
     """Fail before a long run, not after it: an output file that exists is kept unless the user passed --overwrite
-    (nothing of theirs is replaced without their flag), and one that cannot be written is named."""
+    (nothing of theirs is replaced without their flag), a folder where the file goes is refused either way, and a
+    path that cannot be written is named. `what` names the output in the message."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a folder, where a file is written; pass a file's path")
     if os.path.exists(path) and not overwrite:
         raise UsageError(f"{path} exists; pass --overwrite to replace it, or another --out")
     folder = os.path.dirname(os.path.abspath(path)) or "."
@@ -70,6 +73,11 @@ def input_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
                     if d]
 
 
+# what finetune.py writes into its --out folder
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "headmap.json", "README.md", "training.json",
+             "before.json", "log.jsonl", "checkpoint.pt", "curves.svg")
+
+
 def check_run_folder(out: str, resume: bool, overwrite: bool, inputs: list[tuple[str, str]]) -> None:
     """A run's --out folder: a new or empty one, or one holding a run that --resume continues or --overwrite
     replaces (nothing of the user's is replaced without their flag; none of the run's `inputs` may lie in a folder
@@ -78,6 +86,10 @@ def check_run_folder(out: str, resume: bool, overwrite: bool, inputs: list[tuple
         raise UsageError("--resume continues the run in --out and --overwrite starts a new one; pass one of them")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; pass a folder")
+    for name in RUN_FILES:
+        if os.path.isdir(os.path.join(out, name)):
+            raise UsageError(f"--out {out} holds a folder {name}, where the run writes its file {name}; move it "
+                             "away, or pass another --out")
     if os.path.isdir(out) and os.listdir(out) and not (resume or overwrite):
         raise UsageError(f"--out {out} holds files already (a run?); pass --resume to continue that run, "
                          "--overwrite to start a new one in it, or another --out")
@@ -107,21 +119,53 @@ def read_checkpoint(out: str) -> dict | None:
     return ckpt
 
 
-def open_log(out: str, step: int, main_rank: bool):
-    """log.jsonl, for appending: on resume cut back to the checkpoint's step (the steps after it run again)."""
+class RunLog:
+    """log.jsonl, appended one line a step. A line the disk has no room for is taken back whole (the file is cut
+    to where it was) and raised as NoSpaceError: the log never holds half a line."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666) if path else None
+
+    def write(self, entry: dict) -> None:
+        if self.fd is None:
+            return
+        from headmap.files import space_for
+        line = memoryview((json.dumps(entry) + "\n").encode())
+        end = os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            with space_for(self.path, self.path, len(line)):
+                while line:  # a write may take only part of the line (a file-size limit reached mid-line)
+                    line = line[os.write(self.fd, line):]
+        except OSError:
+            os.ftruncate(self.fd, end)
+            raise
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def open_log(out: str, step: int, main_rank: bool) -> RunLog:
+    """log.jsonl, for appending: on resume cut back to the checkpoint's step (the steps after it run again; a line
+    a killed run left half-written is among them)."""
     path = os.path.join(out, "log.jsonl")
     if not main_rank:
-        return open(os.devnull, "a")
+        return RunLog(None)
     kept = []
     if step and os.path.exists(path):
         def steps_so_far(p):
             with open(p, encoding="utf-8") as f:
-                return [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+                lines = [line for line in f if line.strip()]
+            if lines and not lines[-1].endswith("\n"):
+                lines.pop()  # torn by a kill mid-write: a step after the checkpoint's
+            return [line for line in lines if json.loads(line)["step"] <= step]
         kept = read_checked(path, "training log", steps_so_far, "delete it and checkpoint.pt to start over")
     from headmap.files import atomic
     with atomic(path) as tmp, open(tmp, "w") as f:
         f.writelines(kept)
-    return open(path, "a")
+    return RunLog(path)
 
 
 _held = {}  # path -> the open lock file, held until the process ends

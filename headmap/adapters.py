@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -53,20 +54,26 @@ class HeadMap(nn.Module):
 
 
 class LoRA(nn.Module):
-    """y = W0 x + b + s B A drop(x), s = alpha / r: PEFT's LoRA. With dora=True, DoRA (Liu et al. 2024) as its
-    reference code and PEFT compute it:
+    """y = W0 x + b + s (B A drop(x) + b_B), s = alpha / r (alpha / sqrt(r) with rslora): PEFT's LoRA, b_B only with
+    its lora_bias. With dora=True, DoRA (Liu et al. 2024) as its reference code and PEFT compute it:
         y = W0 x + b + (m/n - 1) W0 drop(x) + (m/n) s B A drop(x),   n = ||W0 + s B A|| per output row,
     n detached from the graph (DoRA section 4.3) and m initialised to ||W0||. Without dropout (or in eval mode) this
-    is m/n (W0 x + s B A x) + b, the merged weight's output."""
+    is m/n (W0 x + s B A x) + b, the merged weight's output.
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, dora: bool):
+    Dropout follows the adapted layer's training flag, not this module's: model.train() and model.eval() reach it as
+    they reach the model's own dropout (Adapter.train sets the adapted layers' flags too)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, dora: bool, rslora: bool = False,
+                 bias: bool = False):
         super().__init__()
         self.A = nn.Linear(base.in_features, rank, bias=False)
         nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
-        self.B = nn.Linear(rank, base.out_features, bias=False)
+        self.B = nn.Linear(rank, base.out_features, bias=bias)
         nn.init.zeros_(self.B.weight)
-        self.scaling = alpha / rank
-        self.dropout = nn.Dropout(dropout)
+        if bias:
+            nn.init.zeros_(self.B.bias)
+        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
+        self.dropout = dropout
         weight = base.weight.detach()
         weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight  # FSDP keeps it sharded here
         self.magnitude = nn.Parameter(weight.float().norm(dim=1)) if dora else None
@@ -74,12 +81,13 @@ class LoRA(nn.Module):
 
     def hook(self, module: nn.Linear, args: tuple, out: torch.Tensor) -> torch.Tensor:
         """Forward hook of the adapted linear layer: its output (..., out_features) with the low-rank update added."""
-        x = self.dropout(args[0].to(self.A.weight.dtype))
+        dropping = module.training and self.dropout > 0
+        x = F.dropout(args[0].to(self.A.weight.dtype), self.dropout, training=dropping)
         lora = self.B(self.A(x))
         if self.magnitude is None:
             return out + (lora * self.scaling).to(out.dtype)
         scale = self.magnitude / self.weight_norm(module)
-        if self.training and self.dropout.p > 0:  # W0 sees the same dropped-out input as the low-rank path
+        if dropping:  # W0 sees the same dropped-out input as the low-rank path
             base = F.linear(x, module.weight.to(x.dtype)).float()
         else:  # no dropout: W0 x is the base output less its bias, no second matmul needed
             base = out.float() - (0.0 if module.bias is None else module.bias.float())
@@ -112,6 +120,16 @@ class Adapter(nn.Module):
         self.sites = nn.ModuleDict()
         self.targets = {}  # HeadMap: site -> the module name of the o_proj it maps into (PEFT's target_modules)
         self._handles = []
+        self._adapted = []  # the model's linear layers whose forward hooks are LoRA sites (their training flag)
+
+    def train(self, mode: bool = True) -> "Adapter":
+        """Training or eval mode for the adapter and the flag of each layer it adapts, which LoRA's dropout reads:
+        adapter.train() turns dropout on without waking the rest of the model (its own dropout stays off), and
+        model.train() / model.eval() reach the adapter as they reach the model's own modules."""
+        super().train(mode)
+        for module in self._adapted:
+            module.training = mode
+        return self
 
     def remove(self) -> None:
         """Unhook every site: the model computes as the base model again (the adapter's weights stay here)."""
@@ -228,42 +246,106 @@ def attach_lora(model: nn.Module, rank: int = 32, alpha: float = 64, dropout: fl
     found = lora_targets(model, targets)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
               "target_modules": found, "use_dora": dora, "bias": "none"}
-    adapter = Adapter("dora" if dora else "lora", config)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in found:
-            lora = LoRA(module, rank, alpha, dropout, dora).to(module.weight.device)
-            adapter.sites[name.replace(".", "/")] = lora
-            adapter._handles.append(module.register_forward_hook(lora.hook))
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in found]
+    return _attach_sites(model, Adapter("dora" if dora else "lora", config), {name: (rank, alpha) for name in names},
+                         dropout, dora)
+
+
+def _attach_sites(model: nn.Module, adapter: Adapter, sites: dict[str, tuple[int, float]], dropout: float,
+                  dora: bool, rslora: bool = False, bias: bool = False) -> Adapter:
+    """Hook a LoRA of (r, alpha) onto each named linear layer of `model`; `adapter` holds them."""
+    modules = dict(model.named_modules())
+    for name, (rank, alpha) in sites.items():
+        module = modules[name]
+        lora = LoRA(module, rank, alpha, dropout, dora, rslora, bias).to(module.weight.device)
+        adapter.sites[name.replace(".", "/")] = lora
+        adapter._handles.append(module.register_forward_hook(lora.hook))
+        adapter._adapted.append(module)
     adapter.claim(model)
     return adapter
 
 
 # ---------------------------------------------------------------- files: adapter_config.json + adapter_model.safetensors
 
-# PEFT options that do not change what a trained LoRA computes (metadata, or how its weights were initialised)
+# PEFT options that do not change what a trained LoRA computes (metadata, how its weights were initialised, or
+# fan_in_fan_out, which PEFT turns off for the nn.Linear layers that are all this loader adapts)
 PEFT_INERT = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
               "auto_mapping", "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-              "megatron_core", "qalora_group_size"}
-PEFT_HONOURED = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_dora"}
+              "megatron_core", "qalora_group_size", "runtime_config", "fan_in_fan_out", "ensure_weight_tying"}
+# ... and those that are LoRA arithmetic, computed here as PEFT computes them (peft_lora_sites)
+PEFT_HONOURED = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
+                 "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "lora_bias", "use_dora", "bias"}
 
 
 def _peft_key(site: str, ours: str) -> str:
     """Our state-dict key of a LoRA site -> PEFT's saved key (base_model.model.<module>.lora_A.weight ...)."""
-    part = {"A.weight": "lora_A.weight", "B.weight": "lora_B.weight", "magnitude": "lora_magnitude_vector"}[ours]
+    part = {"A.weight": "lora_A.weight", "B.weight": "lora_B.weight", "B.bias": "lora_B.bias",
+            "magnitude": "lora_magnitude_vector"}[ours]
     return f"base_model.model.{site.replace('/', '.')}.{part}"
 
 
-def _lora_arguments(config: dict) -> dict:
-    """attach_lora's arguments from a PEFT LoraConfig; any option that would change the computation is refused."""
-    if config["peft_type"] != "LORA":
-        raise ValueError(f"PEFT type {config['peft_type']} is not supported; only LORA (with or without DoRA)")
+def _matches(names, key: str) -> bool:
+    """PEFT's rule for target_modules and exclude_modules: a string is a regular expression the whole module name
+    must match; a list matches a name equal to an item or ending in "." + item."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return key in names or any(key.endswith("." + name) for name in names)
+
+
+def _layer_index(key: str, layers_pattern) -> int | None:
+    """The layer number in a module name, as PEFT reads it for layers_to_transform: the first number after
+    layers_pattern (any name where it is empty)."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    for pattern in patterns or [None]:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\." if pattern is None else rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.",
+                         key)
+        if found:
+            return int(found["idx"])
+    return None
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    """rank_pattern / alpha_pattern: the value of the first pattern that ends the module name, as PEFT picks it."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def peft_lora_sites(model: nn.Module, config: dict) -> dict[str, tuple[int, float]]:
+    """{module name: (r, lora_alpha)} of the layers a PEFT LoraConfig adapts in `model`, chosen as PEFT chooses them
+    (target_modules, exclude_modules, layers_to_transform with layers_pattern, rank_pattern, alpha_pattern). An
+    option that is not LoRA arithmetic, or a target that is not a linear layer, is refused (ValueError)."""
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"PEFT type {config.get('peft_type')} is not supported; only LORA (with or without DoRA)")
     for key, value in config.items():
         if key not in PEFT_INERT | PEFT_HONOURED and value not in (None, False, "none", {}, []):
-            raise ValueError(f"PEFT option {key}={value!r} is not supported here; load this adapter with PEFT")
-    if not isinstance(config.get("target_modules"), list):
-        raise ValueError(f"target_modules must be a list of module names, got {config.get('target_modules')!r}")
-    return dict(rank=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                dora=bool(config.get("use_dora")), targets=tuple(config["target_modules"]))
+            raise ValueError(f"PEFT option {key}={value!r} is not LoRA arithmetic on linear layers, so it is not "
+                             "supported here; load this adapter with PEFT")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"PEFT option bias={config['bias']!r} trains the model's own biases, which this loader does "
+                         "not replace; load this adapter with PEFT")
+    if config.get("use_dora") and config.get("lora_bias"):
+        raise ValueError("PEFT options use_dora and lora_bias together are not supported (nor by PEFT)")
+    targets, layers = config.get("target_modules"), config.get("layers_to_transform")
+    if not targets or not isinstance(targets, (str, list)):
+        raise ValueError(f"target_modules must be a regular expression or a list of module names, got {targets!r}")
+    layers = [layers] if isinstance(layers, int) else layers
+    sites = {}
+    for name, module in model.named_modules():
+        if not name or not _matches(targets, name) or _matches(config.get("exclude_modules") or [], name):
+            continue
+        if layers and not isinstance(targets, str) and _layer_index(name, config.get("layers_pattern")) not in layers:
+            continue  # PEFT applies layers_to_transform to a list of targets only
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"its target_modules match {name}, a {type(module).__name__}: LoRA is supported here on "
+                             "linear layers only; load this adapter with PEFT")
+        sites[name] = (_pattern_value(config.get("rank_pattern") or {}, name, config["r"]),
+                       _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
+    if not sites:
+        raise ValueError(f"its target_modules {targets!r} match no linear layer of {type(model).__name__}")
+    return sites
 
 
 HEADMAP_FILE = "headmap.json"  # beside PEFT's two files: what HeadMap adds (method, variant, circuit), where PEFT
@@ -347,7 +429,7 @@ def load_adapter(model: nn.Module, folder: str) -> Adapter:
             LoRA/DoRA folder.
 
     Returns:
-        The Adapter, attached. A HeadMap adapter read from its LoRA form computes the same map with b_down = 0 and
+        The Adapter, attached, in eval mode (no dropout). A HeadMap adapter read from its LoRA form computes the same map with b_down = 0 and
         b_up = b_B (the saved form keeps only their sum through W_up).
     """
     from safetensors.torch import load_file
@@ -359,7 +441,11 @@ def load_adapter(model: nn.Module, folder: str) -> Adapter:
             circuit = {int(k): v for k, v in described["heads"].items()}
             adapter = attach_headmap(model, circuit, described["rank"], described["scaling"], described["variant"])
         elif "peft_type" in config:
-            adapter = attach_lora(model, **_lora_arguments(config))
+            check_unadapted(model)
+            method = "dora" if config.get("use_dora") else "lora"
+            adapter = _attach_sites(model, Adapter(method, config), peft_lora_sites(model, config),
+                                    config.get("lora_dropout", 0.0), bool(config.get("use_dora")),
+                                    bool(config.get("use_rslora")), bool(config.get("lora_bias")))
         else:
             raise ValueError("adapter_config.json is neither a HeadMap adapter nor a PEFT LoRA/DoRA adapter")
     except (KeyError, TypeError) as err:
@@ -378,7 +464,7 @@ def load_adapter(model: nn.Module, folder: str) -> Adapter:
         adapter.remove()
         raise ValueError(f"its weights do not fit {type(model).__name__} ({' '.join(str(err).split())[:300]})") from None
     adapter.config = config if meta is None else {k: v for k, v in meta.items() if k != "saved_as"}
-    return adapter
+    return adapter.eval()  # ready to score, as PEFT's from_pretrained: adapter.train() (or model.train()) to train
 
 
 def _read_json(path: str) -> dict | None:
@@ -443,7 +529,7 @@ def merge_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
             if adapter.config["variant"] != "mha":
                 raise ValueError("a HeadMap HS adapter cannot be merged: its map reads the heads' outputs but adds to "
                                  "the layer's output after the MLP, which no weight of the layer computes")
-            merged = _with_o_proj_bias(model)
+            merged = _with_biases(model, list(adapter.targets.values()))
             attn = attention_modules(merged)
             for layer, hm in adapter.sites.items():
                 o_proj = attn[int(layer)].o_proj
@@ -451,33 +537,46 @@ def merge_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
                 o_proj.weight[:, hm.cols] += (hm.scaling * up @ down).to(o_proj.weight.dtype)
                 o_proj.bias += (hm.scaling * (up @ hm.down.bias.double() + hm.up.bias.double())).to(o_proj.bias.dtype)
         else:
-            merged, modules = model, dict(model.named_modules())
+            biased = [site.replace("/", ".") for site, lora in adapter.sites.items() if lora.B.bias is not None]
+            merged = _with_biases(model, biased)
+            modules = dict(merged.named_modules())
             for site, lora in adapter.sites.items():
                 module = modules[site.replace("/", ".")]
                 weight = lora.merged_weight(module)
                 if lora.magnitude is not None:
                     weight = lora.magnitude[:, None] * weight / weight.norm(dim=1, keepdim=True)
                 module.weight.copy_(weight.to(module.weight.dtype))
+                if lora.B.bias is not None:  # PEFT's lora_bias: scaled with the update, added to the layer's bias
+                    module.bias += (lora.scaling * lora.B.bias.double()).to(module.bias.dtype)
     adapter.remove()
     return merged
 
 
-def _with_o_proj_bias(model: nn.Module) -> nn.Module:
-    """`model` itself if every o_proj has a bias, else a copy built with config.attention_bias = True."""
-    if all(m.o_proj.bias is not None for m in attention_modules(model)):
+def _with_biases(model: nn.Module, names: list[str]) -> nn.Module:
+    """`model` itself if each of the named linear layers has a bias, else a copy built with the config's switches
+    that give them one (attention_bias for the attention projections, mlp_bias for the others), new biases zero."""
+    modules = dict(model.named_modules())
+    if all(modules[name].bias is not None for name in names):
         return model
-    if not hasattr(model.config, "attention_bias"):
-        raise ValueError(f"{model.config.model_type}: o_proj has no bias and the config has no attention_bias switch "
-                         "to add one, so HeadMap's bias cannot be merged; use the adapter with its hooks instead")
+    in_attention = {name for attn in attention_modules(model) for name, m in modules.items()
+                    if any(m is sub for sub in attn.modules())}
+    switches = {"attention_bias" if name in in_attention else "mlp_bias" for name in names
+                if modules[name].bias is None}
     config = copy.deepcopy(model.config)
-    config.attention_bias = True
+    for switch in sorted(switches):
+        if not hasattr(config, switch):
+            raise ValueError(f"{config.model_type}: the adapter adds a bias to a layer that has none and the config has "
+                             f"no {switch} switch to give it one, so it cannot be merged; use the adapter with its hooks "
+                             "instead")
+        setattr(config, switch, True)
     param = next(model.parameters())
     merged = type(model)(config).to(device=param.device, dtype=param.dtype).eval()
     missing, unexpected = merged.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or not all(k.endswith("_proj.bias") for k in missing) or \
-            any(m.o_proj.bias is None for m in attention_modules(merged)):
-        raise ValueError(f"{model.config.model_type}: attention_bias=True does not just add attention biases, so "
-                         "HeadMap cannot be merged into it; use the adapter with its hooks instead")
+    merged_modules = dict(merged.named_modules())
+    if unexpected or not all(k.endswith(".bias") for k in missing) or \
+            any(merged_modules[name].bias is None for name in names):
+        raise ValueError(f"{config.model_type}: {' and '.join(sorted(switches))}=True does not just add biases, so the "
+                         "adapter cannot be merged into it; use the adapter with its hooks instead")
     with torch.no_grad():
         for key in missing:
             merged.get_parameter(key).zero_()

@@ -8,11 +8,12 @@ from contextlib import contextmanager
 
 
 class NoSpaceError(OSError):
-    """The disk has no room for an output: the message says how much it needed (or had written when the disk filled
-    up) and how much was free. Nothing of the output is left behind."""
+    """An output did not fit: the disk is full (ENOSPC), the user's quota is used up (EDQUOT), or the file would pass
+    the process's file-size limit (EFBIG, `ulimit -f`). The message names the file, the reason, what it needed and
+    that nothing earlier was changed. Nothing of the output is left behind."""
 
-    def __init__(self, message: str):
-        super().__init__(errno.ENOSPC, message)
+    def __init__(self, message: str, code: int = errno.ENOSPC):
+        super().__init__(code, message)
 
     def __str__(self) -> str:
         return self.strerror
@@ -23,8 +24,8 @@ def atomic(path: str, folder: bool = False, size: int | None = None):
     """Yield a temporary file (or, with folder=True, an empty folder) beside `path` that takes its place when the
     block finishes: a crash mid-write leaves the previous file or folder, never half of one. A folder replaces a
     missing or empty one by a rename, an existing one by an exchange in one step (its old contents are deleted).
-    `size`, the bytes the block will write where known, is checked against the free space first; a full disk
-    raises NoSpaceError."""
+    `size`, the bytes the block will write where known, is checked against the free space first; a write that does
+    not fit raises NoSpaceError."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     if folder:
@@ -35,15 +36,15 @@ def atomic(path: str, folder: bool = False, size: int | None = None):
     try:
         with space_for(path, tmp, size):
             yield tmp
-        # mkstemp and mkdtemp make their results private, and so do some writers inside a folder (safetensors):
-        # an output reads like any other file the user writes (a colleague on the cluster reads the checkpoint)
-        readable(tmp)
-        if folder and os.path.isdir(path) and os.listdir(path):
-            _exchange(tmp, path)  # tmp now holds the old folder, deleted below
-        else:
-            if folder and os.path.isdir(path):
-                os.rmdir(path)
-            os.replace(tmp, path)
+            # mkstemp and mkdtemp make their results private, and so do some writers inside a folder (safetensors):
+            # an output reads like any other file the user writes (a colleague on the cluster reads the checkpoint)
+            readable(tmp)
+            if folder and os.path.isdir(path) and os.listdir(path):
+                _exchange(tmp, path)  # tmp now holds the old folder, deleted below
+            else:
+                if folder and os.path.isdir(path):
+                    os.rmdir(path)
+                os.replace(tmp, path)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -53,28 +54,77 @@ def atomic(path: str, folder: bool = False, size: int | None = None):
 
 @contextmanager
 def space_for(path: str, tmp: str, size: int | None = None):
-    """Around the writing of `path` into `tmp` (a file or folder beside it): with `size`, the bytes it will take,
-    refuse at once where the disk has less free; a write that fills the disk raises NoSpaceError saying so."""
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free
+    """Around the writing of `path` into `tmp` (a file or folder beside it, or `path` itself for a file appended
+    to): with `size`, the bytes it will take, refuse at once where the disk has less free; a write that does not fit
+    (a full disk, a used-up quota, the file-size limit) raises NoSpaceError saying which."""
+    folder = os.path.dirname(os.path.abspath(tmp))
+    free = shutil.disk_usage(folder).free
     if size is not None and size > free:
-        raise NoSpaceError(f"no space for {path}: it needs about {_mb(size)}, the disk has {_mb(free)} free; free "
-                           "some space or write it elsewhere")
+        raise NoSpaceError(f"no space for {path}: it needs about {_mb(size)}, the disk has {_mb(free)} free; nothing "
+                           "was written; free some space or write it elsewhere")
     try:
         yield
     except Exception as err:
-        if not disk_full(err, os.path.dirname(os.path.abspath(tmp))):
+        reason = no_room(err, tmp)
+        if reason is None:
             raise
-        needed = f"about {_mb(size)}" if size else f"more than the {_mb(_bytes_in(tmp))} written before it filled up"
-        raise NoSpaceError(f"no space left on the disk of {path}: it needs {needed}, the disk had {_mb(free)} free; "
-                           "free some space or write it elsewhere") from err
+        needed = f"about {_mb(size)}" if size else f"more than the {_mb(_bytes_in(tmp))} written before it failed"
+        if reason == errno.EFBIG:
+            limit = _size_limit()
+            what = "file too large"
+            why = (f"it would pass this process's file-size limit (ulimit -f) of {_mb(limit)}" if limit is not None
+                   else "it is larger than the file system allows")
+            fix = "raise the limit or write it elsewhere"
+        elif reason == errno.EDQUOT:
+            what, why, fix = "quota exceeded", "your disk quota is used up", "free some space or ask for a larger quota"
+        else:
+            what, why, fix = "no space left", f"the disk had {_mb(free)} free", "free some space or write it elsewhere"
+        raise NoSpaceError(f"{what} writing {path}: it needs {needed}, {why}; nothing earlier was changed; {fix}",
+                           reason) from err
 
 
-def disk_full(err: BaseException, folder: str) -> bool:
-    """Whether a write failed for want of space: ENOSPC or EDQUOT, or a writer that reports it in words only
-    (safetensors: "No space left on device"; torch.save: "file write failed") on a disk with under 1 MiB left."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return "No space left on device" in str(err) or shutil.disk_usage(folder).free < 2 ** 20
+# how writers that do not raise an OSError say why a write failed: (safetensors: "No space left on device (os error
+# 28)"; torch.save: "unexpected pos ... vs ..." or "file write failed", with no reason at all)
+_REASONS = {errno.ENOSPC: ("No space left on device", "os error 28"),
+            errno.EFBIG: ("File too large", "os error 27"),
+            errno.EDQUOT: ("Disk quota exceeded", "os error 122")}
+_SILENT_WRITE_FAILURES = ("unexpected pos", "file write failed")
+
+
+def no_room(err: BaseException, tmp: str) -> int | None:
+    """Why a write into `tmp` failed for want of room (errno.ENOSPC, EFBIG or EDQUOT), or None where it failed for
+    another reason. An OSError says it by its errno, safetensors in words; torch.save says only that the write
+    failed, so the file-size limit and the free space tell which."""
+    if isinstance(err, OSError) and err.errno in _REASONS:
+        return err.errno
+    text = str(err)
+    for code, words in _REASONS.items():
+        if any(w in text for w in words):
+            return code
+    limit, folder = _size_limit(), os.path.dirname(os.path.abspath(tmp))
+    silent = any(w in text for w in _SILENT_WRITE_FAILURES)
+    if (silent or isinstance(err, OSError)) and limit is not None and _largest_file(tmp) >= limit - 2 ** 16:
+        return errno.EFBIG
+    if shutil.disk_usage(folder).free < 2 ** 20:
+        return errno.ENOSPC
+    return errno.EDQUOT if silent else None  # a short write with room on the disk and under the limit: a quota
+
+
+def _size_limit() -> int | None:
+    """The process's file-size limit (RLIMIT_FSIZE) in bytes, None where there is none."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _largest_file(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    sizes = [os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files]
+    return max(sizes, default=0)
 
 
 def _bytes_in(path: str) -> int:
@@ -84,7 +134,7 @@ def _bytes_in(path: str) -> int:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2 ** 20:,.1f} MB" if n >= 2 ** 20 else f"{n / 2 ** 10:,.0f} KB"
+    return f"{n / 2 ** 20:,.1f} MB" if n >= 2 ** 20 else f"{n / 2 ** 10:,.0f} KB" if n >= 2 ** 10 else f"{n} bytes"
 
 
 def readable(path: str) -> None:

@@ -139,7 +139,7 @@ def test_merge_onto_a_full_disk_says_how_much_it_needs(tiny_run, tmp_path):
                                                "DISK/merged"])
     assert_usage_error(done, f"no space for {tmp_path / 'disk' / 'merged'}: it needs about ")
     # 256 KB less the page that merge's claim on --out (a lock file beside it) holds
-    assert re.search(r"the disk has 25\d KB free; free some space or write it elsewhere", done.stderr)
+    assert re.search(r"the disk has 25\d KB free; nothing was written; free some space or write it elsewhere", done.stderr)
     assert left_on_disk(done) == []  # nothing left on the disk, not even a temporary folder
 
 
@@ -155,6 +155,6 @@ def test_a_write_that_fills_the_disk_is_one_line_and_leaves_nothing_half_written
                                                          for s in range(1, 3000)))
         args[2] = str(run_dir)
     done = run_on_a_small_disk(tmp_path, 64, args, fill_kib=60)
-    assert_usage_error(done, "no space left on the disk of ")
-    assert "written before it filled up, the disk had" in done.stderr
+    assert_usage_error(done, "no space left writing ")
+    assert "written before it failed, the disk had" in done.stderr and "nothing earlier was changed" in done.stderr
     assert left_on_disk(done) == ["mine.bin"]  # the user's file, and nothing half-written beside it

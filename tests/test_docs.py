@@ -71,6 +71,18 @@ def test_every_example_command_parses_and_reads_what_exists(where):
         written += writes(script, args)
 
 
+def test_plots_help_examples_run_on_the_files_that_ship(tmp_path):
+    """plot.py's examples read only files in the repository: they run as printed (the figure written elsewhere)."""
+    examples = blocks()["plot.py --help"]
+    for script, *argv in examples:
+        out = argv.index("--out") + 1
+        argv[out] = str(tmp_path / os.path.basename(argv[out]))
+        done = run(script, *argv)
+        assert done.returncode == 0, f"{script} {' '.join(argv)}: {done.stderr}"
+        assert os.path.getsize(argv[out]) > 0
+    assert len(examples) == 3
+
+
 def test_the_blocks_hold_the_examples_they_should():
     found = blocks()
     assert len(found["README.md bash block 1"]) == 6  # the quick start
