@@ -68,12 +68,12 @@ if __name__ == "__main__":
     run_script(parse_args)  # --help and bad arguments answer at once, before torch and transformers load
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 from cli import refused  # noqa: E402
 from models import load_model, pick_device, start_distributed  # noqa: E402
 from records import check_adapter_weights, open_task_for, read_circuit_file, recorded, settle  # noqa: E402
-from runs import check_inputs_kept, check_writable, hold_output, input_paths, write_json  # noqa: E402
+from runs import (check_inputs_kept, check_writable, hold_output, input_paths, software_versions,  # noqa: E402
+                  write_json)
 from sharding import shard_sizes  # noqa: E402
 from data.scoring import PRIMARY, context_limit, metrics, reported, score_continuations  # noqa: E402
 from data.common import CHOICE  # noqa: E402
@@ -151,8 +151,7 @@ def main(argv=None) -> dict:
         "device_map": args.device_map,
         "trust_remote_code": args.trust_remote_code,
         "data_dir": args.data_dir,
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": software_versions(),
         "sharding": shard_sizes(model),  # --fsdp: the bytes of the weights, in all and on each rank
         "results": {},  # per task: its metrics, their standard errors, its rows
     }

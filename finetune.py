@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="data order, held-out rows, initialisation, dropout")
     p.add_argument("--out", default="runs/adapter", type=user_path, help="folder for adapter, record, log and "
                    "checkpoint")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
+                   "(resume/checkpoint.pt)")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one (its files "
                    "are replaced; other files are kept)")
     return p
@@ -91,9 +92,10 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from cli import refused  # noqa: E402
-from models import hub_id_of, load_model, pick_device, start_distributed  # noqa: E402
+from models import base_weights, hub_id_of, load_model, pick_device, start_distributed  # noqa: E402
 from records import open_task_for, read_circuit_file, read_interrupted_run, recorded, settle  # noqa: E402
-from runs import open_log, read_checkpoint, write_json, write_model_card  # noqa: E402
+from runs import (BEFORE, CHECKPOINT, open_log, read_checkpoint, resume_file, software_versions,  # noqa: E402
+                  write_json, write_model_card)
 from sharding import shard_sizes  # noqa: E402
 from data.scoring import PRIMARY, epoch_batches, lm_batch, pad_id_of, task_metric, training_texts  # noqa: E402
 from data.common import held_out_rows  # noqa: E402
@@ -108,6 +110,10 @@ from plot import curves  # noqa: E402
 
 HYPER_PARAMETERS = ("lr", "batch_size", "token_budget", "epochs", "warmup", "max_steps", "max_length", "train_limit",
                     "eval_every", "val_limit", "val_fraction", "seed")
+
+
+METHOD_SETTINGS = {"headmap": ("variant", "random_heads", "rank", "scaling"), "lora": ("rank", "alpha", "dropout"),
+                   "dora": ("rank", "alpha", "dropout")}  # the options each method reads
 
 
 def total_steps(n_rows, args):
@@ -141,7 +147,7 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
             save_adapter(adapter, args.out)
         log.write(entry)  # before the checkpoint: a resume cuts the log back to the checkpoint's step, never short
         if main_rank and ("val_loss" in entry or entry["step"] % args.checkpoint_every == 0):
-            with atomic(os.path.join(args.out, "checkpoint.pt")) as tmp:
+            with atomic(resume_file(args.out, CHECKPOINT)) as tmp:
                 torch.save({**checkpoint(), "seconds": entry["seconds"]}, tmp)
         on_step(entry["step"])
 
@@ -215,9 +221,10 @@ def main(argv=None):
               f"peaks at {args.lr * steps / max(1, args.warmup):.2e}, not --lr {args.lr:.2e}; pass a smaller --warmup",
               file=sys.stderr)
     # what decides the result (not the checkpoint interval, progress bars or device): --resume must find the same
-    settings = {k: getattr(args, k) for k in ("method", "variant", "random_heads", "dataset", "prompt", "model", "rank",
-                                              "scaling", "alpha", "dropout", *HYPER_PARAMETERS, "eval_limit")}
-    settings["circuit"] = {str(k): v for k, v in sorted(circuit.items())} if args.method == "headmap" else None
+    settings = {k: getattr(args, k) for k in ("method", *METHOD_SETTINGS[args.method], "dataset", "prompt", "model",
+                                              *HYPER_PARAMETERS, "eval_limit")}
+    if args.method == "headmap":
+        settings["circuit"] = {str(k): v for k, v in sorted(circuit.items())}
     start_distributed(pick_device(args.device), args.fsdp)
     recorded_run, ckpt = read_interrupted_run(args.out, args.resume, settings)
 
@@ -239,7 +246,7 @@ def main(argv=None):
                              "accuracy before")
         val_loss_before = batch_loss(model, lm_batch(val_seqs, pad_id), args.token_budget)
         if distributed.rank() == 0:
-            write_json(os.path.join(args.out, "before.json"),
+            write_json(resume_file(args.out, BEFORE),
                        {"accuracy": before, "val_loss": val_loss_before, "settings": settings})
     adapter.train()
     best, steps = train(model, adapter, training_texts(tokenizer, train_examples, args.max_length), val_seqs, pad_id,
@@ -252,6 +259,7 @@ def main(argv=None):
         "method": adapter.method,
         "adapter": adapter.config,
         "base_model": args.model,
+        "base_weights": base_weights(args.model),  # a GGUF file: which one, de-quantised (None: the model as named)
         "trust_remote_code": args.trust_remote_code,
         "dataset": task.name,
         "prompt": task.prompt,
@@ -274,6 +282,7 @@ def main(argv=None):
         "accuracy_before": before,
         "accuracy_after": after,
         "eval_rows": len(eval_examples),
+        "versions": software_versions(),
     }
     if distributed.rank() == 0:
         save_adapter(adapter, args.out)

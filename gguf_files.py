@@ -108,6 +108,40 @@ def convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_model(model, os.path.join(tmp, "model.safetensors"))  # save_model handles the tied embedding
+        write_source(Path(tmp), os.path.join(folder, gguf_file))
+
+
+SOURCE = "source.json"  # in a conversion's cache folder: the GGUF file it came from
+
+
+def write_source(cached: Path, gguf_path: str) -> dict:
+    """What a de-quantised copy was made from (the GGUF file's path, size, quantisation and sha256), kept beside it so
+    that a run records the weights it actually trained on without hashing the file again."""
+    import json
+
+    from gguf import GGUFReader
+
+    from headmap.files import atomic
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as f:
+        for block in iter(lambda: f.read(2 ** 22), b""):
+            digest.update(block)
+    kinds = sorted({t.tensor_type.name for t in GGUFReader(gguf_path).tensors} - {"F32", "F16", "BF16"})
+    source = {"gguf_file": os.path.abspath(gguf_path), "bytes": os.path.getsize(gguf_path),
+              "sha256": digest.hexdigest(), "quantisation": "+".join(kinds) or "none", "dequantised_to": "float32"}
+    with atomic(str(cached / SOURCE)) as tmp, open(tmp, "w") as f:
+        json.dump(source, f, indent=1)
+    return source
+
+
+def read_source(cached: Path, gguf_path: str) -> dict:
+    """The record write_source kept with a conversion (made now for a cache written before it kept one)."""
+    import json
+    try:
+        with open(cached / SOURCE, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return write_source(cached, gguf_path)
 
 
 @contextmanager

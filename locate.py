@@ -68,11 +68,11 @@ if __name__ == "__main__":
     run_script(parse_args)  # --help and bad arguments answer at once, before torch and transformers load
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 from models import load_model, pick_device, start_distributed  # noqa: E402
 from records import check_same_run, open_task_for  # noqa: E402
-from runs import check_inputs_kept, check_writable, hold_output, input_paths, read_json, write_json  # noqa: E402
+from runs import (check_inputs_kept, check_writable, hold_output, input_paths, read_json,  # noqa: E402
+                  software_versions, write_json)
 from sharding import shard_sizes  # noqa: E402
 from data.scoring import (PRIMARY, answer_samples, baselines, context_limit, metrics,  # noqa: E402
                           score_continuations, task_metric)
@@ -153,6 +153,7 @@ def knows_the_task(v: dict) -> bool:
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
+    begun = time.time()
     args = parse_args(argv)
     task = open_task_for(args.dataset, args)
     split = task.check_split(args.split or task.train_split)
@@ -242,13 +243,15 @@ def main(argv=None):
         "trust_remote_code": args.trust_remote_code,
         "sharding": shard_sizes(model),  # --fsdp: the bytes of the weights, in all and on each rank
         "seconds": round(seconds, 1),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": software_versions(),
     }
     print_heat_map(state["loss_matrix"], circuit)
     if val_examples is not None:
+        validating = time.time()
         v = validate(model, tokenizer, task, val_examples, circuit, args.random_trials, args.seed, args.batch_size,
                      not args.no_progress)
-        result["validation"] = {"split": val_split, "data": val_source, **v}
+        result["validation"] = {"split": val_split, "data": val_source, **v,
+                                "seconds": round(time.time() - validating, 1)}
         commonest = "majority class" if task.kind == CHOICE else "commonest target"
         print(f"\n{v['metric']} on {v['rows']} rows of {val_split}: unmasked {v['unmasked']:.3f} "
               f"(chance {v['chance']:.3f}, {commonest} {v['majority']:.3f}), circuit masked "
@@ -265,7 +268,10 @@ def main(argv=None):
         heat_map(result, svg)
         if os.path.exists(progress_path):
             os.remove(progress_path)
-    print(f"located {sum(map(len, circuit.values()))} heads in {seconds:.1f} s; wrote {args.out} and {svg}")
+    times = f"search {seconds:.1f} s" + (f", validation {result['validation']['seconds']:.1f} s"
+                                         if val_examples is not None else "")
+    print(f"located {sum(map(len, circuit.values()))} heads ({times}; {time.time() - begun:.1f} s in all for this "
+          f"command, loading the model and choosing the samples included); wrote {args.out} and {svg}")
     return result
 
 

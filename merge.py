@@ -44,8 +44,8 @@ def parse_args(argv=None):
     return args
 
 
-CHECKPOINT_FILES = (".json", ".safetensors", ".model", ".txt", ".jinja")  # what save_pretrained writes: the
-# config, weights (one file or shards and their index), tokenizer, chat template
+CHECKPOINT_FILES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".md")  # what save_pretrained writes:
+# the config, weights (one file or shards and their index), tokenizer, chat template; and the card
 MARKER = "merge.json"  # what merge.py writes beside the checkpoint: its files, the adapter and the base model
 
 
@@ -90,6 +90,7 @@ if __name__ == "__main__":
 from cli import refused  # noqa: E402
 from models import load_model  # noqa: E402
 from records import check_adapter_weights, recorded, settle  # noqa: E402
+from runs import read_json, write_merged_card  # noqa: E402
 from headmap.adapters import load_adapter, merge_adapter  # noqa: E402
 from headmap.files import atomic, space_for  # noqa: E402
 
@@ -103,18 +104,22 @@ def main(argv=None):
     with refused(f"cannot merge {args.adapter} into {model_name}"):
         adapter = load_adapter(model, args.adapter)
         merged = merge_adapter(model, adapter)
-    write_checkpoint(merged, tokenizer, args.out, {"adapter": os.path.abspath(args.adapter), "base_model": model_name,
-                                                   "method": adapter.method, "trust_remote_code": args.trust_remote_code})
+    training = os.path.join(args.adapter, "training.json")
+    adapter_record = read_json(training, "adapter record") if os.path.exists(training) else None
+    write_checkpoint(merged, tokenizer, args.out, {"adapter": args.adapter, "base_model": model_name,
+                                                   "method": adapter.method, "trust_remote_code": args.trust_remote_code},
+                     adapter_record)
     print(f"merged {adapter.method} from {args.adapter} into {model_name}; wrote {args.out}")
 
 
-def write_checkpoint(model, tokenizer, out: str, record: dict) -> None:
+def write_checkpoint(model, tokenizer, out: str, record: dict, adapter_record: dict | None) -> None:
     """The checkpoint written aside, then moved in whole: a new or empty --out, or a previous merge's, is swapped
     for it in one step (a crash leaves the old checkpoint or the new one, never a mix); a folder of the user's
     (--overwrite) gets its files one by one, each replaced whole, the marker last, its other files kept."""
     def save(folder):
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        write_merged_card(folder, out, record, adapter_record)  # README.md: the model card
         files = sorted(os.listdir(folder))
         with open(os.path.join(folder, MARKER), "w") as f:
             json.dump({**record, "files": files}, f, indent=1)

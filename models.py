@@ -54,6 +54,17 @@ def check_model_folder(folder: str) -> None:
                          "file or a hub id")
 
 
+def base_weights(name: str) -> dict | None:
+    """What the weights of --model `name` are where they are not the hub's or a folder's as they stand: for a GGUF
+    file, the file, its sha256 and quantisation, de-quantised (read from the conversion's cache); else None."""
+    folder, gguf_file = resolve_model(name)
+    if gguf_file is None:
+        return None
+    from gguf_files import read_source
+    with one_at_a_time(f"{gguf_cache_path(folder, gguf_file)}.lock"):
+        return read_source(gguf_cache_path(folder, gguf_file), os.path.join(folder, gguf_file))
+
+
 def hub_id_of(name: str) -> str:
     """What PEFT's AutoPeftModel should load as the base of an adapter trained on --model `name`: the default GGUF
     is the hub model, de-quantised."""

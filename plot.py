@@ -142,16 +142,23 @@ def pyplot():
     return plt
 
 
-def heat_map_figure(values, scale, circuit, title):
+def heat_map_figure(values, scale, circuit, title, signed=True):
+    """Signed effects (a head whose masking lowers the loss is negative) on a diverging map centred on zero, equal
+    reach both ways, so that white is "no effect"; shares in [0, 1] (per-layer) on a sequential one."""
     plt = pyplot()
     from matplotlib.patches import Rectangle
     layers, heads = len(values), len(values[0])
     size = min(0.3, 9 / max(heads, layers))
     fig, ax = plt.subplots(figsize=(max(6.0, heads * size + 2.6), layers * size + 1.8), layout="constrained")
-    image = ax.imshow(values, cmap="viridis", interpolation="nearest", aspect="equal",
-                      vmin=min(map(min, values)), vmax=max(map(max, values)))
+    if signed:
+        reach = max(abs(v) for row in values for v in row) or 1.0
+        limits = {"cmap": "RdBu_r", "vmin": -reach, "vmax": reach}
+    else:
+        limits = {"cmap": "viridis", "vmin": min(map(min, values)), "vmax": max(map(max, values))}
+    image = ax.imshow(values, interpolation="nearest", aspect="equal", **limits)
     for layer, h in circuit:
-        ax.add_patch(Rectangle((h - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="#ff2a2a", linewidth=1.2))
+        ax.add_patch(Rectangle((h - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black" if signed else "#ff2a2a",
+                               linewidth=1.2))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
@@ -186,16 +193,22 @@ def overlap_figure(labels, jaccard, counts, title):
     for i, row in enumerate(jaccard):
         for j, v in enumerate(row):
             left.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
-    left.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    left.set_xticks(range(len(labels)), labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
     left.set_yticks(range(len(labels)), labels, fontsize=8)
-    left.set_title("shared heads (Jaccard index)", fontsize=9)
+    left.set_title("shared heads\n(Jaccard index)", fontsize=9)  # two short lines: the panel may be narrow
     fig.colorbar(image, ax=left, shrink=0.8)
-    held = right.imshow(counts, cmap="magma", vmin=0, vmax=len(labels), aspect="auto", interpolation="nearest")
+    # counts are whole numbers: one colour each, on a colour bar of steps with a tick per count
+    from matplotlib.colors import BoundaryNorm
+    n = len(labels)
+    held = right.imshow(counts, cmap=plt.get_cmap("magma", n + 1), norm=BoundaryNorm([k - 0.5 for k in range(n + 2)],
+                        n + 1), aspect="auto", interpolation="nearest")
     right.set_xlabel("head")
     right.set_ylabel("layer")
-    right.set_title("circuits holding each head", fontsize=9)
-    fig.colorbar(held, ax=right, shrink=0.8).set_label("circuits", fontsize=8)
+    right.set_title("circuits holding\neach head", fontsize=9)
+    bar = fig.colorbar(held, ax=right, shrink=0.8, ticks=range(n + 1))
+    bar.set_label("circuits", fontsize=8)
     fig.suptitle("\n".join(textwrap.wrap(title, 80)), fontsize=10)
+    fig.get_layout_engine().set(w_pad=6 / 72)  # the default 3 points let a tick label touch the canvas's edge
     return fig
 
 
@@ -213,7 +226,7 @@ def save(path, fig) -> None:
 
 
 def heat_map(result, path, view="marginal"):
-    save(path, heat_map_figure(*heat_map_data(result, view)))
+    save(path, heat_map_figure(*heat_map_data(result, view), signed=view != "per-layer"))
 
 
 def overlap(results, path, labels):

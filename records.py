@@ -8,13 +8,16 @@ import sys
 
 from cli import UsageError
 from data.files import read_checked
-from runs import read_checkpoint, read_json
+from runs import BEFORE, adopt_old_layout, read_checkpoint, read_json, resume_file
+
+
+CIRCUIT_FIX = ('pass a heads.json written by locate.py (or the official .pt file): {"knowledge_circuit": {layer: '
+               '{"retain_heads": [head, ...]}}}')  # one wording wherever a circuit file is read (--heads, --mask)
 
 
 def read_circuit_file(path: str) -> dict[int, list[int]]:
     from headmap.circuit import read_circuit
-    return read_checked(path, "circuit file", read_circuit, "pass a heads.json written by locate.py (or the "
-                        'official .pt file): {"knowledge_circuit": {layer: {"retain_heads": [head, ...]}}}')
+    return read_checked(path, "circuit file", read_circuit, CIRCUIT_FIX)
 
 
 def check_adapter_weights(folder: str) -> None:
@@ -47,7 +50,7 @@ def recorded(adapter: str | None = None, circuit: str | None = None) -> dict[str
         sources.append((circuit, "circuit file", {"model": "model", "prompt": "prompt", "dataset": "dataset",
                                                   "split": "split", "data": "data"}))
     for path, what, keys in sources:
-        meta = read_json(path, what)
+        meta = read_json(path, what, *([CIRCUIT_FIX] if what == "circuit file" else []))
         if not isinstance(meta, dict):
             raise UsageError(f"{what} {path} is not a JSON object; fix it or pass another file")
         for setting, key in keys.items():
@@ -86,8 +89,9 @@ def open_task_for(name: str, args: argparse.Namespace, prompt_records: dict | No
 
 def check_same_run(path: str, recorded: dict, given: dict) -> None:
     """--resume continues the run recorded in `path`, not another: every setting that decides the result must be
-    the same; the first difference is refused by name."""
-    for key in sorted(set(recorded) | set(given)):
+    the same; the first difference is refused by name. (A run recorded before may hold settings of other methods
+    too: only the ones this run reads are compared.)"""
+    for key in sorted(given):
         if recorded.get(key) != given.get(key):
             raise UsageError(f"--resume: {key} is {given.get(key)!r} here but {recorded.get(key)!r} in the run recorded "
                              f"in {path}; pass the same options to continue it, or drop --resume (another --out) "
@@ -98,11 +102,12 @@ def read_interrupted_run(out: str, resume: bool, settings: dict) -> tuple[dict |
     """With --resume, finetune.py's interrupted run in `out`: its record (before.json) and checkpoint, read and checked
     on rank 0 before the model loads (another run's settings are refused by name)."""
     from headmap import distributed
-    before_path = os.path.join(out, "before.json")
+    before_path = resume_file(out, BEFORE)
     record = ckpt = None
     if resume and distributed.rank() == 0:
+        adopt_old_layout(out)
         if os.path.exists(before_path):
-            record = read_json(before_path, "run record", "delete it and checkpoint.pt to start over")
+            record = read_json(before_path, "run record", f"delete {os.path.dirname(before_path)} to start over")
             check_same_run(before_path, record.get("settings", settings), settings)
         ckpt = read_checkpoint(out)
     return distributed.from_rank0(record), ckpt

@@ -22,6 +22,15 @@ def read_json(path: str, what: str, fix: str = "fix it or pass another file") ->
     return read_checked(path, what, load, fix)
 
 
+def software_versions() -> dict[str, str]:
+    """The versions a run's record names, so that a number can be traced to the software that produced it."""
+    import platform
+
+    import torch
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def write_json(path: str, obj) -> None:
     from headmap.files import atomic
     with atomic(path) as tmp, open(tmp, "w") as f:
@@ -73,9 +82,27 @@ def input_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
                     if d]
 
 
-# what finetune.py writes into its --out folder
+# finetune.py's --out: at the top what an upload needs (the adapter, its card, its record and log, the curves);
+# what --resume needs lives apart in RESUME_DIR, as Trainer keeps its checkpoint-N folders apart
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "headmap.json", "README.md", "training.json",
-             "before.json", "log.jsonl", "checkpoint.pt", "curves.svg")
+             "log.jsonl", "curves.svg")
+RESUME_DIR = "resume"
+CHECKPOINT, BEFORE = "checkpoint.pt", "before.json"  # in RESUME_DIR: the training state, the base model's numbers
+
+
+def resume_file(out: str, name: str) -> str:
+    """Where the resumable state `name` (CHECKPOINT, BEFORE) of the run in `out` lives."""
+    return os.path.join(out, RESUME_DIR, name)
+
+
+def adopt_old_layout(out: str) -> None:
+    """A run written before the resumable state moved into RESUME_DIR kept it at the top of --out: move it there
+    (the run's own files, renamed, not copied), so that such a run resumes and its folder becomes shareable."""
+    for name in (CHECKPOINT, BEFORE):
+        old = os.path.join(out, name)
+        if os.path.isfile(old) and not os.path.exists(resume_file(out, name)):
+            os.makedirs(os.path.join(out, RESUME_DIR), exist_ok=True)
+            os.replace(old, resume_file(out, name))
 
 
 def check_run_folder(out: str, resume: bool, overwrite: bool, inputs: list[tuple[str, str]]) -> None:
@@ -86,10 +113,13 @@ def check_run_folder(out: str, resume: bool, overwrite: bool, inputs: list[tuple
         raise UsageError("--resume continues the run in --out and --overwrite starts a new one; pass one of them")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; pass a folder")
-    for name in RUN_FILES:
+    for name in RUN_FILES + (os.path.join(RESUME_DIR, CHECKPOINT), os.path.join(RESUME_DIR, BEFORE)):
         if os.path.isdir(os.path.join(out, name)):
             raise UsageError(f"--out {out} holds a folder {name}, where the run writes its file {name}; move it "
                              "away, or pass another --out")
+    if os.path.isfile(os.path.join(out, RESUME_DIR)):
+        raise UsageError(f"--out {out} holds a file {RESUME_DIR}, where the run keeps its resumable state in a folder "
+                         "of that name; move it away, or pass another --out")
     if os.path.isdir(out) and os.listdir(out) and not (resume or overwrite):
         raise UsageError(f"--out {out} holds files already (a run?); pass --resume to continue that run, "
                          "--overwrite to start a new one in it, or another --out")
@@ -100,7 +130,7 @@ def check_run_folder(out: str, resume: bool, overwrite: bool, inputs: list[tuple
 def read_checkpoint(out: str) -> dict | None:
     """The checkpoint of the run in `out` (None where it has none yet), checked: a truncated or foreign file, or one
     holding anything but tensors and plain values, is refused with one line, before any compute."""
-    path = os.path.join(out, "checkpoint.pt")
+    path = resume_file(out, CHECKPOINT)
     if not os.path.exists(path):
         return None
     import pickle
@@ -161,7 +191,7 @@ def open_log(out: str, step: int, main_rank: bool) -> RunLog:
             if lines and not lines[-1].endswith("\n"):
                 lines.pop()  # torn by a kill mid-write: a step after the checkpoint's
             return [line for line in lines if json.loads(line)["step"] <= step]
-        kept = read_checked(path, "training log", steps_so_far, "delete it and checkpoint.pt to start over")
+        kept = read_checked(path, "training log", steps_so_far, f"delete it and {RESUME_DIR}/ to start over")
     from headmap.files import atomic
     with atomic(path) as tmp, open(tmp, "w") as f:
         f.writelines(kept)
@@ -228,9 +258,34 @@ def hold_output(out: str) -> None:
     atexit.register(release)
 
 
+HUB_PLACEHOLDER = "YOUR-NAME/YOUR-REPO"  # the Hub id an upload gets, which the card cannot know
+
+
+def _with_error(share: float, rows: int) -> str:
+    from data.scoring import stderr
+    return f"{share:.3f} ± {stderr(share, rows):.3f}"
+
+
+def _weights_row(record: dict) -> list[tuple[str, str]]:
+    """The card row saying which weights were trained on where they are not the hub's (a de-quantised GGUF file)."""
+    weights = record.get("base_weights")
+    if not weights:
+        return []
+    return [("weights trained on", f"`{os.path.basename(weights['gguf_file'])}` (sha256 `{weights['sha256'][:16]}…`, "
+                                   f"{weights['quantisation']}), de-quantised to {weights['dequantised_to']}: not the "
+                                   "hub's full-precision weights, so scores on those differ a little")]
+
+
+def _write_card(folder: str, front: list[str], body: list[str]) -> None:
+    from headmap.files import atomic
+    with atomic(os.path.join(folder, "README.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(["---", *front, "---", "", *body, ""]))
+
+
 def write_model_card(folder: str, record: dict) -> None:
     """README.md beside an adapter, from its training.json `record`, as PEFT's save_pretrained writes one: YAML front
-    matter for the Hugging Face Hub, what was trained, and how to load it (PEFT, headmap, lm-evaluation-harness)."""
+    matter for the Hugging Face Hub, what was trained (on which weights), its numbers with their standard errors,
+    and how to load it from `folder` as the user named it and, once uploaded, from the Hub."""
     from headmap.adapters import HS_NOT_PEFT
     config, method = record["adapter"], record["method"]
     base = config.get("base_model_name_or_path") or record["base_model"]
@@ -246,52 +301,76 @@ def write_model_card(folder: str, record: dict) -> None:
     else:
         what = (f"{method.upper()} baseline: r = {config['r']}, alpha = {config['lora_alpha']}, on "
                 f"{', '.join(config['target_modules'])}")
-    hp = record["hyper_parameters"]
-    rows = [("method", what), ("base model", f"`{record['base_model']}`"),
-            ("data", f"{record['dataset']} ({record['split']}; prompt style {record['prompt']})"),
-            ("trainable parameters", f"{record['trainable_parameters']:,}"), ("steps", f"{record['steps']:,}"),
-            ("learning rate", f"{hp['lr']:g} (batch {hp['batch_size']}, warm-up {hp['warmup']})"),
-            ("best validation loss", f"{record['best_val_loss']:.4f} at step {record['best_step']} (base model "
-                                     f"{record['val_loss_before']:.4f})"),
-            (f"{record['metric']} on {record['eval_rows']} rows of {record['eval_split']}",
-             f"{record['accuracy_before']:.3f} before, {record['accuracy_after']:.3f} after")]
-    name = os.path.basename(os.path.abspath(folder))
-    loading = (f"""This adapter uses HeadMap's own layout: {HS_NOT_PEFT}.
-
-```python
+    hp, rows = record["hyper_parameters"], record["eval_rows"]
+    table = [("method", what), ("base model", f"`{record['base_model']}`"), *_weights_row(record),
+             ("data", f"{record['dataset']} ({record['split']}; prompt style {record['prompt']})"),
+             ("trainable parameters", f"{record['trainable_parameters']:,}"), ("steps", f"{record['steps']:,}"),
+             ("learning rate", f"{hp['lr']:g} (batch {hp['batch_size']}, warm-up {hp['warmup']})"),
+             ("best validation loss", f"{record['best_val_loss']:.4f} at step {record['best_step']} (base model "
+                                      f"{record['val_loss_before']:.4f})"),
+             (f"{record['metric']} on {rows} rows of {record['eval_split']} (± standard error)",
+              f"{_with_error(record['accuracy_before'], rows)} before, {_with_error(record['accuracy_after'], rows)} "
+              "after")]
+    python = f"""```python
 from transformers import AutoModelForCausalLM
 from headmap import load_adapter
 model = AutoModelForCausalLM.from_pretrained("{base}")
-adapter = load_adapter(model, "{name}")
-```""" if hs else f"""With PEFT (the HeadMap map is saved as the LoRA on o_proj it equals: `lora_bias`):
+adapter = load_adapter(model, "{folder}")  # from the Hub: huggingface_hub.snapshot_download("{HUB_PLACEHOLDER}")
+```"""
+    loading = (f"This adapter uses HeadMap's own layout: {HS_NOT_PEFT}.\n\n{python}" if hs else f"""With PEFT (the \
+HeadMap map is saved as the LoRA on o_proj it equals: `lora_bias`), from this folder or, once uploaded, the Hub:
 
 ```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{name}")
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{folder}")  # or "{HUB_PLACEHOLDER}"
 ```
 
 With lm-evaluation-harness, no code of ours:
 
 ```bash
-lm_eval --model hf --model_args pretrained={base},peft={name} --tasks {task if named else "TASK"}
+lm_eval --model hf --model_args pretrained={base},peft={folder} --tasks {task if named else "TASK"}
 ```
 
 With headmap (`load_adapter` builds the {method} modules back; merge.py folds them into the weights):
 
-```python
-from transformers import AutoModelForCausalLM
-from headmap import load_adapter
-model = AutoModelForCausalLM.from_pretrained("{base}")
-adapter = load_adapter(model, "{name}")
-```""")
-    card = "\n".join(["---", f"base_model: {base}"] + ([] if hs else ["library_name: peft"]) + ["tags:"]
-                     + [f"- {tag}" for tag in tags] + ["---", "",
-                        f"# {method} adapter for {base} on {record['dataset']}", "",
-                        "Trained by `finetune.py` of the HeadMap reference implementation (Wang et al., \"HeadMap: "
-                        "Locating and Enhancing Knowledge Circuits in LLMs\", ICLR 2025); written from the run's "
-                        "`training.json`.", "", "| | |", "|---|---|"]
-                     + [f"| {key} | {value} |" for key, value in rows] + ["", "## Load it", "", loading, ""])
-    from headmap.files import atomic
-    with atomic(os.path.join(folder, "README.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(card)
+{python}""")
+    upload = (f"Upload: `huggingface-cli upload {HUB_PLACEHOLDER} {folder} --exclude \"{RESUME_DIR}/*\"` (the "
+              f"`{RESUME_DIR}/` folder holds what `finetune.py --resume` needs, not the adapter).")
+    _write_card(folder, [f"base_model: {base}"] + ([] if hs else ["library_name: peft"]) + ["tags:"]
+                + [f"- {tag}" for tag in tags],
+                [f"# {method} adapter for {base} on {record['dataset']}", "",
+                 "Trained by `finetune.py` of the HeadMap reference implementation (Wang et al., \"HeadMap: Locating "
+                 "and Enhancing Knowledge Circuits in LLMs\", ICLR 2025); written from the run's `training.json`.", "",
+                 "| | |", "|---|---|", *[f"| {key} | {value} |" for key, value in table], "", "## Load it", "",
+                 loading, "", upload])
+
+
+def write_merged_card(folder: str, out: str, record: dict, adapter_record: dict | None) -> None:
+    """README.md of a merged checkpoint written into `folder` for --out `out`: the base model, the adapter folded in
+    (as the user named it), the method, what merging changed in the weights, and the adapter's own numbers where
+    its training.json has them."""
+    method, base = record["method"], record["base_model"]
+    changed = {"headmap": "each circuit layer's o_proj weight gained s W_up W_down on the circuit heads' columns and "
+                          "o_proj a bias s (W_up b_down + b_up) (the config's attention_bias switched on where the "
+                          "model had none)",
+               "lora": "each adapted layer's weight became W0 + s B A (and its bias gained s b_B where the adapter "
+                       "has lora_bias)",
+               "dora": "each adapted layer's weight became m (W0 + s B A) / ||W0 + s B A||, row by row"}[method]
+    table = [("base model", f"`{base}`"), ("adapter", f"`{record['adapter']}` ({method})"), ("merging", changed)]
+    if adapter_record:
+        table += _weights_row(adapter_record)
+        rows = adapter_record["eval_rows"]
+        table.append((f"{adapter_record['metric']} of the adapter on {rows} rows of {adapter_record['eval_split']} "
+                      "(± standard error)", f"{_with_error(adapter_record['accuracy_before'], rows)} before, "
+                                            f"{_with_error(adapter_record['accuracy_after'], rows)} after"))
+    _write_card(folder, [f"base_model: {adapter_record['adapter'].get('base_model_name_or_path') or base}"
+                         if adapter_record else f"base_model: {base}", "base_model_relation: merge", "tags:",
+                         "- headmap", "- knowledge-circuit", f"- {method}"],
+                [f"# {base} with the {method} adapter {record['adapter']} merged in", "",
+                 "Written by `merge.py` of the HeadMap reference implementation: a plain transformers checkpoint that "
+                 "computes what the base model with the adapter attached computes (to float rounding), with no code "
+                 "of ours.", "", "| | |", "|---|---|", *[f"| {key} | {value} |" for key, value in table], "",
+                 "## Load it", "", "```python", "from transformers import AutoModelForCausalLM",
+                 f"model = AutoModelForCausalLM.from_pretrained(\"{out}\")  # or \"{HUB_PLACEHOLDER}\" once "
+                 "uploaded", "```"])

@@ -34,8 +34,16 @@ LETTERS = "ABCDEFGH"
 
 def check_dataset(name: str) -> Dataset:
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}{did_you_mean(name)}; choose one of {', '.join(DATASETS)}")
     return DATASETS[name]
+
+
+def did_you_mean(name: str) -> str:
+    """' (did you mean arc_easy?)' for a near miss of one of the eight names (any case, - or space for _), else ''."""
+    import difflib
+    key = name.lower().replace("-", "_").replace(" ", "_")
+    close = [key] if key in DATASETS else difflib.get_close_matches(key, DATASETS, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 BUNDLED = str(Path(__file__).resolve().parent / "datasets")  # the default source: shipped with the code

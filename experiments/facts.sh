@@ -37,7 +37,7 @@ finetune() {  # finetune METHOD [finetune.py options]
   local method=$1; shift
   done_or $out/$method.training.json && return
   python finetune.py "$@" "${train[@]}" --out runs/facts/$method \
-    $( [ -f runs/facts/$method/checkpoint.pt ] && echo --resume )
+    $( [ -f runs/facts/$method/resume/checkpoint.pt ] || [ -f runs/facts/$method/checkpoint.pt ] && echo --resume )
   cp runs/facts/$method/training.json $out/$method.training.json
   cp runs/facts/$method/log.jsonl $out/$method.log.jsonl
 }

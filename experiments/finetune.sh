@@ -14,7 +14,7 @@ run() {  # name, then finetune.py arguments
   local out=runs/experiments/${dataset}_$name
   [ -f experiments/finetune/${dataset}_$name.json ] && return  # done already
   python finetune.py --dataset "$dataset" $BUDGET --out "$out" "$@" \
-    $( [ -f "$out/checkpoint.pt" ] && echo --resume )
+    $( [ -f "$out/resume/checkpoint.pt" ] || [ -f "$out/checkpoint.pt" ] && echo --resume )
   cp "$out/log.jsonl" experiments/finetune/${dataset}_$name.log.jsonl
   cp "$out/training.json" experiments/finetune/${dataset}_$name.json
 }

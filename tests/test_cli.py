@@ -1,7 +1,9 @@
 """The scripts as a user runs them: real accuracies, and one-line errors with exit code 2."""
 import json
+import os
 
 import pytest
+import torch
 
 from tests.conftest import assert_usage_error, run
 
@@ -189,15 +191,35 @@ def test_finetune_then_evaluate_the_adapter_and_its_merged_checkpoint(smollm2, t
     front = card.split("---\n")[1].splitlines()
     assert front == ["base_model: HuggingFaceTB/SmolLM2-135M-Instruct", "library_name: peft", "tags:",
                      "- headmap", "- knowledge-circuit", "- boolq"]
+    from data.scoring import stderr
+    before, after = record["accuracy_before"], record["accuracy_after"]
+    weights = record["base_weights"]  # the de-quantised GGUF file it trained on, not the hub's weights
+    assert weights["gguf_file"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and len(weights["sha256"]) == 64
+    assert weights["quantisation"].startswith("Q4_1") and record["versions"]["torch"] == torch.__version__
     for shown in (f"| trainable parameters | {record['trainable_parameters']:,} |", "| steps | 2 |",
                   f"{record['best_val_loss']:.4f} at step {record['best_step']}",
-                  f"| acc on 6 rows of validation | {record['accuracy_before']:.3f} before, "
-                  f"{record['accuracy_after']:.3f} after |", f"circuit file `{record['circuit_file']}`",
+                  f"| acc on 6 rows of validation (± standard error) | {before:.3f} ± {stderr(before, 6):.3f} before, "
+                  f"{after:.3f} ± {stderr(after, 6):.3f} after |", f"circuit file `{record['circuit_file']}`",
+                  f"| weights trained on | `SmolLM2-135M-Instruct.Q4_1.gguf` (sha256 `{weights['sha256'][:16]}…`",
                   "PeftModel.from_pretrained(", "lm_eval --model hf --model_args pretrained=HuggingFaceTB/SmolLM2-135M-"
-                  "Instruct,peft=run --tasks boolq", "load_adapter(model, \"run\")"):
+                  f"Instruct,peft={out} --tasks boolq", f"load_adapter(model, \"{out}\")", "YOUR-NAME/YOUR-REPO",
+                  f"huggingface-cli upload YOUR-NAME/YOUR-REPO {out} --exclude \"resume/*\""):
         assert shown in card, shown
+    # the top of the folder is what an upload needs; the resumable state lives apart
+    assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "curves.svg",
+                                       "headmap.json", "log.jsonl", "resume", "training.json"]
+    assert sorted(os.listdir(out / "resume")) == ["before.json", "checkpoint.pt"]
+    settings = json.loads((out / "resume" / "before.json").read_text())["settings"]
+    assert {"rank", "scaling", "variant", "circuit"} <= set(settings) and not {"alpha", "dropout"} & set(settings)
     merged = run("merge.py", "--adapter", str(out), "--out", str(tmp_path / "merged"))
     assert merged.returncode == 0, merged.stderr
+    merged_card = (tmp_path / "merged" / "README.md").read_text()
+    assert merged_card.split("---\n")[1].splitlines()[:2] == ["base_model: HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                             "base_model_relation: merge"]
+    for shown in (f"| adapter | `{out}` (headmap) |", "o_proj weight gained s W_up W_down",
+                  f"{after:.3f} ± {stderr(after, 6):.3f} after", f"from_pretrained(\"{tmp_path / 'merged'}\")"):
+        assert shown in merged_card, shown
+    assert json.loads((tmp_path / "merged" / "merge.json").read_text())["adapter"] == str(out)  # as given
     scores = {}
     for name, extra in [("adapter", ["--adapter", str(out)]),  # prompt style and base model from training.json
                         ("merged", ["--model", str(tmp_path / "merged"), "--prompt", "harness"])]:

@@ -67,15 +67,15 @@ def test_finetune_under_torchrun_trains_the_same_adapter(tiny_folder, tmp_path, 
 
 def test_a_failing_rank_stops_the_run_with_its_message(tiny_folder, tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")  # rank 0 reads it and fails; rank 1 waits for it
+    (out / "resume").mkdir(parents=True)
+    (out / "resume" / "checkpoint.pt").write_bytes(b"not a checkpoint")  # rank 0 reads it and fails; rank 1 waits for it
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, *TORCHRUN, "finetune.py", "--model", tiny_folder, "--dataset",
                              "arc_easy", "--method", "lora", "--train-limit", "8", "--max-steps", "1", "--eval-limit",
                              "4", "--val-limit", "4", "--out", str(out), "--resume", "--no-progress"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0
-    assert f"error: checkpoint {out / 'checkpoint.pt'} cannot be read" in result.stderr, result.stderr
+    assert f"error: checkpoint {out / 'resume' / 'checkpoint.pt'} cannot be read" in result.stderr, result.stderr
 
 
 def test_explicit_device_map_gives_the_same_scores(tiny_folder, tmp_path):

@@ -139,7 +139,7 @@ def test_every_output_has_the_mode_a_plain_open_gives(tiny_run, tmp_path):
             path = os.path.join(root, name)
             seen.append(os.path.relpath(path, tmp_path))
             assert stat.S_IMODE(os.stat(path).st_mode) == (folders if name in dirs else files), path
-    for made in ("run/checkpoint.pt", "run/adapter_model.safetensors", "run/training.json", "run/log.jsonl",
+    for made in ("run/resume/checkpoint.pt", "run/adapter_model.safetensors", "run/training.json", "run/log.jsonl",
                  "run/curves.svg", "heads.json", "heads.svg", "r.json", "merged/model.safetensors",
                  "merged/merge.json", "heads.png"):
         assert made in seen, made

@@ -117,13 +117,13 @@ def test_a_sharded_dora_run_stopped_by_sigterm_resumes_under_another_number_of_r
     launcher = subprocess.Popen([sys.executable, *TORCHRUN, *args, "--fsdp", "--out", str(cut), "--no-progress"],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while not (cut / "checkpoint.pt").exists():
+    while not (cut / "resume" / "checkpoint.pt").exists():
         assert time.time() < deadline and launcher.poll() is None, launcher.stderr.read()
         time.sleep(0.05)
     launcher.send_signal(signal.SIGTERM)  # what SLURM sends: torchrun passes it to both ranks
     launcher.communicate(timeout=120)
     assert launcher.returncode != 0
-    step = torch.load(cut / "checkpoint.pt", weights_only=True)["step"]
+    step = torch.load(cut / "resume" / "checkpoint.pt", weights_only=True)["step"]
     assert 1 <= step < 6
     one_rank = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     resumed = subprocess.run([*one_rank, *args, "--out", str(cut), "--fsdp", "--resume", "--no-progress"], cwd=ROOT,

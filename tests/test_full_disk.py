@@ -44,12 +44,12 @@ def test_finetune_stopped_by_the_file_size_limit_resumes_as_if_nothing_happened(
     # the checkpoint of step 2 holds the adapter and AdamW's two moments; step 4's (a validation) holds the best
     # adapter too: a limit between the two stops the run at step 4, whose checkpoint.pt is then the step-2 one
     adapter = os.path.getsize(ref / "adapter_model.safetensors")
-    limit = os.path.getsize(ref / "checkpoint.pt") - adapter // 2
+    limit = os.path.getsize(ref / "resume" / "checkpoint.pt") - adapter // 2
     out = tmp_path / "run"
     done = limited(limit, *args, "--out", str(out))
-    assert_one_line(done, "file too large", out / "checkpoint.pt")
+    assert_one_line(done, "file too large", out / "resume" / "checkpoint.pt")
     assert "unexpected pos" not in done.stderr and temporaries(out) == []
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2  # the earlier checkpoint, whole
+    assert torch.load(out / "resume" / "checkpoint.pt", weights_only=True)["step"] == 2  # the earlier checkpoint, whole
     resumed = run(*args, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step 2" in resumed.stdout

@@ -54,12 +54,13 @@ def test_heat_map_fits_its_canvas_and_its_scale_is_the_data_range(layers, heads,
               "cumulative": [[(v - 55.0) / 8 for v in r] for r in matrix],
               "per-layer": [[(v - min(r)) / (max(r) - min(r)) for v in r] for r in matrix]}[view]
     assert [v for row in values for v in row] == pytest.approx([v for row in expect for v in row])
-    fig = plot.heat_map_figure(values, scale, circuit, title)
+    fig = plot.heat_map_figure(values, scale, circuit, title, signed=view != "per-layer")
     assert_drawn_inside(fig)
     ax = fig.axes[0]
     assert ax.get_title().startswith(title[:20]) and ax.get_xlabel() == "head" and ax.get_ylabel() == "layer"
     image = ax.images[0]
-    assert image.get_clim() == pytest.approx((min(map(min, expect)), max(map(max, expect))))
+    reach = max(abs(v) for row in expect for v in row)  # signed effects: centred on zero, equal reach both ways
+    assert image.get_clim() == pytest.approx((-reach, reach) if view != "per-layer" else (0.0, 1.0))
     assert image.get_array().shape == (layers, heads)
     outlined = {(round(p.get_y() + 0.5), round(p.get_x() + 0.5)) for p in ax.patches}
     assert outlined == {(int(layer), h) for layer, e in result["knowledge_circuit"].items() for h in e["retain_heads"]}
@@ -77,6 +78,56 @@ def test_heat_map_of_an_older_heads_json_draws_the_cumulative_view_it_holds(tmp_
     assert "no circuit_below_loss (an older locate.py wrote it)" in capsys.readouterr().err
     plot.heat_map(result, str(tmp_path / "h.svg"))
     assert (tmp_path / "h.svg").read_bytes().startswith(b"<?xml")
+
+
+def pixel(png, fig, ax, x, y):
+    """The RGB of data point (x, y) of `ax` in the PNG `png` that `fig` was saved to at its own dpi."""
+    import matplotlib.image
+    px, py = ax.transData.transform((x, y))
+    image = matplotlib.image.imread(png)
+    return image[image.shape[0] - 1 - int(py), int(px), :3]
+
+
+def test_heat_map_file_shows_negative_effects_blue_none_white_and_positive_red(tmp_path):
+    result = locate_result(3, 4)
+    result["loss_matrix"] = [[50.0, 50.0, 58.0, 42.0], [53.0, 53.0, 61.0, 45.0], [56.0, 56.0, 56.0, 56.0]]
+    fig = plot.heat_map_figure(*plot.heat_map_data(result), signed=True)
+    fig.canvas.draw()
+    png = str(tmp_path / "h.png")
+    fig.savefig(png, dpi=fig.dpi)
+    ax = fig.axes[0]
+    none, up, down = (pixel(png, fig, ax, h + 0.3, 0) for h in (0, 2, 3))  # off the outline at the cell's edge
+    assert min(none) > 0.95  # no effect: white
+    # a loss 1 nat higher per sample red, 1 nat lower blue, both at the ends of one diverging scale centred on zero
+    red, blue = (plot.pyplot().get_cmap("RdBu_r")(end)[:3] for end in (1.0, 0.0))
+    assert up == pytest.approx(red, abs=0.02) and down == pytest.approx(blue, abs=0.02)
+    assert up[0] > up[2] and down[2] > down[0]
+    plot.pyplot().close(fig)
+
+
+def boxes_apart(a, b) -> bool:
+    return a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0
+
+
+@pytest.mark.parametrize("circuits", [2, 6])
+def test_overlap_titles_fit_their_panels_and_counts_get_a_colour_each(circuits, tmp_path):
+    results = [locate_result(6, 8, seed) for seed in range(circuits)]
+    fig = plot.overlap_figure(*plot.overlap_data(results, [f"circuit {k}" for k in range(circuits)]))
+    assert_drawn_inside(fig)
+    renderer = fig.canvas.get_renderer()
+    left, left_bar, right, right_bar = fig.axes
+    for ax, others in ((left, (left_bar, right, right_bar)), (right, (left, left_bar, right_bar))):
+        title = ax.title.get_window_extent(renderer)
+        assert all(boxes_apart(title, o.get_window_extent(renderer)) for o in others), ax.get_title()
+        assert all(boxes_apart(title, o.title.get_window_extent(renderer)) for o in others if o.get_title())
+    assert "Jaccard index)" in left.get_title()
+    assert list(right_bar.get_yticks()) == list(range(circuits + 1))  # a tick per count
+    png = str(tmp_path / "o.png")
+    fig.savefig(png, dpi=fig.dpi)
+    colours = {tuple(pixel(png, fig, right_bar, 0.5, k).round(2)) for k in range(circuits + 1)}
+    steps = {tuple(pixel(png, fig, right_bar, 0.5, k + d).round(2)) for k in range(circuits + 1) for d in (-0.3, 0.3)}
+    assert len(colours) == circuits + 1 and steps == colours  # one flat colour per whole count, no gradient
+    plot.pyplot().close(fig)
 
 
 def test_overlap_of_circuits(tmp_path):

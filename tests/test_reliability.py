@@ -116,7 +116,7 @@ def test_finetune_out_resume_and_overwrite(tiny_run, tmp_path):
     assert_usage_error(run(*args), "holds files already (a run?); pass --resume to continue that run, --overwrite")
     # --resume with a setting that changes the result is another run: refused by name, before the model loads
     assert_usage_error(run(*args[:-2], "--eval-limit", "8", "--out", str(out), "--resume"), "eval_limit is 8 here but 4")
-    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:100])
+    (out / "resume" / "checkpoint.pt").write_bytes((out / "resume" / "checkpoint.pt").read_bytes()[:100])
     assert_usage_error(run(*args, "--resume"), "checkpoint")
     again = run(*args, "--overwrite")
     assert again.returncode == 0, again.stderr
@@ -230,12 +230,12 @@ def test_finetune_killed_anywhere_resumes_to_the_same_adapter(tiny_run, tmp_path
     out = tmp_path / "cut"
 
     def whole():
-        _whole_json_or_absent(out / "before.json", out / "adapter_config.json", out / "training.json")
-        if (out / "checkpoint.pt").exists():
-            torch.load(out / "checkpoint.pt", weights_only=True)
+        _whole_json_or_absent(out / "resume" / "before.json", out / "adapter_config.json", out / "training.json")
+        if (out / "resume" / "checkpoint.pt").exists():
+            torch.load(out / "resume" / "checkpoint.pt", weights_only=True)
         if (out / "adapter_model.safetensors").exists():
             load_file(out / "adapter_model.safetensors")
-    assert _kill_and_resume(base + ["--out", str(out)], whole, (out / "checkpoint.pt").exists, seed=2)
+    assert _kill_and_resume(base + ["--out", str(out)], whole, (out / "resume" / "checkpoint.pt").exists, seed=2)
     ref, got = load_file(tmp_path / "ref" / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)  # bit for bit
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]

@@ -39,7 +39,8 @@ def test_a_checkpoint_carrying_code_is_refused_and_nothing_in_it_runs(tiny_run, 
     assert_usage_error(run(*lora_run(tiny_run, out, "--max-steps", "2", "--resume")),
                        "holds more than tensors and plain values (pickled code?), so it was not loaded")
     assert not marker.exists()
-    torch.load(out / "checkpoint.pt", weights_only=False)  # the payload is real: unpickled, it runs
+    # written where a run before the resume/ folder kept it: --resume moved it there, and still ran nothing
+    torch.load(out / "resume" / "checkpoint.pt", weights_only=False)  # the payload is real: unpickled, it runs
     assert marker.exists()
 
 
@@ -91,7 +92,7 @@ def test_a_second_run_on_a_live_runs_out_is_refused_naming_it(tiny_run, tmp_path
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
     try:
         deadline = time.time() + 120
-        while not ((out / "before.json").exists() and (tmp_path / ".heads.json.lock").exists()):
+        while not ((out / "resume" / "before.json").exists() and (tmp_path / ".heads.json.lock").exists()):
             assert time.time() < deadline and all(p.poll() is None for p in live), [p.stderr.read() for p in live]
             time.sleep(0.2)
         in_use = f"is in use by a run still going (pid {live[0].pid} on "
@@ -107,7 +108,7 @@ def test_a_second_run_on_a_live_runs_out_is_refused_naming_it(tiny_run, tmp_path
             p.communicate()
     # the OS let go of the dead run's claim: --resume is judged on the run's settings, not held off
     assert_usage_error(run(*lora_run(tiny_run, out, "--max-steps", "3", "--resume")), "--resume: max_steps is 3 here")
-    assert (out / "before.json").exists()
+    assert (out / "resume" / "before.json").exists()
 
 
 def test_sigterm_stops_finetune_like_ctrl_c_and_the_run_resumes(tiny_run, tmp_path):
@@ -116,7 +117,7 @@ def test_sigterm_stops_finetune_like_ctrl_c_and_the_run_resumes(tiny_run, tmp_pa
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     deadline = time.time() + 120
-    while not (out / "checkpoint.pt").exists():
+    while not (out / "resume" / "checkpoint.pt").exists():
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -124,7 +125,7 @@ def test_sigterm_stops_finetune_like_ctrl_c_and_the_run_resumes(tiny_run, tmp_pa
     assert proc.returncode == 143, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("terminated (SIGTERM); continue with: python finetune.py ") and last.endswith("--resume")
-    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]  # whole
+    step = torch.load(out / "resume" / "checkpoint.pt", weights_only=True)["step"]  # whole
     assert step < 40
     done = run(*args, "--resume")
     assert done.returncode == 0, done.stderr
