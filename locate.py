@@ -250,8 +250,8 @@ def main(argv=None):
         validating = time.time()
         v = validate(model, tokenizer, task, val_examples, circuit, args.random_trials, args.seed, args.batch_size,
                      not args.no_progress)
-        result["validation"] = {"split": val_split, "data": val_source, **v,
-                                "seconds": round(time.time() - validating, 1)}
+        result["validation"] = {"split": val_split, "data": val_source, **v}
+        result["validation_seconds"] = round(time.time() - validating, 1)
         commonest = "majority class" if task.kind == CHOICE else "commonest target"
         print(f"\n{v['metric']} on {v['rows']} rows of {val_split}: unmasked {v['unmasked']:.3f} "
               f"(chance {v['chance']:.3f}, {commonest} {v['majority']:.3f}), circuit masked "
@@ -268,7 +268,7 @@ def main(argv=None):
         heat_map(result, svg)
         if os.path.exists(progress_path):
             os.remove(progress_path)
-    times = f"search {seconds:.1f} s" + (f", validation {result['validation']['seconds']:.1f} s"
+    times = f"search {seconds:.1f} s" + (f", validation {result['validation_seconds']:.1f} s"
                                          if val_examples is not None else "")
     print(f"located {sum(map(len, circuit.values()))} heads ({times}; {time.time() - begun:.1f} s in all for this "
           f"command, loading the model and choosing the samples included); wrote {args.out} and {svg}")

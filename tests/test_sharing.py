@@ -68,7 +68,7 @@ def test_locates_last_line_gives_the_search_the_validation_and_the_whole(tiny_ru
     assert found, last
     search, validation, whole = map(float, found.groups())
     assert search + validation <= whole
-    assert json.loads((tmp_path / "h.json").read_text())["validation"]["seconds"] == validation
+    assert json.loads((tmp_path / "h.json").read_text())["validation_seconds"] == validation
 
 
 @pytest.mark.parametrize("typed", ["arc-easy", "ARC_Easy", "Arc Easy", "arc_eazy"])
