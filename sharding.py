@@ -61,8 +61,9 @@ def shard(full, config, dtype, device, trust_remote_code: bool = False):
 
 
 def shard_sizes(model) -> dict | None:
-    """What FSDP holds where, read from the shards: {"world", "full_parameter_bytes", "local_parameter_bytes": [per
-    rank]}; None for a model that is not sharded."""
+    """What FSDP holds where, read from the shards, and what the ranks' uneven shares cost: {"world",
+    "full_parameter_bytes", "local_parameter_bytes": [per rank], "padding_passes": [per rank, so far]}; None for a
+    model that is not sharded."""
     from headmap import distributed
     if not distributed.sharded(model):
         return None
@@ -70,4 +71,5 @@ def shard_sizes(model) -> dict | None:
     local = sum(getattr(p, "to_local", lambda p=p: p)().numel() * p.element_size() for p in model.parameters())
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"world": distributed.world(), "full_parameter_bytes": full,
-            "local_parameter_bytes": distributed.all_gather(local)}
+            "local_parameter_bytes": distributed.all_gather(local),
+            "padding_passes": distributed.all_gather(distributed.padding_passes())}

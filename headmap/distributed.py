@@ -67,6 +67,14 @@ def no_graph(fn):
     return run
 
 
+_padding = [0]  # the zero-weight passes same_passes has run in this process
+
+
+def padding_passes() -> int:
+    """How many zero-weight passes same_passes has run in this process: what the ranks' uneven shares cost."""
+    return _padding[0]
+
+
 @contextmanager
 def same_passes(model: nn.Module, most: int, backward: bool = False):
     """Around a block in which the ranks run different numbers of passes of `model` (their shares of the rows), the
@@ -87,6 +95,7 @@ def same_passes(model: nn.Module, most: int, backward: bool = False):
         raise RuntimeError(f"rank {rank()} ran {passes[0]} passes, more than the {most} planned")
     token = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
     for _ in range(most - passes[0]):
+        _padding[0] += 1
         with torch.enable_grad() if backward else torch.no_grad():
             logits = model(input_ids=token).logits
             if backward:

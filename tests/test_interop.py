@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from headmap.adapters import attach_headmap, attach_lora, load_adapter, merge_adapter, save_adapter
-from tests.conftest import needed, tiny_llama
+from tests.conftest import ROOT, needed, tiny_llama
 
 peft = needed("peft")
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -190,23 +190,29 @@ def test_stock_peft_loads_a_headmap_adapter_and_computes_what_it_computes(which,
 
 
 def test_load_adapter_reads_both_headmap_layouts_and_merges_them(tmp_path):
-    from safetensors.torch import save_file
     model = base()
     ours, x = headmap_folder(model, tmp_path / "peft_form")
-    for layout in ("peft_form", "own_form"):
-        if layout == "own_form":  # the layout adapters were saved in before: our keys, our config
-            adapter = load_adapter(model, str(tmp_path / "peft_form"))
-            (tmp_path / layout).mkdir()
-            (tmp_path / layout / "adapter_config.json").write_text(json.dumps(adapter.config))
-            save_file({k: v.contiguous() for k, v in adapter.state_dict().items()},
-                      str(tmp_path / layout / "adapter_model.safetensors"))
-            adapter.remove()
-        adapter = load_adapter(model, str(tmp_path / layout)).eval()
-        assert adapter.method == "headmap" and adapter.config["heads"] == {"0": [1, 3], "1": [2]}
-        with torch.no_grad():
-            torch.testing.assert_close(model(x).logits, ours, rtol=1e-5, atol=1e-5)
-            merged = merge_adapter(model, adapter)
-            torch.testing.assert_close(merged(x).logits, ours, rtol=1e-5, atol=1e-5)
+    adapter = load_adapter(model, str(tmp_path / "peft_form"))
+    assert adapter.method == "headmap" and adapter.config["heads"] == {"0": [1, 3], "1": [2]}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ours, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merge_adapter(model, adapter)(x).logits, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_the_old_code_wrote_loads_and_computes_what_the_old_code_computed():
+    """A folder save_adapter wrote before the PEFT form (HeadMap's own layout), kept as it was written, with its base
+    model and the logits the old code computed (tests/fixtures/headmap_mha_2026-12-05/README.md)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    fixture = ROOT / "tests" / "fixtures" / "headmap_mha_2026-12-05"
+    expected = load_file(str(fixture / "expected.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(str(fixture / "base")).eval().requires_grad_(False)
+    adapter = load_adapter(model, str(fixture / "adapter"))
+    assert adapter.method == "headmap" and adapter.config["heads"] == {"0": [1, 3], "1": [2]}
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["input_ids"]).logits, expected["logits"], rtol=1e-5, atol=1e-5)
+        merged = merge_adapter(model, adapter)
+        torch.testing.assert_close(merged(expected["input_ids"]).logits, expected["logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_a_lora_on_o_proj_that_is_no_headmap_map_is_refused(tmp_path):

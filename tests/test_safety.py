@@ -82,33 +82,56 @@ def test_a_model_with_its_own_code_runs_it_only_with_trust_remote_code(tiny_run,
     assert marker.exists() and json.loads(out.read_text())["trust_remote_code"] is True
 
 
-def test_a_second_run_on_a_live_runs_out_is_refused_naming_it(tiny_run, tmp_path):
-    """finetune and locate each hold their --out while they run (kill -9 leaves nothing stale behind)."""
+HOLD = ("import sys, time; sys.path.insert(0, '.'); from runs import hold_output; hold_output(sys.argv[1]); "
+        "print('held', flush=True); time.sleep(float(sys.argv[2]))")  # a live run's claim on --out, and nothing else
+
+
+def test_a_second_run_on_a_live_runs_out_is_refused_naming_it(tmp_path):
+    """finetune and locate each refuse an --out that a live run holds (--overwrite and --resume too), naming it; kill
+    -9 leaves nothing stale behind; a normal exit removes the claim's file. A process holding the claim stands in for
+    the live run: the refusal comes before any model loads, whoever holds it."""
     out, heads = tmp_path / "run", tmp_path / "heads.json"
-    live = [subprocess.Popen([sys.executable, *lora_run(tiny_run, out, "--max-steps", "400")], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
-            subprocess.Popen([sys.executable, "locate.py", "--dataset", "arc_easy", "--model", str(tiny_run / "model"),
-                              "--pool", "400", "--samples", "4", "--no-progress", "--out", str(heads)], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
+    live = [subprocess.Popen([sys.executable, "-c", HOLD, str(path), "600"], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True) for path in (out, heads)]
     try:
-        deadline = time.time() + 120
-        while not ((out / "resume" / "before.json").exists() and (tmp_path / ".heads.json.lock").exists()):
-            assert time.time() < deadline and all(p.poll() is None for p in live), [p.stderr.read() for p in live]
-            time.sleep(0.2)
-        in_use = f"is in use by a run still going (pid {live[0].pid} on "
-        assert_usage_error(run(*lora_run(tiny_run, out, "--max-steps", "400", "--overwrite")), in_use)
-        assert_usage_error(run(*lora_run(tiny_run, out, "--max-steps", "400", "--resume")), in_use)
-        locate_again = ["locate.py", "--dataset", "arc_easy", "--model", str(tiny_run / "model"), "--pool", "400",
-                        "--samples", "4", "--no-progress", "--out", str(heads)]
-        for flag in ("--overwrite", "--resume"):
-            assert_usage_error(run(*locate_again, flag), f"in use by a run still going (pid {live[1].pid} on ")
+        assert [p.stdout.readline() for p in live] == ["held\n", "held\n"]
+        finetune = ["finetune.py", "--method", "lora", "--dataset", "arc_easy", "--out", str(out)]
+        locate = ["locate.py", "--dataset", "arc_easy", "--out", str(heads)]
+        for args, holder in ((finetune, live[0]), (locate, live[1])):
+            for flag in ("--overwrite", "--resume"):
+                assert_usage_error(run(*args, flag), f"is in use by a run still going (pid {holder.pid} on ")
     finally:
         for p in live:
             p.kill()
             p.communicate()
-    # the OS let go of the dead run's claim: --resume is judged on the run's settings, not held off
-    assert_usage_error(run(*lora_run(tiny_run, out, "--max-steps", "3", "--resume")), "--resume: max_steps is 3 here")
-    assert (out / "resume" / "before.json").exists()
+    assert (tmp_path / ".run.lock").exists()  # left by the killed holder, but not held: the OS let go of it
+    again = subprocess.run([sys.executable, "-c", HOLD, str(out), "0"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout == "held\n", again.stderr
+    assert not (tmp_path / ".run.lock").exists()  # removed at the normal exit
+
+
+def test_under_torchrun_rank_0_holds_the_claim_and_removes_it_at_the_end(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(f"import json, os, sys\nsys.path.insert(0, {str(ROOT)!r})\n" + """
+import torch.distributed as dist
+from runs import hold_output
+dist.init_process_group("gloo")
+hold_output(sys.argv[1])
+pids = [None] * dist.get_world_size()
+dist.all_gather_object(pids, os.getpid())
+with open(os.path.join(os.path.dirname(sys.argv[1]), ".out.json.lock")) as f:
+    held = json.load(f)
+dist.barrier()  # both have read it before rank 0 ends and removes it
+assert held["pid"] == pids[0] != pids[1], (held, pids)
+print("held by rank 0")
+dist.destroy_process_group()
+""")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path / "out.json")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.count("held by rank 0") == 2, done.stderr
+    assert not (tmp_path / ".out.json.lock").exists()
 
 
 def test_sigterm_stops_finetune_like_ctrl_c_and_the_run_resumes(tiny_run, tmp_path):
@@ -126,11 +149,16 @@ def test_sigterm_stops_finetune_like_ctrl_c_and_the_run_resumes(tiny_run, tmp_pa
     last = err.strip().splitlines()[-1]
     assert last.startswith("terminated (SIGTERM); continue with: python finetune.py ") and last.endswith("--resume")
     step = torch.load(out / "resume" / "checkpoint.pt", weights_only=True)["step"]  # whole
-    assert step < 40
+    assert 0 < step < 40
+    before = (out / "log.jsonl").read_text().splitlines()[:step]
     done = run(*args, "--resume")
     assert done.returncode == 0, done.stderr
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))  # every step once
+    # continued after the checkpoint, not run again from scratch (which would also log every step once): it says
+    # so, and the steps up to the checkpoint are the first run's own lines, clock times and all
+    assert f"resuming at step {step}" in done.stdout
+    assert (out / "log.jsonl").read_text().splitlines()[:step] == before
 
 
 def test_a_quoted_tilde_is_the_home_folder(tiny_run, tmp_path):
@@ -177,6 +205,12 @@ def test_rows_past_the_models_context_are_cut_from_the_left_as_lm_eval_cuts_them
             want = sum(logprobs[len(fed) - len(cont) + i, t].item() for i, t in enumerate(cont))
             assert got == pytest.approx(want, abs=1e-4)
     assert result["context_cut"] == {"rows": 1, "most_tokens": most, "limit": 64} and most > 80
+    # an answer that alone takes more than the 64 positions: no cut of its context could score it; refused by row
+    rows.append({"prompt": "Say it:", "choices": ["ok", "word " * 80], "answer": 0})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refused_row = run("evaluate.py", "--dataset", str(data), "--model", str(model_dir), "--no-progress")
+    assert_usage_error(refused_row, "row 3: its answer of ")
+    assert "tokens does not fit the model's 64 positions; shorten it or leave the row out" in refused_row.stderr
 
 
 # ---------------------------------------------------------------- the library, misused as a notebook does
