@@ -23,6 +23,7 @@ from contextlib import nullcontext
 from cli import (HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
                  check_fsdp, run_script, user_path)
 from models import DEFAULT_MODEL
+from trackers import add_report_arguments, check_report_to
 from data.commonsense import DATASETS
 
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
     add_model_arguments(p, None, f"hub id, local folder or .gguf file (default: the adapter's or circuit's base "
                         f"model, else {DEFAULT_MODEL})", fsdp=True)
+    add_report_arguments(p)
     p.add_argument("--mask", type=user_path, help="heads.json (or the official .pt circuit file): score with those "
                    "heads ablated")
     p.add_argument("--random-mask", action="store_true",
@@ -57,6 +59,7 @@ def parse_args(argv=None):
         raise UsageError("pass --dataset: one of the eight, all, a file or folder of your own rows, or lm-eval:TASK")
     check_at_least(args, 1, "limit", "batch_size")
     check_fsdp(args)
+    check_report_to(args.report_to)
     if args.random_mask and not args.mask:
         raise UsageError("--random-mask needs --mask heads.json to know how many heads to ablate per layer")
     if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
@@ -75,6 +78,7 @@ from records import check_adapter_weights, open_task_for, read_circuit_file, rec
 from runs import (check_inputs_kept, check_writable, hold_output, input_paths, software_versions,  # noqa: E402
                   write_json)
 from sharding import shard_sizes  # noqa: E402
+from trackers import start_reporting  # noqa: E402
 from data.scoring import PRIMARY, context_limit, metrics, reported, score_continuations  # noqa: E402
 from data.common import CHOICE  # noqa: E402
 from headmap import distributed  # noqa: E402
@@ -204,6 +208,11 @@ def main(argv=None) -> dict:
     if args.out and distributed.rank() == 0:  # under torchrun every rank holds every score; rank 0 writes them
         write_json(args.out, results)
         print(f"wrote {args.out}")
+    reporter = start_reporting(args, "evaluate", {k: v for k, v in results.items() if k != "results"})
+    for name, r in results["results"].items():  # each task's metrics with their standard errors, as printed
+        reporter.log({f"{name}/{k}": v for k, v in r.items() if k in ("acc", "acc_norm", "exact_match", "n",
+                                                                       "nll_per_token") or k.endswith("_stderr")}, 0)
+    reporter.close()
     return results
 
 

@@ -21,6 +21,7 @@ from cli import (HelpFormatter, UsageError, add_model_arguments, add_task_argume
                  check_positive, run_script, user_path)
 from models import DEFAULT_MODEL
 from runs import check_run_folder, hold_output, input_paths
+from trackers import add_report_arguments, check_report_to
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--heads, else paper)")
     add_model_arguments(p, None, "hub id, local folder or .gguf file (default: the model of --heads, else "
                         f"{DEFAULT_MODEL})", device_map=False, fsdp=True)  # one device per process
+    add_report_arguments(p)
     p.add_argument("--force", action="store_true", help="use --model even where --heads recorded another model")
     p.add_argument("--rank", type=int, default=32, help="r of HeadMap, LoRA and DoRA")
     p.add_argument("--scaling", type=float, default=1.0, help="HeadMap scaling factor")
@@ -75,6 +77,7 @@ def parse_args(argv=None):
     check_at_least(args, 0, "warmup")
     check_positive(args, "lr", "alpha", "scaling")
     check_fsdp(args)
+    check_report_to(args.report_to)  # a tracker that is not installed: one line now, not after the model loads
     if not 0.0 <= args.dropout < 1.0:  # also refuses nan
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
     hold_output(args.out)  # a live run in --out is named before anything else is said of the folder
@@ -94,8 +97,8 @@ import torch  # noqa: E402
 from cli import refused  # noqa: E402
 from models import base_weights, hub_id_of, load_model, pick_device, start_distributed  # noqa: E402
 from records import open_task_for, read_circuit_file, read_interrupted_run, recorded, settle  # noqa: E402
-from runs import (BEFORE, CHECKPOINT, open_log, read_checkpoint, resume_file, software_versions,  # noqa: E402
-                  write_json, write_model_card)
+from runs import (BEFORE, CHECKPOINT, TRACKER_IDS, open_log, read_checkpoint, read_tracker_ids,  # noqa: E402
+                  resume_file, software_versions, write_json, write_model_card)
 from sharding import shard_sizes  # noqa: E402
 from data.scoring import PRIMARY, epoch_batches, lm_batch, pad_id_of, task_metric, training_texts  # noqa: E402
 from data.common import held_out_rows  # noqa: E402
@@ -106,6 +109,7 @@ from headmap.files import atomic  # noqa: E402
 from headmap.masking import layers_and_heads  # noqa: E402
 from headmap.train import batch_loss, train_adapter  # noqa: E402
 from plot import curves  # noqa: E402
+from trackers import NoReporter, start_reporting  # noqa: E402
 
 
 HYPER_PARAMETERS = ("lr", "batch_size", "token_budget", "epochs", "warmup", "max_steps", "max_length", "train_limit",
@@ -121,10 +125,12 @@ def total_steps(n_rows, args):
     return min(args.max_steps or 10 ** 12, math.ceil(n_rows / args.batch_size) * args.epochs)
 
 
-def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda step: None, ckpt=None):
+def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda step: None, ckpt=None,
+          reporter=NoReporter(), base: dict | None = None):
     """train_adapter with the run's files: the best adapter written to --out when it improves, a checkpoint every
-    --checkpoint-every steps and at each validation, one log line per step. Continues from `ckpt` (read here with
-    --resume when not given). Returns (best {"loss", "step"}, steps)."""
+    --checkpoint-every steps and at each validation, one log line per step, sent to the `reporter`'s trackers too
+    (after `base`, the base model's numbers, at step 0). Continues from `ckpt` (read here with --resume when not
+    given). Returns (best {"loss", "step"}, steps)."""
     main_rank = distributed.rank() == 0  # under torchrun only rank 0 reads the checkpoint, logs, writes
     os.makedirs(args.out, exist_ok=True)
     if args.resume and ckpt is None and main_rank:
@@ -137,7 +143,8 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
     # train_adapter keeps the best adapter and says which it is in each step's checkpoint: the latest one is read
     latest = {"checkpoint": lambda: ckpt or {"best": {"loss": math.inf, "step": 0}}}
     total = total_steps(len(train_seqs), args)
-    log = open_log(args.out, ckpt["step"] if ckpt else 0, main_rank)
+    log, reporter.sent = open_log(args.out, ckpt["step"] if ckpt else 0, main_rank)  # steps sent: not again
+    reporter.log(base or {}, 0)
     start_time = time.time() - (ckpt["seconds"] if ckpt else 0.0)  # the log's seconds run on across resumes
 
     def after_step(entry, checkpoint):
@@ -146,6 +153,7 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
         if entry.pop("best", False) and main_rank:
             save_adapter(adapter, args.out)
         log.write(entry)  # before the checkpoint: a resume cuts the log back to the checkpoint's step, never short
+        reporter.log(entry, entry["step"])
         if main_rank and ("val_loss" in entry or entry["step"] % args.checkpoint_every == 0):
             with atomic(resume_file(args.out, CHECKPOINT)) as tmp:
                 torch.save({**checkpoint(), "seconds": entry["seconds"]}, tmp)
@@ -248,12 +256,21 @@ def main(argv=None):
         if distributed.rank() == 0:
             write_json(resume_file(args.out, BEFORE),
                        {"accuracy": before, "val_loss": val_loss_before, "settings": settings})
-    adapter.train()
-    best, steps = train(model, adapter, training_texts(tokenizer, train_examples, args.max_length), val_seqs, pad_id,
-                        args, ckpt=ckpt)
-    adapter.eval()
-    after = task_metric(model, tokenizer, task.kind, eval_examples, args.batch_size, not args.no_progress,
-                        "accuracy after")
+    reporter = start_reporting(args, "finetune", {**settings, "trainable_parameters": trainable},
+                               read_tracker_ids(args.out) if args.resume else None)
+    if reporter.ids and distributed.rank() == 0:  # a --resume continues these tracker runs
+        write_json(resume_file(args.out, TRACKER_IDS), reporter.ids)
+    try:
+        adapter.train()
+        best, steps = train(model, adapter, training_texts(tokenizer, train_examples, args.max_length), val_seqs,
+                            pad_id, args, ckpt=ckpt, reporter=reporter,
+                            base={"val_loss": val_loss_before, "accuracy_before": before})
+        adapter.eval()
+        after = task_metric(model, tokenizer, task.kind, eval_examples, args.batch_size, not args.no_progress,
+                            "accuracy after")
+        reporter.log({"accuracy_after": after, "accuracy_before": before, "trainable_parameters": trainable}, steps)
+    finally:
+        reporter.close()
 
     record = {
         "method": adapter.method,

@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from cli import (HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
                  check_fsdp, run_script, user_path)
 from models import DEFAULT_MODEL
+from trackers import add_report_arguments, check_report_to
 from data.commonsense import DATASETS
 
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_task_arguments(p, ", ".join(DATASETS), "the eight datasets' prompt style (default: paper)")
     add_model_arguments(p, DEFAULT_MODEL, "hub id, local folder or .gguf file", fsdp=True)
+    add_report_arguments(p)
     p.add_argument("--split", help="where the samples come from (default: the task's train split; a single file's "
                    "rows)")
     p.add_argument("--pool", type=int, help="draw the samples from the first N rows of the split (default: all)")
@@ -61,6 +63,7 @@ def parse_args(argv=None):
     check_at_least(args, 1, "samples", "batch_size", "token_budget", "random_trials", "pool", "heads_per_layer")
     check_at_least(args, 0, "validate_limit")
     check_fsdp(args)
+    check_report_to(args.report_to)
     return args
 
 
@@ -74,6 +77,7 @@ from records import check_same_run, open_task_for  # noqa: E402
 from runs import (check_inputs_kept, check_writable, hold_output, input_paths, read_json,  # noqa: E402
                   software_versions, write_json)
 from sharding import shard_sizes  # noqa: E402
+from trackers import start_reporting, tracker_folder  # noqa: E402
 from data.scoring import (PRIMARY, answer_samples, baselines, context_limit, metrics,  # noqa: E402
                           score_continuations, task_metric)
 from data.common import CHOICE  # noqa: E402
@@ -219,11 +223,18 @@ def main(argv=None):
     samples = answer_samples(tokenizer, [examples[i] for i in state["sample_indices"]], context_limit(model))
 
     started = time.time() - state["seconds"]
+    # the trackers: one step a layer; a resumed search continues their runs and sends no layer twice
+    reporter = start_reporting(args, "locate", settings, state.get("trackers"), sent=len(state["loss_matrix"]) or -1)
+    state["trackers"] = reporter.ids
 
     def save_progress(state):
         state["seconds"] = time.time() - started
         if distributed.rank() == 0:
             write_json(progress_path, state)
+        layer, row = len(state["loss_matrix"]) - 1, state["loss_matrix"][-1]
+        chosen = [row[h] for h in state["circuit"][str(layer)]] if str(layer) in state["circuit"] else []
+        reporter.log({"chosen_heads_loss": sum(chosen) / max(1, len(chosen)), "all_heads_loss": sum(row) / len(row),
+                      "circuit_below_loss": state["circuit_below_loss"][-1]}, layer + 1)
 
     circuit, _ = locate_circuit(model, samples, heads_per_layer=n, token_budget=args.token_budget,
                                 on_layer=save_progress, state=state, progress=not args.no_progress)
@@ -258,6 +269,8 @@ def main(argv=None):
               f"{v['circuit_masked']:.3f}, random heads masked {v['random_masked_mean']:.3f} "
               + (f"+- {v['random_masked_std']:.3f} ({args.random_trials} draws)" if args.random_trials > 1
                  else "(1 draw: no spread to give)"))
+        reporter.log({f"validation_{k}": v[k] for k in ("unmasked", "circuit_masked", "random_masked_mean",
+                                                        "random_masked_std", "chance")}, layers + 1)
         if not knows_the_task(v):
             print(f"warning: the unmasked model ({v['unmasked']:.3f}) is not clearly above chance ({v['chance']:.3f}) "
                   f"and the {commonest} ({v['majority']:.3f}), so the circuit says little about task knowledge; "
@@ -266,8 +279,13 @@ def main(argv=None):
     if distributed.rank() == 0:
         write_json(args.out, result)
         heat_map(result, svg)
+        if reporter.ids:  # the heat map as an image in the trackers
+            png = os.path.join(tracker_folder(args.out), "heatmap.png")
+            heat_map(result, png)
+            reporter.image("heatmap", png, layers + 1)
         if os.path.exists(progress_path):
             os.remove(progress_path)
+    reporter.close()
     times = f"search {seconds:.1f} s" + (f", validation {result['validation_seconds']:.1f} s"
                                          if val_examples is not None else "")
     print(f"located {sum(map(len, circuit.values()))} heads ({times}; {time.time() - begun:.1f} s in all for this "

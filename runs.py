@@ -87,12 +87,19 @@ def input_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "headmap.json", "README.md", "training.json",
              "log.jsonl", "curves.svg")
 RESUME_DIR = "resume"
-CHECKPOINT, BEFORE = "checkpoint.pt", "before.json"  # in RESUME_DIR: the training state, the base model's numbers
+# in RESUME_DIR: the training state, the base model's numbers, the --report-to trackers' run ids
+CHECKPOINT, BEFORE, TRACKER_IDS = "checkpoint.pt", "before.json", "trackers.json"
 
 
 def resume_file(out: str, name: str) -> str:
     """Where the resumable state `name` (CHECKPOINT, BEFORE) of the run in `out` lives."""
     return os.path.join(out, RESUME_DIR, name)
+
+
+def read_tracker_ids(out: str) -> dict | None:
+    """The --report-to tracker runs of the run in `out` ({tracker: id}), for --resume to continue them."""
+    path = resume_file(out, TRACKER_IDS)
+    return read_json(path, "tracker ids", "delete it to start new tracker runs") if os.path.exists(path) else None
 
 
 def adopt_old_layout(out: str) -> None:
@@ -177,25 +184,26 @@ class RunLog:
             self.fd = None
 
 
-def open_log(out: str, step: int, main_rank: bool) -> RunLog:
+def open_log(out: str, step: int, main_rank: bool) -> tuple[RunLog, int]:
     """log.jsonl, for appending: on resume cut back to the checkpoint's step (the steps after it run again; a line
-    a killed run left half-written is among them)."""
+    a killed run left half-written is among them). Also the last step it held before the cut: what the trackers
+    of --report-to received already (-1: none)."""
     path = os.path.join(out, "log.jsonl")
     if not main_rank:
-        return RunLog(None)
-    kept = []
+        return RunLog(None), -1
+    lines = []
     if step and os.path.exists(path):
-        def steps_so_far(p):
+        def whole_lines(p):
             with open(p, encoding="utf-8") as f:
-                lines = [line for line in f if line.strip()]
-            if lines and not lines[-1].endswith("\n"):
-                lines.pop()  # torn by a kill mid-write: a step after the checkpoint's
-            return [line for line in lines if json.loads(line)["step"] <= step]
-        kept = read_checked(path, "training log", steps_so_far, f"delete it and {RESUME_DIR}/ to start over")
+                found = [line for line in f if line.strip()]
+            if found and not found[-1].endswith("\n"):
+                found.pop()  # torn by a kill mid-write: a step after the checkpoint's
+            return [(json.loads(line)["step"], line) for line in found]
+        lines = read_checked(path, "training log", whole_lines, f"delete it and {RESUME_DIR}/ to start over")
     from headmap.files import atomic
     with atomic(path) as tmp, open(tmp, "w") as f:
-        f.writelines(kept)
-    return RunLog(path)
+        f.writelines(line for s, line in lines if s <= step)
+    return RunLog(path), max((s for s, _ in lines), default=-1)
 
 
 _held = {}  # path -> the open lock file, held until the process ends
