@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "100, or a tenth of a run of 100 steps or fewer)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: all epochs)")
     p.add_argument("--max-length", type=int, default=512, help="cut training texts at this many tokens")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute each decoder "
+                   "layer in backward instead of keeping its activations: the same losses and adapter in far less "
+                   "memory, for one more forward a step (docs/scaling.md's table; default: on with --fsdp, else off)")
     p.add_argument("--train-limit", type=int, help="train on the first N rows only (default: all)")
     p.add_argument("--eval-every", type=int, default=200, help="measure the validation loss every N steps")
     p.add_argument("--checkpoint-every", type=int, default=20, help="save what --resume needs every N steps")
@@ -78,6 +81,8 @@ def parse_args(argv=None):
     check_positive(args, "lr", "alpha", "scaling")
     check_fsdp(args)
     check_report_to(args.report_to)  # a tracker that is not installed: one line now, not after the model loads
+    if args.activation_checkpointing is None:  # where memory binds: a sharded model
+        args.activation_checkpointing = args.fsdp
     if not 0.0 <= args.dropout < 1.0:  # also refuses nan
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
     hold_output(args.out)  # a live run in --out is named before anything else is said of the folder
@@ -163,7 +168,7 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
         train_adapter(model, adapter, epoch_batches(train_seqs, pad_id, args.batch_size, args.epochs, args.seed),
                       total, args.lr, args.warmup, token_budget=args.token_budget, eval_every=args.eval_every,
                       eval_batch=lm_batch(val_seqs, pad_id), resume=ckpt, on_step=after_step, seed=args.seed,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, activation_checkpointing=args.activation_checkpointing)
     except FloatingPointError as err:  # run_script prints it (exit 1): not bad input
         best = latest["checkpoint"]()["best"]
         raise FloatingPointError(f"{err}. The best adapter so far (step {best['step']}) is in {args.out}") from None
@@ -294,6 +299,7 @@ def main(argv=None):
         "trainable_parameters": trainable,
         "hyper_parameters": {k: getattr(args, k) for k in HYPER_PARAMETERS},
         "processes": distributed.world(),
+        "activation_checkpointing": args.activation_checkpointing,
         "sharding": shard_sizes(model),  # --fsdp: the bytes of the frozen weights, in all and on each rank
         "metric": PRIMARY[task.kind],
         "accuracy_before": before,

@@ -24,7 +24,7 @@ _EXPORTS = {
     "locate": ["locate_circuit", "unmasked_answer_loss"],
     "circuit": ["read_circuit", "circuit_from", "circuit_entry", "check_circuit", "circuit_mask", "random_circuit_like"],
     "adapters": ["attach_headmap", "attach_lora", "save_adapter", "load_adapter", "merge_adapter"],
-    "train": ["train_adapter", "batch_loss"],
+    "train": ["train_adapter", "batch_loss", "checkpointed_layers"],
     "files": ["atomic"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -97,6 +97,6 @@ def same_passes(model: nn.Module, most: int, backward: bool = False):
     for _ in range(most - passes[0]):
         _padding[0] += 1
         with torch.enable_grad() if backward else torch.no_grad():
-            logits = model(input_ids=token).logits
+            logits = model(input_ids=token, use_cache=False).logits  # as summed_nll runs it
             if backward:
                 (logits.float().sum() * 0.0).backward()

@@ -11,6 +11,7 @@ rank runs every world()-th row by length and the gradients are summed, so every 
 """
 import itertools
 import math
+from contextlib import contextmanager
 from typing import Callable, Iterable
 
 import torch
@@ -20,13 +21,15 @@ from tqdm import tqdm
 
 from . import distributed
 from .batching import length_groups, pass_overhead_tokens
+from .masking import decoder_layers
 
 def summed_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token NLL over the labelled tokens of one right-padded pass (rows, tokens), a device scalar."""
     device = next(model.parameters()).device
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (rows, tokens, vocab)
+        # no key/value cache: training needs none, and a checkpointed layer run again in backward would extend it
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (rows, tokens, V)
     # position t predicts label t+1; the last position predicts nothing. Labelling it -100 instead of slicing the
     # logits spares the backward pass a zero-filled copy of the whole [rows, length, vocab] logits tensor.
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
@@ -79,6 +82,29 @@ def all_reduce_grads(params: list[nn.Parameter]) -> None:
         p.grad = g.view_as(p)
 
 
+@contextmanager
+def checkpointed_layers(model: nn.Module, enabled: bool = True):
+    """Within the block each decoder layer of `model` keeps only its input for backward and runs again in the
+    backward pass (activation checkpointing): the activations of one layer at a time instead of all of them, for one
+    more forward per step (the base is frozen: no weight gradient is recomputed). PyTorch's non-reentrant checkpoint
+    through its composable, hook-based form (no layer's forward is rewritten; FSDP2's fully_shard composes with it),
+    which replays the random state, so dropout draws the same masks and the results are those of the plain run."""
+    if not enabled:
+        yield
+        return
+    from torch.distributed._composable import checkpoint
+    layers = decoder_layers(model)
+    for layer in layers:
+        if checkpoint.state(layer) is None:  # applied once per layer, then switched on and off
+            checkpoint(layer)
+        checkpoint.state(layer).enable_hook = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            checkpoint.state(layer).enable_hook = False
+
+
 def linear_schedule(steps: int, warmup: int) -> Callable[[int], float]:
     """The learning-rate factor at a step: linear warm-up over `warmup` steps, then linear decay to 0 at `steps`."""
     return lambda step: step / max(1, warmup) if step < warmup else max(0.0, (steps - step) / max(1, steps - warmup))
@@ -88,7 +114,7 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
                   warmup: int = 0, max_grad_norm: float = 1.0, token_budget: int = 4096,
                   eval_batch: dict | None = None, eval_every: int | None = None, resume: dict | None = None,
                   on_step: Callable[[dict, Callable[[], dict]], None] | None = None, seed: int = 0,
-                  progress: bool = False) -> list[float]:
+                  progress: bool = False, activation_checkpointing: bool = False) -> list[float]:
     """Train `adapter` on the frozen `model`: AdamW, linear warm-up and decay, gradient clipping.
 
     AdamW has no weight decay (fused on CUDA). A model whose own weights still require gradients is refused
@@ -112,6 +138,8 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
             "optimizer", "schedule", "rng", "step", "best"} at that step, for torch.save.
         seed: seeds the other ranks' dropout streams.
         progress: show a tqdm bar over the steps.
+        activation_checkpointing: recompute each decoder layer in backward instead of keeping its activations
+            (checkpointed_layers): the same losses and adapter, in far less memory, for one more forward a step.
 
     Returns:
         The losses of the steps run here.
@@ -150,30 +178,31 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
 
     losses = []
     bar = tqdm(total=steps, initial=step, desc=f"training {getattr(adapter, 'method', 'adapter')}", disable=not progress)
-    for batch in itertools.islice(batches, step, steps):
-        loss = batch_loss(model, batch, token_budget, backward=True)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower the learning rate")
-        all_reduce_grads(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        step += 1
-        losses.append(loss)
-        record = {"step": step, "loss": loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm}
-        if eval_batch is not None and (step % (eval_every or steps) == 0 or step == steps):
-            adapter.eval()
-            record["val_loss"] = batch_loss(model, eval_batch, token_budget)
-            adapter.train()
-            if record["val_loss"] < best["loss"]:
-                record["best"] = True
-                best = {"loss": record["val_loss"], "step": step,
-                        "state": {k: v.detach().clone() for k, v in adapter.state_dict().items()}}
-        if on_step is not None:
-            on_step(record, checkpoint)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        bar.update(1)
+    with checkpointed_layers(model, activation_checkpointing):
+        for batch in itertools.islice(batches, step, steps):
+            loss = batch_loss(model, batch, token_budget, backward=True)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower the learning rate")
+            all_reduce_grads(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            step += 1
+            losses.append(loss)
+            record = {"step": step, "loss": loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm}
+            if eval_batch is not None and (step % (eval_every or steps) == 0 or step == steps):
+                adapter.eval()
+                record["val_loss"] = batch_loss(model, eval_batch, token_budget)
+                adapter.train()
+                if record["val_loss"] < best["loss"]:
+                    record["best"] = True
+                    best = {"loss": record["val_loss"], "step": step,
+                            "state": {k: v.detach().clone() for k, v in adapter.state_dict().items()}}
+            if on_step is not None:
+                on_step(record, checkpoint)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.update(1)
     bar.close()
     if best["state"] is not None:  # no finite validation loss at all: keep the last weights
         adapter.load_state_dict(best["state"])
