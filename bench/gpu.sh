@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU claim in one device call (about 8 minutes on an H100 or H200): the kernel's exactness, the kernel against
-# SDPA (flash, cuDNN) and FlexAttention at every masked share, a 7B training step against PEFT + Trainer, locate's
+# SDPA (flash, cuDNN) and FlexAttention at every masked share, a 7B training step against PEFT + Trainer (and with
+# --activation-checkpointing beside it), locate's
 # MFU at 7B, HeadMap's step profiled against LoRA's, evaluate against lm-eval's HF backend at 7B, --fsdp's
 # locate and training step sharded over the machine's GPUs; then
 # bench/gpu_claims.py's table.

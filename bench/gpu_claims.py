@@ -64,6 +64,9 @@ def finetune_claims(rows) -> dict:
     rate = {(r["path"], r["method"]): r["tokens_per_s"] for r in rows}
     return {"headmap_tokens_per_s": rate.get(("ours", "headmap-mha")), "lora_tokens_per_s": rate.get(("ours", "lora")),
             "dora_tokens_per_s": rate.get(("ours", "dora")),
+            # --activation-checkpointing's cost: one more forward of the layers a step
+            "headmap_checkpointed_tokens_per_s": rate.get(("ours, checkpointed", "headmap-mha")),
+            "lora_checkpointed_tokens_per_s": rate.get(("ours, checkpointed", "lora")),
             "peft_trainer_tokens_per_s": rate.get(("trainer, same batches", "lora")),
             "peft_trainer_dora_tokens_per_s": rate.get(("trainer, same batches", "dora"))}
 

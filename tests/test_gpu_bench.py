@@ -28,7 +28,8 @@ def test_the_one_gpu_script_dry_run_checks_the_kernel_and_writes_every_claim(tmp
     check_scale_sections(json.loads((raw / "scale.json").read_text()), ("locate_7b_arc", "finetune_7b"))
     got = json.loads(claims.read_text())
     for key in ("kernel_vs_best_unmasked", "kernel_vs_best_masked", "headmap_tokens_per_s", "lora_tokens_per_s",
-                "peft_trainer_tokens_per_s", "locate_mfu", "locate_seconds", "profiled_headmap_step_over_lora",
+                "peft_trainer_tokens_per_s", "headmap_checkpointed_tokens_per_s", "lora_checkpointed_tokens_per_s",
+                "locate_mfu", "locate_seconds", "profiled_headmap_step_over_lora",
                 "evaluate_vs_lm_eval_hf",
                 "protocol_gpu_hours"):
         assert isinstance(got[key], float) and got[key] > 0, (key, got)
@@ -54,9 +55,13 @@ def check_scale_sections(data: dict, names: tuple[str, ...]) -> None:
             assert len(data[name]["circuit"]) == data[name]["layers"]
     if "finetune_7b" in names:
         assert [(r["path"], r["method"]) for r in data["finetune_7b"]] == [
-            ("ours", "headmap-mha"), ("ours", "lora"), ("ours", "dora"), ("trainer, same batches", "lora"),
+            ("ours", "headmap-mha"), ("ours, checkpointed", "headmap-mha"), ("ours", "lora"),
+            ("ours, checkpointed", "lora"), ("ours", "dora"), ("trainer, same batches", "lora"),
             ("trainer, same batches", "dora"), ("trainer, by length", "lora"), ("trainer, by length", "dora")]
         assert all(r["tokens_per_s"] > 0 for r in data["finetune_7b"])
+        losses = {(r["path"], r["method"]): r["loss"] for r in data["finetune_7b"]}
+        for method in ("headmap-mha", "lora"):  # the checkpointed step is the same step
+            assert losses[("ours, checkpointed", method)] == losses[("ours", method)], method
 
 
 def test_scale_check_dry_run_runs_every_section(tmp_path):
