@@ -84,15 +84,24 @@ def test_checkpointing_keeps_a_fraction_and_layers_below_the_adapter_keep_nothin
     assert only_top == kept_for_backward(one_layer, batch, False)  # as if the model had only the top layer
 
 
-def test_under_torchrun_fsdp_checkpointing_is_on_by_default_and_changes_nothing(tiny_folder, tmp_path):
-    from tests.test_fsdp import check_adapters_and_logs
-    args = ["finetune.py", "--model", tiny_folder, "--dataset", "arc_easy", "--method", "lora", "--dropout", "0.1",
+def test_sharded_lora_equals_one_process_checkpointed_by_default_or_not(tiny_folder, tmp_path):
+    """--fsdp --method lora: the sharded run, checkpointed (--fsdp's default), equals one process (not checkpointed:
+    the default without --fsdp), and the sharded run without checkpointing equals it to 1e-6. Dropout off: the ranks
+    draw their own masks, so with dropout no two-process run equals one process (dropout under checkpointing is
+    replayed exactly: the tests above)."""
+    from tests.test_fsdp import check_adapters_and_logs, check_sharding
+    args = ["finetune.py", "--model", tiny_folder, "--dataset", "arc_easy", "--method", "lora", "--dropout", "0",
             "--train-limit", "16", "--batch-size", "5", "--max-steps", "3", "--warmup", "1", "--eval-every", "3",
-            "--val-limit", "4", "--eval-limit", "4", "--lr", "1e-2", "--fsdp"]
-    launch(*args, "--out", str(tmp_path / "on"), processes=2)
-    launch(*args, "--out", str(tmp_path / "off"), "--no-activation-checkpointing", processes=2)
-    records = [json.loads((tmp_path / n / "training.json").read_text()) for n in ("on", "off")]
-    assert [r["activation_checkpointing"] for r in records] == [True, False]
-    check_adapters_and_logs(tmp_path / "off", tmp_path / "on", steps=3)
-    logs = [[json.loads(line) for line in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("on", "off")]
+            "--val-limit", "4", "--eval-limit", "4", "--lr", "1e-2"]
+    launch(*args, "--out", str(tmp_path / "one"))
+    launch(*args, "--out", str(tmp_path / "on"), "--fsdp", processes=2)
+    launch(*args, "--out", str(tmp_path / "off"), "--fsdp", "--no-activation-checkpointing", processes=2)
+    records = [json.loads((tmp_path / n / "training.json").read_text()) for n in ("one", "on", "off")]
+    assert [r["activation_checkpointing"] for r in records] == [False, True, False]
+    assert [r["processes"] for r in records] == [1, 2, 2] and records[1]["method"] == "lora"
+    check_sharding(records[1])
+    logs = [[json.loads(line) for line in (tmp_path / n / "log.jsonl").read_text().splitlines()]
+            for n in ("on", "off")]
     assert [e["loss"] for e in logs[0]] == pytest.approx([e["loss"] for e in logs[1]], rel=1e-6, abs=0)
+    check_adapters_and_logs(tmp_path / "off", tmp_path / "on", steps=3)
+    check_adapters_and_logs(tmp_path / "one", tmp_path / "on", steps=3)

@@ -176,15 +176,3 @@ def test_fsdp_refuses_a_sliding_window_model_before_any_weight_is_read(kind, tmp
     config.save_pretrained(tmp_path)  # a config and no weights: the refusal must come before any read
     with pytest.raises(UsageError, match=f"--fsdp does not take a model with sliding-window attention \\({config.model_type}"):
         load_sharded(str(tmp_path), torch.float32, torch.device("cpu"))
-
-
-def test_a_sharded_lora_run_equals_one_process(tiny_folder, tmp_path):
-    args = ["finetune.py", "--model", tiny_folder, "--dataset", "arc_easy", "--method", "lora", "--dropout", "0",
-            "--train-limit", "16", "--batch-size", "5", "--max-steps", "3", "--warmup", "1", "--eval-every", "3",
-            "--val-limit", "4", "--eval-limit", "4", "--lr", "1e-2"]
-    launch(*args, "--out", str(tmp_path / "one"))
-    launch(*args, "--out", str(tmp_path / "two"), "--fsdp", processes=2)
-    check_adapters_and_logs(tmp_path / "one", tmp_path / "two", steps=3)
-    record = json.loads((tmp_path / "two" / "training.json").read_text())
-    check_sharding(record)
-    assert record["method"] == "lora" and record["processes"] == 2

@@ -5,10 +5,6 @@ mean"; a missing circuit file is worded one way for --heads and --mask."""
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -21,41 +17,32 @@ UPLOAD = ["README.md", "adapter_config.json", "adapter_model.safetensors", "curv
 
 def lora_args(tiny_run, out, *extra):
     return ["finetune.py", "--model", str(tiny_run / "model"), "--method", "lora", "--dataset", "arc_easy",
-            "--train-limit", "24", "--batch-size", "4", "--max-steps", "30", "--epochs", "10", "--eval-every", "10",
-            "--val-limit", "4", "--eval-limit", "4", "--checkpoint-every", "2", "--warmup", "0", "--no-progress",
-            "--out", str(out), *extra]
+            "--train-limit", "24", "--batch-size", "4", "--max-steps", "6", "--eval-every", "3", "--val-limit", "4",
+            "--eval-limit", "4", "--checkpoint-every", "4", "--warmup", "0", "--no-progress", "--out", str(out),
+            *extra]
 
 
 def test_a_run_in_the_old_layout_resumes_and_its_folder_becomes_shareable(tiny_run, tmp_path):
     from safetensors.torch import load_file
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    assert run(*lora_args(tiny_run, ref)).returncode == 0
-    assert sorted(os.listdir(ref)) == UPLOAD and sorted(os.listdir(ref / "resume")) == ["before.json", "checkpoint.pt"]
-    settings = json.loads((ref / "resume" / "before.json").read_text())["settings"]
+    out = tmp_path / "run"
+    assert run(*lora_args(tiny_run, out)).returncode == 0
+    assert sorted(os.listdir(out)) == UPLOAD and sorted(os.listdir(out / "resume")) == ["before.json", "checkpoint.pt"]
+    settings = json.loads((out / "resume" / "before.json").read_text())["settings"]
     assert {"rank", "alpha", "dropout"} <= set(settings) and not {"variant", "scaling", "circuit"} & set(settings)
-    assert "versions" in json.loads((ref / "training.json").read_text())
-    # stopped part-way, then laid out as a run written before the resume/ folder: its state at the top of --out
-    proc = subprocess.Popen([sys.executable, *lora_args(tiny_run, out)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-    deadline = time.time() + 120
-    while not (out / "resume" / "checkpoint.pt").exists():
-        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 143
+    assert "versions" in json.loads((out / "training.json").read_text())
+    finished = load_file(out / "adapter_model.safetensors")
+    # laid out as a run written before the resume/ folder: its state at the top of --out
     for name in ("checkpoint.pt", "before.json"):
         os.replace(out / "resume" / name, out / name)
     os.rmdir(out / "resume")
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
-    assert 0 < step < 30
+    assert step == 6  # the last checkpoint is the last validation's
     resumed = run(*lora_args(tiny_run, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming at step {step}" in resumed.stdout
+    assert f"resuming at step {step}" in resumed.stdout  # its checkpoint found where the old layout kept it
     assert sorted(os.listdir(out)) == UPLOAD and sorted(os.listdir(out / "resume")) == ["before.json", "checkpoint.pt"]
-    want, got = load_file(ref / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    got = load_file(out / "adapter_model.safetensors")
+    assert finished.keys() == got.keys() and all(torch.equal(finished[k], got[k]) for k in finished)
 
 
 def test_locates_last_line_gives_the_search_the_validation_and_the_whole(tiny_run, tmp_path):
