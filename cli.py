@@ -3,7 +3,8 @@
 The scripts' other shared pieces live beside this: runs.py (the files a run reads and writes: outputs, run folders,
 checkpoints, the claim on --out), records.py (what earlier runs recorded: options settled from it, resume checked
 against it), models.py (loading a model: hub id, folder or GGUF; device, dtype, device map; torchrun's process
-group), gguf_files.py (a GGUF file checked and de-quantised once) and sharding.py (--fsdp). None of them imports
+group), gguf_files.py (a GGUF file checked and de-quantised once), sharding.py (--fsdp), cards.py (model cards)
+and trackers.py (--report-to). None of them imports
 torch at the top: the scripts import them before they parse their arguments, and --help should not wait for torch.
 """
 import argparse

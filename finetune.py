@@ -103,7 +103,8 @@ from cli import refused  # noqa: E402
 from models import base_weights, hub_id_of, load_model, pick_device, start_distributed  # noqa: E402
 from records import open_task_for, read_circuit_file, read_interrupted_run, recorded, settle  # noqa: E402
 from runs import (BEFORE, CHECKPOINT, TRACKER_IDS, open_log, read_checkpoint, read_tracker_ids,  # noqa: E402
-                  resume_file, software_versions, write_json, write_model_card)
+                  resume_file, software_versions, write_json)
+from cards import write_model_card  # noqa: E402
 from sharding import shard_sizes  # noqa: E402
 from data.scoring import PRIMARY, epoch_batches, lm_batch, pad_id_of, task_metric, training_texts  # noqa: E402
 from data.common import held_out_rows  # noqa: E402
@@ -131,7 +132,7 @@ def total_steps(n_rows, args):
 
 
 def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda step: None, ckpt=None,
-          reporter=NoReporter(), base: dict | None = None):
+          reporter=None, base: dict | None = None):
     """train_adapter with the run's files: the best adapter written to --out when it improves, a checkpoint every
     --checkpoint-every steps and at each validation, one log line per step, sent to the `reporter`'s trackers too
     (after `base`, the base model's numbers, at step 0). Continues from `ckpt` (read here with --resume when not
@@ -148,6 +149,7 @@ def train(model, adapter, train_seqs, val_seqs, pad_id, args, on_step=lambda ste
     # train_adapter keeps the best adapter and says which it is in each step's checkpoint: the latest one is read
     latest = {"checkpoint": lambda: ckpt or {"best": {"loss": math.inf, "step": 0}}}
     total = total_steps(len(train_seqs), args)
+    reporter = reporter or NoReporter()
     log, reporter.sent = open_log(args.out, ckpt["step"] if ckpt else 0, main_rank)  # steps sent: not again
     reporter.log(base or {}, 0)
     start_time = time.time() - (ckpt["seconds"] if ckpt else 0.0)  # the log's seconds run on across resumes
@@ -273,7 +275,7 @@ def main(argv=None):
         adapter.eval()
         after = task_metric(model, tokenizer, task.kind, eval_examples, args.batch_size, not args.no_progress,
                             "accuracy after")
-        reporter.log({"accuracy_after": after, "accuracy_before": before, "trainable_parameters": trainable}, steps)
+        reporter.log({"accuracy_after": after, "trainable_parameters": trainable}, steps)  # before: at step 0
     finally:
         reporter.close()
 

@@ -90,7 +90,8 @@ if __name__ == "__main__":
 from cli import refused  # noqa: E402
 from models import load_model  # noqa: E402
 from records import check_adapter_weights, recorded, settle  # noqa: E402
-from runs import read_json, write_merged_card  # noqa: E402
+from cards import write_merged_card  # noqa: E402
+from runs import read_json  # noqa: E402
 from headmap.adapters import load_adapter, merge_adapter  # noqa: E402
 from headmap.files import atomic, space_for  # noqa: E402
 

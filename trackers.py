@@ -120,7 +120,10 @@ class Reporter:
                     run.add_image(key, matplotlib.image.imread(png)[..., :3], step, dataformats="HWC")
                 self._guard(name, add)
             elif name == "wandb":
-                self._guard(name, lambda: run.log({key: __import__("wandb").Image(png)}, step=max(step, self.sent + 1)))
+                def add(run=run):
+                    import wandb
+                    run.log({key: wandb.Image(png)}, step=max(step, self.sent + 1))
+                self._guard(name, add)
             else:
                 self._guard(name, lambda: run.log_artifact(png))
 

@@ -558,8 +558,8 @@ def _with_biases(model: nn.Module, names: list[str]) -> nn.Module:
     modules = dict(model.named_modules())
     if all(modules[name].bias is not None for name in names):
         return model
-    in_attention = {name for attn in attention_modules(model) for name, m in modules.items()
-                    if any(m is sub for sub in attn.modules())}
+    inside = {id(sub) for attn in attention_modules(model) for sub in attn.modules()}
+    in_attention = {name for name, m in modules.items() if id(m) in inside}
     switches = {"attention_bias" if name in in_attention else "mlp_bias" for name in names
                 if modules[name].bias is None}
     config = copy.deepcopy(model.config)
