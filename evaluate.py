@@ -20,11 +20,16 @@ import os
 import sys
 from contextlib import nullcontext
 
-from cli import (HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
-                 check_fsdp, run_script, user_path)
-from models import DEFAULT_MODEL
-from trackers import add_report_arguments, check_report_to
+from cli.arguments import (HelpFormatter, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
+                           user_path)
+from cli.exits import UsageError, refused, run_script
+from cli.loading import DEFAULT_MODEL
+from cli.outputs import claim_out
+from cli.run_folder import TRAINING
+from cli.torchrun import check_processes
+from cli.trackers import add_report_arguments, check_report_to
 from data.commonsense import DATASETS
+from headmap.files import ADAPTER_CONFIG
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,38 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked: a wrong value is one line here, before anything is read or written."""
     args = build_parser().parse_args(argv)
     if not args.dataset:
         raise UsageError("pass --dataset: one of the eight, all, a file or folder of your own rows, or lm-eval:TASK")
     check_at_least(args, 1, "limit", "batch_size")
-    check_fsdp(args)
+    check_processes(args)
     check_report_to(args.report_to)
     if args.random_mask and not args.mask:
         raise UsageError("--random-mask needs --mask heads.json to know how many heads to ablate per layer")
-    if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+    if args.adapter and not os.path.isfile(os.path.join(args.adapter, ADAPTER_CONFIG)):
         raise UsageError(f"{args.adapter} has no adapter_config.json; pass a folder written by finetune.py or PEFT")
     return args
-
-
-if __name__ == "__main__":
-    run_script(parse_args)  # --help and bad arguments answer at once, before torch and transformers load
-
-import torch  # noqa: E402
-
-from cli import refused  # noqa: E402
-from models import load_model, pick_device, start_distributed  # noqa: E402
-from records import check_adapter_weights, open_task_for, read_circuit_file, recorded, settle  # noqa: E402
-from runs import (check_inputs_kept, check_writable, hold_output, input_paths, software_versions,  # noqa: E402
-                  write_json)
-from sharding import shard_sizes  # noqa: E402
-from trackers import start_reporting  # noqa: E402
-from data.scoring import PRIMARY, context_limit, metrics, reported, score_continuations  # noqa: E402
-from data.common import CHOICE  # noqa: E402
-from headmap import distributed  # noqa: E402
-from headmap.adapters import load_adapter  # noqa: E402
-from headmap.circuit import check_circuit, circuit_mask, random_circuit_like  # noqa: E402
-from headmap.masking import layers_and_heads, mask_heads  # noqa: E402
 
 
 def same_rows(a: dict, b: dict) -> bool:
@@ -94,18 +80,18 @@ def same_rows(a: dict, b: dict) -> bool:
     return a == b
 
 
-def check_task_records(args, records: dict, here: dict) -> None:
+def check_task_records(run, records: dict, here: dict) -> None:
     """An adapter scored on the rows it was trained on gives no held-out number: refused unless --force. An adapter
     or circuit made on another task, or on another version of this file, is a choice (transfer), warned of.
     `records` is what recorded() read of the adapter and circuit files, `here` the rows to score ({dataset, split,
     data})."""
     name, split = here["dataset"], here["split"]
-    adapter_record = args.adapter and os.path.join(args.adapter, "training.json")
+    adapter_record = run.adapter and os.path.join(run.adapter, TRAINING)
     for path, dataset in records["dataset"].items():
         what = "adapter" if path == adapter_record else "circuit"
         made = {"dataset": dataset, "split": records["split"][path] or "train", "data": records["data"][path] or {}}
-        if what == "adapter" and same_rows(made, here) and not args.force:
-            raise UsageError(f"{args.adapter} was trained on these rows ({name}, {split}), so its score here is not "
+        if what == "adapter" and same_rows(made, here) and not run.force:
+            raise UsageError(f"{run.adapter} was trained on these rows ({name}, {split}), so its score here is not "
                              "a held-out number (training.json's accuracy_after is); score another split, or pass "
                              "--force")
         if dataset not in (None, name):
@@ -116,87 +102,83 @@ def check_task_records(args, records: dict, here: dict) -> None:
                   file=sys.stderr)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def read_tasks(args: argparse.Namespace):
+    """The settings (--model from what the adapter or circuit recorded, where left out) and every task's rows,
+    loaded before the model: a missing file or a bad row fails in a second, not after minutes. Returns (settings,
+    {name: task}, {name: (split, source, rows)}, circuit or None)."""
+    from cli.arguments import settled
+    from cli.earlier_runs import check_adapter_weights, open_task_for, read_circuit_file, recorded, settle
     names = list(DATASETS) if args.dataset == "all" else args.dataset.split(",")
-    if args.out:
-        hold_output(args.out)
-        check_writable(args.out, args.overwrite)
-        if args.overwrite:
-            check_inputs_kept({"--out": args.out}, input_paths(args))
     records = recorded(args.adapter, args.mask)
     if args.adapter:
         check_adapter_weights(args.adapter)
-    args.model = settle("model", args.model, records["model"], DEFAULT_MODEL, args.force)
-    # Every task's rows load before the model, so a missing file or a bad row fails in a second, not after minutes.
-    tasks = {name: open_task_for(name, args, records["prompt"]) for name in names}
+    run = settled(args, model=settle("model", args.model, records["model"], DEFAULT_MODEL, args.force))
+    tasks = {name: open_task_for(name, run, records["prompt"]) for name in names}
     examples = {}
     for name, task in tasks.items():
-        split = task.check_split(args.split)
+        split = task.check_split(run.split)
         source = task.source(split)
-        check_task_records(args, records, {"dataset": task.name, "split": split, "data": source})
-        examples[name] = (split, source, task.examples(split, args.limit))
+        check_task_records(run, records, {"dataset": task.name, "split": split, "data": source})
+        examples[name] = (split, source, task.examples(split, run.limit))
+    return run, tasks, examples, read_circuit_file(run.mask) if run.mask else None
 
-    circuit = read_circuit_file(args.mask) if args.mask else None
-    start_distributed(pick_device(args.device), args.fsdp)
-    model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map, args.trust_remote_code,
-                                  not args.no_progress, args.fsdp)
-    param = next(model.parameters())
-    prompts = {task.prompt for task in tasks.values()} - {None}
-    results = {
-        "model": args.model,
-        "prompt": prompts.pop() if len(prompts) == 1 else None,
-        "adapter": args.adapter,
-        "mask": None,
-        "split": args.split,
-        "limit": args.limit,
-        "dtype": str(param.dtype).replace("torch.", ""),
-        "device": str(param.device),
-        "device_map": args.device_map,
-        "trust_remote_code": args.trust_remote_code,
-        "data_dir": args.data_dir,
-        "versions": software_versions(),
-        "sharding": shard_sizes(model),  # --fsdp: the bytes of the weights, in all and on each rank
-        "results": {},  # per task: its metrics, their standard errors, its rows
-    }
-    if args.adapter:
-        with refused(f"cannot load adapter {args.adapter} onto {args.model}", "pass its base model with --model"):
-            load_adapter(model, args.adapter)
-    mask = None
-    if circuit is not None:
-        layers, heads = layers_and_heads(model)
-        with refused(f"{args.mask} does not fit {args.model}"):
-            check_circuit(circuit, layers, heads)
-        if args.random_mask:
-            circuit = random_circuit_like(circuit, heads, torch.Generator().manual_seed(args.seed))
-        mask = circuit_mask(circuit, layers, heads)
-        results["mask"] = {"file": args.mask, "random": args.random_mask, "seed": args.seed,
-                           "heads": {str(layer): chosen for layer, chosen in circuit.items()}}
-    for name, task in tasks.items():
-        split, source, rows = examples[name]
-        with mask_heads(model, mask) if mask is not None else nullcontext():
-            scores = score_continuations(model, tokenizer, rows, args.batch_size, progress=not args.no_progress,
-                                         desc=name)
-        m = metrics(task.kind, rows, scores)
-        entry = {"kind": task.kind, "prompt": task.prompt, **reported(task.kind, m),
-                 "n": m["n"], "split": split, "data": source,
-                 # rows longer than the model's positions, their context cut from the left (lm-eval's rule)
-                 "context_cut": {"rows": sum(map(bool, scores.cut)), "most_tokens": max(scores.cut, default=0),
-                                 "limit": context_limit(model)}}
-        if args.log_samples:
-            entry["samples"] = [{"index": i, "scores": s, "gold": ex.gold, "correct": c, "greedy": g}
-                                for i, (s, ex, c, g) in enumerate(zip(scores.logprob, rows, m["correct"], scores.greedy))]
-            if task.kind == CHOICE:
-                for sample, pred in zip(entry["samples"], m["predictions"]):
-                    sample["pred"] = pred
-        results["results"][name] = entry
 
+def prepare_model(run, circuit: dict | None):
+    """The model as scored: loaded, its adapter attached, and the head mask of --mask (random heads like it with
+    --random-mask). Returns (model, tokenizer, mask or None, the mask's record or None)."""
+    from cli.earlier_runs import circuit_on
+    from cli.loading import load_model, pick_device
+    from cli.torchrun import start_distributed
+    from headmap.saving import load_adapter
+    from headmap.circuit import circuit_mask
+    from headmap.masking import layers_and_heads
+    start_distributed(pick_device(run.device), run.fsdp)
+    model, tokenizer = load_model(run.model, run.device, run.dtype, run.device_map, run.trust_remote_code,
+                                  not run.no_progress, run.fsdp)
+    if run.adapter:
+        with refused(f"cannot load adapter {run.adapter} onto {run.model}", "pass its base model with --model"):
+            load_adapter(model, run.adapter)
+    if circuit is None:
+        return model, tokenizer, None, None
+    circuit = circuit_on(model, circuit, run.mask, run.model, run.random_mask, run.seed)
+    layers, heads = layers_and_heads(model)
+    return model, tokenizer, circuit_mask(circuit, layers, heads), {
+        "file": run.mask, "random": run.random_mask, "seed": run.seed,
+        "heads": {str(layer): chosen for layer, chosen in circuit.items()}}
+
+
+def score_task(model, tokenizer, name: str, task, split: str, source: dict, rows: list, mask, run) -> dict:
+    """One task's metrics, their standard errors, its rows (and with --log-samples every row's scores)."""
+    from data.common import CHOICE
+    from data.scoring import context_limit, metrics, reported, score_continuations
+    from headmap.masking import mask_heads
+    with mask_heads(model, mask) if mask is not None else nullcontext():
+        scores = score_continuations(model, tokenizer, rows, run.batch_size, progress=not run.no_progress, desc=name)
+    m = metrics(task.kind, rows, scores)
+    entry = {"kind": task.kind, "prompt": task.prompt, **reported(task.kind, m),
+             "n": m["n"], "split": split, "data": source,
+             # rows longer than the model's positions, their context cut from the left (lm-eval's rule)
+             "context_cut": {"rows": sum(map(bool, scores.cut)), "most_tokens": max(scores.cut, default=0),
+                             "limit": context_limit(model)}}
+    if run.log_samples:
+        entry["samples"] = [{"index": i, "scores": s, "gold": ex.gold, "correct": c, "greedy": g}
+                            for i, (s, ex, c, g) in enumerate(zip(scores.logprob, rows, m["correct"], scores.greedy))]
+        if task.kind == CHOICE:
+            for sample, pred in zip(entry["samples"], m["predictions"]):
+                sample["pred"] = pred
+    return entry
+
+
+def print_table(results: dict, run) -> None:
+    """What was scored, and a line per task: its metric with its standard error, and the other metric."""
+    from data.common import CHOICE
+    from data.scoring import PRIMARY
     applied = []
-    if args.adapter:
-        applied.append(f"adapter {args.adapter}")
-    if mask is not None:
-        applied.append(f"{'random heads like' if args.random_mask else 'heads of'} {args.mask} masked")
-    print(f"\n{args.model}, {'; '.join(applied) or 'no adapter, no mask'}")
+    if run.adapter:
+        applied.append(f"adapter {run.adapter}")
+    if results["mask"] is not None:
+        applied.append(f"{'random heads like' if run.random_mask else 'heads of'} {run.mask} masked")
+    print(f"\n{run.model}, {'; '.join(applied) or 'no adapter, no mask'}")
     print(f"{'dataset':<24}{'split':<12}{'n':>6}  {'metric':<12}{'value':>7}{'± stderr':>10}  other metric")
     for name, r in results["results"].items():
         primary = PRIMARY[r["kind"]]
@@ -205,10 +187,41 @@ def main(argv=None) -> dict:
         shown = name if len(name) <= 23 else "..." + name[-20:]
         print(f"{shown:<24}{r['split']:<12}{r['n']:>6}  {primary:<12}{r[primary]:>7.3f}{r[primary + '_stderr']:>10.3f}"
               f"  {other}")
-    if args.out and distributed.rank() == 0:  # under torchrun every rank holds every score; rank 0 writes them
-        write_json(args.out, results)
-        print(f"wrote {args.out}")
-    reporter = start_reporting(args, "evaluate", {k: v for k, v in results.items() if k != "results"})
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    claim_out("file", args.out, args.overwrite, args)
+    run, tasks, examples, circuit = read_tasks(args)
+    from cli.json_records import software_versions, write_json
+    from cli.torchrun import shard_sizes
+    from cli.trackers import start_reporting
+    from headmap import distributed
+    model, tokenizer, mask, mask_record = prepare_model(run, circuit)
+    param = next(model.parameters())
+    prompts = {task.prompt for task in tasks.values()} - {None}
+    results = {
+        "model": run.model,
+        "prompt": prompts.pop() if len(prompts) == 1 else None,
+        "adapter": run.adapter,
+        "mask": mask_record,
+        "split": run.split,
+        "limit": run.limit,
+        "dtype": str(param.dtype).replace("torch.", ""),
+        "device": str(param.device),
+        "device_map": run.device_map,
+        "trust_remote_code": run.trust_remote_code,
+        "data_dir": run.data_dir,
+        "versions": software_versions(),
+        "sharding": shard_sizes(model),  # --fsdp: the bytes of the weights, in all and on each rank
+        "results": {name: score_task(model, tokenizer, name, task, *examples[name], mask, run)
+                    for name, task in tasks.items()},  # per task: its metrics, their standard errors, its rows
+    }
+    print_table(results, run)
+    if run.out and distributed.rank() == 0:  # under torchrun every rank holds every score; rank 0 writes them
+        write_json(run.out, results)
+        print(f"wrote {run.out}")
+    reporter = start_reporting(run, "evaluate", {k: v for k, v in results.items() if k != "results"})
     for name, r in results["results"].items():  # each task's metrics with their standard errors, as printed
         reporter.log({f"{name}/{k}": v for k, v in r.items() if k in ("acc", "acc_norm", "exact_match", "n",
                                                                        "nll_per_token") or k.endswith("_stderr")}, 0)

@@ -11,18 +11,18 @@ answers; the n heads whose masking hurts most join the circuit. Then the circuit
 with it masked against random heads of the same per-layer counts.
 """
 import argparse
-import json
-import math
 import os
-import statistics
 import sys
 import time
-from contextlib import nullcontext
 
-from cli import (HelpFormatter, UsageError, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
-                 check_fsdp, run_script, user_path)
-from models import DEFAULT_MODEL
-from trackers import add_report_arguments, check_report_to
+from cli.arguments import (HelpFormatter, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
+                           user_path)
+from cli.exits import UsageError, run_script
+from cli.loading import DEFAULT_MODEL
+from cli.outputs import claim_out
+from cli.run_folder import heat_map_file, progress_file, read_progress
+from cli.torchrun import check_processes
+from cli.trackers import add_report_arguments, check_report_to
 from data.commonsense import DATASETS
 
 
@@ -56,148 +56,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked: a wrong value is one line here, before anything is read or written."""
     args = build_parser().parse_args(argv)
     if not args.dataset:
         raise UsageError("pass --dataset: one of the eight, a file or folder of your own rows, or lm-eval:TASK")
     check_at_least(args, 1, "samples", "batch_size", "token_budget", "random_trials", "pool", "heads_per_layer")
     check_at_least(args, 0, "validate_limit")
-    check_fsdp(args)
+    check_processes(args)
     check_report_to(args.report_to)
     return args
 
 
-if __name__ == "__main__":
-    run_script(parse_args)  # --help and bad arguments answer at once, before torch and transformers load
-
-import torch  # noqa: E402
-
-from models import load_model, pick_device, start_distributed  # noqa: E402
-from records import check_same_run, open_task_for  # noqa: E402
-from runs import (check_inputs_kept, check_writable, hold_output, input_paths, read_json,  # noqa: E402
-                  software_versions, write_json)
-from sharding import shard_sizes  # noqa: E402
-from trackers import start_reporting, tracker_folder  # noqa: E402
-from data.scoring import (PRIMARY, answer_samples, baselines, context_limit, metrics,  # noqa: E402
-                          score_continuations, task_metric)
-from data.common import CHOICE  # noqa: E402
-from headmap import distributed  # noqa: E402
-from headmap.circuit import circuit_entry, circuit_mask, random_circuit_like  # noqa: E402
-from headmap.locate import check_locatable, locate_circuit, unmasked_answer_loss  # noqa: E402
-from headmap.masking import UnsupportedModel, layers_and_heads, mask_heads  # noqa: E402
-from plot import heat_map, print_heat_map  # noqa: E402
-
-
-def select_samples(model, tokenizer, task, examples, count, batch_size, progress=True) -> dict[str, list]:
-    """The `count` examples the unmasked model answers correctly with the lowest gold loss: their indices and those
-    losses (summed over the answer's tokens), in index order."""
-    scores = score_continuations(model, tokenizer, examples, batch_size, progress, "choosing samples")
-    correct = [i for i, right in enumerate(metrics(task.kind, examples, scores)["correct"]) if right]
-    if not correct:
-        raise UsageError("the unmasked model answers no example of the pool correctly; try "
-                         + ("--prompt harness, " if task.prompt == "paper" else "") + "another --split or a larger --pool")
-    if len(correct) < count:
-        print(f"warning: only {len(correct)} correct samples (asked for {count}); using them all", file=sys.stderr)
-    return lowest_loss(correct, [-scores.logprob[i][examples[i].gold] for i in correct], count)
-
-
-def lowest_loss(indices: list[int], losses: list[float], count: int) -> dict[str, list]:
-    """The `count` of `indices` (in index order) with the lowest losses, ties to the lower index."""
-    kept = sorted(sorted(range(len(indices)), key=lambda k: losses[k])[:count])
-    return {"sample_indices": [indices[k] for k in kept], "sample_losses": [losses[k] for k in kept]}
-
-
-def samples_from(path: str, settings: dict, source: dict, count: int) -> dict[str, list]:
-    """The samples an earlier run chose (see select_samples), if it drew them from the same rows for the same model:
-    all of them, or the `count` of lowest loss (the same as scoring the pool again would choose)."""
-    earlier = read_json(path, "--samples-from", "pass a heads.json written by locate.py")
-    if not isinstance(earlier, dict) or not isinstance(earlier.get("sample_indices"), list):
-        raise UsageError(f"--samples-from {path} records no samples; pass a heads.json written by locate.py")
-    same = {**{k: settings[k] for k in ("model", "dataset", "split", "pool", "prompt")}, "data": source}
-    for key, value in json.loads(json.dumps(same)).items():  # as the file holds them
-        if earlier.get(key) != value:
-            raise UsageError(f"--samples-from {path}: its samples were chosen with {key} {earlier.get(key)!r}, not "
-                             f"{value!r}; pass a run of the same model, task, split and pool")
-    held = len(earlier["sample_indices"])
-    if count > held:
-        raise UsageError(f"--samples-from {path} holds {held} samples; pass --samples {held} or fewer")
-    if count == held:
-        return {"sample_indices": earlier["sample_indices"], "sample_losses": earlier.get("sample_losses")}
-    if "sample_losses" not in earlier:  # runs before 2026-11-28 recorded none
-        raise UsageError(f"--samples-from {path} records no sample losses, so its {count} lowest-loss samples are "
-                         f"unknown; pass --samples {held}, or drop --samples-from")
-    return lowest_loss(earlier["sample_indices"], earlier["sample_losses"], count)
-
-
-def validate(model, tokenizer, task, examples, circuit, trials, seed, batch_size, progress=True):
-    """The task's metric (acc, or exact_match for one target) with no mask, with the circuit masked, and with random
-    heads of the same per-layer counts."""
-    layers, heads = layers_and_heads(model)
-
-    def score(circ, desc):
-        with mask_heads(model, circuit_mask(circ, layers, heads)) if circ is not None else nullcontext():
-            return task_metric(model, tokenizer, task.kind, examples, batch_size, progress, desc)
-
-    g = torch.Generator().manual_seed(seed)
-    random_scores = [score(random_circuit_like(circuit, heads, g), f"random heads masked, {k + 1} of {trials}")
-                     for k in range(trials)]
-    return {"rows": len(examples), "metric": PRIMARY[task.kind], "unmasked": score(None, "unmasked"),
-            "circuit_masked": score(circuit, "circuit masked"), "random_masked_mean": statistics.mean(random_scores),
-            "random_masked_std": statistics.stdev(random_scores) if trials > 1 else 0.0, "random_masked": random_scores,
-            **baselines(task.kind, examples)}
-
-
-def knows_the_task(v: dict) -> bool:
-    """Whether the unmasked accuracy is clearly (two standard errors) above both chance and the majority class:
-    only then is a circuit whose masking lowers it a circuit of task knowledge."""
-    floor = max(v["chance"], v["majority"])
-    return v["unmasked"] > floor + 2 * math.sqrt(floor * (1 - floor) / v["rows"])
-
-
-# ---------------------------------------------------------------- main
-
-def main(argv=None):
-    begun = time.time()
-    args = parse_args(argv)
+def read_rows(args: argparse.Namespace):
+    """The task, the pool the samples are drawn from and the validation rows, read (and their sources hashed) before
+    the model loads; the settings that decide the result (batch sizes, budgets, progress bars and devices do not,
+    beyond float rounding); --out claimed once the task is known. Returns (task, examples, validation rows or None,
+    settings, the sources of both, the validation split)."""
+    from cli.earlier_runs import open_task_for
     task = open_task_for(args.dataset, args)
     split = task.check_split(args.split or task.train_split)
     val_split = task.check_split(args.validate_split)
-    svg = os.path.splitext(args.out)[0] + ".svg"
-    hold_output(args.out)  # and so its heat map and progress file: a second run on them is refused
-    check_writable(args.out, args.overwrite or args.resume)  # --resume: this run's own files, as finetune's
-    check_writable(svg, args.overwrite or args.resume, "the heat map of --out")
-    progress_path = args.out + ".progress.json"
-    check_writable(progress_path, True, "the progress file of --out")
-    if args.overwrite or args.resume:
-        check_inputs_kept({"--out": args.out, "the heat map of --out": svg}, input_paths(args))
+    claim_out("circuit", args.out, args.overwrite, args, resume=args.resume)
     examples = task.examples(split, args.pool)
     if args.samples > len(examples):
         more = f" or a --pool above {args.pool}" if args.pool == len(examples) else ""
         raise UsageError(f"--samples {args.samples} asks for more samples than the pool holds ({len(examples)} rows of "
                          f"{task.name} {split}); pass --samples {len(examples)} or fewer{more}")
     val_examples = None if args.no_validate else task.examples(val_split, args.validate_limit or None)
-    # The rows as read now, not as the file may be when the search ends; one file is hashed once.
-    source = task.source(split)
+    source = task.source(split)  # the rows as read now, not as the file may be when the search ends; hashed once
     val_source = source if val_split == split or val_examples is None else task.source(val_split)
     if val_examples is not None and split == val_split:
         print(f"note: the samples and the validation both come from {split} of {task.name}: the validation includes "
               "the samples", file=sys.stderr)
-    # what decides the result; batch sizes, budgets, progress bars and devices do not (beyond float rounding)
     settings = {"model": args.model, "dataset": task.name, "split": split, "pool": args.pool,
                 "prompt": task.prompt, "samples": args.samples, "samples_from": args.samples_from,
                 "validate": not args.no_validate, "validate_split": args.validate_split,
                 "validate_limit": args.validate_limit, "random_trials": args.random_trials, "seed": args.seed}
-    earlier = samples_from(args.samples_from, settings, source, args.samples) if args.samples_from else None
-    start_distributed(pick_device(args.device), args.fsdp)
-    saved = None  # the interrupted run, read and checked before the model loads
-    if args.resume and distributed.rank() == 0 and os.path.exists(progress_path):
-        saved = read_json(progress_path, "progress file", "delete it to start over")
-        if not isinstance(saved, dict) or not {"settings", "circuit", "loss_matrix", "circuit_below_loss"} <= set(saved):
-            raise UsageError(f"progress file {progress_path} is not one locate.py wrote; delete it to start over")
-    saved = distributed.from_rank0(saved)  # under torchrun, only rank 0 reads and writes files
-    model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map, args.trust_remote_code,
-                                  not args.no_progress, args.fsdp)
-    layers, heads = layers_and_heads(model)
+    return task, examples, val_examples, settings, (source, val_source), val_split
+
+
+def heads_per_layer(model, args: argparse.Namespace) -> int:
+    """n: --heads-per-layer, else a quarter of the heads; checked, with the model, before the pool is scored."""
+    from headmap.locate import check_locatable
+    from headmap.masking import UnsupportedModel, layers_and_heads
+    heads = layers_and_heads(model)[1]
     n = args.heads_per_layer if args.heads_per_layer is not None else max(1, round(heads / 4))
     if not 1 <= n < heads:  # the library refuses it too, but only after the pool is scored
         raise UsageError(f"--heads-per-layer must be in 1..{heads - 1} for a model with {heads} heads, got {n}")
@@ -205,32 +108,46 @@ def main(argv=None):
         check_locatable(model)
     except UnsupportedModel as err:
         raise UsageError(f"cannot locate heads in {args.model}: {err}") from None
+    return n
 
-    settings["heads_per_layer"] = n
-    state = {"settings": settings, "circuit": {}, "loss_matrix": [], "circuit_below_loss": [], "seconds": 0.0}
+
+def start_search(model, tokenizer, task, examples, args, settings: dict, saved: dict | None, earlier: dict | None):
+    """The search's state: the interrupted one (its settings checked), or a new one with its samples chosen (or taken
+    from --samples-from) and saved at once: choosing them scores the whole pool, minutes on a CPU."""
+    from cli.json_records import write_json
+    from cli.run_folder import check_same_run
+    from headmap import distributed
     if saved is not None:
-        check_same_run(progress_path, saved["settings"], settings)
-        state = saved
-        done = len(state["loss_matrix"])
+        check_same_run(progress_file(args.out), saved["settings"], settings)
+        done = len(saved["loss_matrix"])
         print(f"resuming after layer {done - 1}" if done else "resuming with the samples chosen before")
-    else:
-        if args.resume:
-            print(f"--resume: no {progress_path} yet; starting from the first layer")
-        state.update(earlier or select_samples(model, tokenizer, task, examples, args.samples, args.batch_size,
-                                               not args.no_progress))
-        if distributed.rank() == 0:  # choosing them scores the whole pool: minutes on a CPU, not to be redone
-            write_json(progress_path, state)
-    samples = answer_samples(tokenizer, [examples[i] for i in state["sample_indices"]], context_limit(model))
+        return saved
+    if args.resume:
+        print(f"--resume: no {progress_file(args.out)} yet; starting from the first layer")
+    state = {"settings": settings, "circuit": {}, "loss_matrix": [], "circuit_below_loss": [], "seconds": 0.0}
+    from data.samples import select_samples
+    state.update(earlier or select_samples(model, tokenizer, task, examples, args.samples, args.batch_size,
+                                           not args.no_progress))
+    if distributed.rank() == 0:
+        write_json(progress_file(args.out), state)
+    return state
 
+
+def search(model, samples, n: int, state: dict, args, settings: dict):
+    """locate_circuit, its progress saved after every layer (and sent to the trackers: one step a layer; a resumed
+    search continues their runs and sends no layer twice). Returns (circuit, seconds, reporter)."""
+    from cli.json_records import write_json
+    from cli.trackers import start_reporting
+    from headmap import distributed
+    from headmap.locate import locate_circuit
     started = time.time() - state["seconds"]
-    # the trackers: one step a layer; a resumed search continues their runs and sends no layer twice
     reporter = start_reporting(args, "locate", settings, state.get("trackers"), sent=len(state["loss_matrix"]) or -1)
     state["trackers"] = reporter.ids
 
     def save_progress(state):
         state["seconds"] = time.time() - started
         if distributed.rank() == 0:
-            write_json(progress_path, state)
+            write_json(progress_file(args.out), state)
         layer, row = len(state["loss_matrix"]) - 1, state["loss_matrix"][-1]
         chosen = [row[h] for h in state["circuit"][str(layer)]] if str(layer) in state["circuit"] else []
         reporter.log({"chosen_heads_loss": sum(chosen) / max(1, len(chosen)), "all_heads_loss": sum(row) / len(row),
@@ -238,7 +155,67 @@ def main(argv=None):
 
     circuit, _ = locate_circuit(model, samples, heads_per_layer=n, token_budget=args.token_budget,
                                 on_layer=save_progress, state=state, progress=not args.no_progress)
-    seconds = time.time() - started
+    return circuit, time.time() - started, reporter
+
+
+def validate_and_say(model, tokenizer, task, val_examples, circuit, args, result: dict, reporter,
+                     val_split: str, val_source: dict) -> None:
+    """The circuit's validation (validate_circuit) into `result`, printed and sent to the trackers."""
+    from data.validation import print_validation, validate_circuit
+    validating = time.time()
+    v = validate_circuit(model, tokenizer, task, val_examples, circuit, args.random_trials, args.seed, args.batch_size,
+                 not args.no_progress)
+    result["validation"] = {"split": val_split, "data": val_source, **v}
+    result["validation_seconds"] = round(time.time() - validating, 1)
+    print_validation(v, task.kind, task.prompt, val_split, args.random_trials)
+    reporter.log({f"validation_{k}": v[k] for k in ("unmasked", "circuit_masked", "random_masked_mean",
+                                                    "random_masked_std", "chance")}, result["layers"] + 1)
+
+
+def write_outputs(result: dict, out: str, reporter) -> None:
+    """The circuit file and its heat map (and the heat map as an image in the trackers); the progress file goes."""
+    from cli.figures import heat_map
+    from cli.json_records import write_json
+    from cli.trackers import tracker_folder
+    from headmap import distributed
+    if distributed.rank() == 0:
+        write_json(out, result)
+        heat_map(result, heat_map_file(out))
+        if reporter.ids:
+            png = os.path.join(tracker_folder(out), "heatmap.png")
+            heat_map(result, png)
+            reporter.image("heatmap", png, result["layers"] + 1)
+        if os.path.exists(progress_file(out)):
+            os.remove(progress_file(out))
+    reporter.close()
+
+
+def main(argv=None):
+    begun = time.time()
+    args = parse_args(argv)
+    task, examples, val_examples, settings, (source, val_source), val_split = read_rows(args)
+    from cli.earlier_runs import samples_from
+    earlier = samples_from(args.samples_from, settings, source, args.samples) if args.samples_from else None
+    from cli.json_records import software_versions
+    from cli.loading import load_model, pick_device
+    from cli.torchrun import shard_sizes, start_distributed
+    from cli.figures import print_heat_map
+    from data.samples import answer_samples
+    from data.scoring import context_limit
+    from headmap import distributed
+    from headmap.circuit import circuit_entry
+    from headmap.locate import unmasked_answer_loss
+    from headmap.masking import layers_and_heads
+    start_distributed(pick_device(args.device), args.fsdp)
+    # the interrupted run, read and checked before the model loads; under torchrun only rank 0 reads files
+    saved = distributed.from_rank0(read_progress(args.out) if args.resume and distributed.rank() == 0 else None)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map, args.trust_remote_code,
+                                  not args.no_progress, args.fsdp)
+    settings["heads_per_layer"] = n = heads_per_layer(model, args)
+    state = start_search(model, tokenizer, task, examples, args, settings, saved, earlier)
+    samples = answer_samples(tokenizer, [examples[i] for i in state["sample_indices"]], context_limit(model))
+    circuit, seconds, reporter = search(model, samples, n, state, args, settings)
+    layers, heads = layers_and_heads(model)
     result = {
         **circuit_entry(circuit),  # the official format: {"knowledge_circuit": {layer: {"retain_heads": [...]}}}
         **settings,
@@ -258,38 +235,13 @@ def main(argv=None):
     }
     print_heat_map(state["loss_matrix"], circuit)
     if val_examples is not None:
-        validating = time.time()
-        v = validate(model, tokenizer, task, val_examples, circuit, args.random_trials, args.seed, args.batch_size,
-                     not args.no_progress)
-        result["validation"] = {"split": val_split, "data": val_source, **v}
-        result["validation_seconds"] = round(time.time() - validating, 1)
-        commonest = "majority class" if task.kind == CHOICE else "commonest target"
-        print(f"\n{v['metric']} on {v['rows']} rows of {val_split}: unmasked {v['unmasked']:.3f} "
-              f"(chance {v['chance']:.3f}, {commonest} {v['majority']:.3f}), circuit masked "
-              f"{v['circuit_masked']:.3f}, random heads masked {v['random_masked_mean']:.3f} "
-              + (f"+- {v['random_masked_std']:.3f} ({args.random_trials} draws)" if args.random_trials > 1
-                 else "(1 draw: no spread to give)"))
-        reporter.log({f"validation_{k}": v[k] for k in ("unmasked", "circuit_masked", "random_masked_mean",
-                                                        "random_masked_std", "chance")}, layers + 1)
-        if not knows_the_task(v):
-            print(f"warning: the unmasked model ({v['unmasked']:.3f}) is not clearly above chance ({v['chance']:.3f}) "
-                  f"and the {commonest} ({v['majority']:.3f}), so the circuit says little about task knowledge; "
-                  + ("try --prompt harness" if task.prompt == "paper" else "try a task the model can do"),
-                  file=sys.stderr)
-    if distributed.rank() == 0:
-        write_json(args.out, result)
-        heat_map(result, svg)
-        if reporter.ids:  # the heat map as an image in the trackers
-            png = os.path.join(tracker_folder(args.out), "heatmap.png")
-            heat_map(result, png)
-            reporter.image("heatmap", png, layers + 1)
-        if os.path.exists(progress_path):
-            os.remove(progress_path)
-    reporter.close()
+        validate_and_say(model, tokenizer, task, val_examples, circuit, args, result, reporter, val_split, val_source)
+    write_outputs(result, args.out, reporter)
     times = f"search {seconds:.1f} s" + (f", validation {result['validation_seconds']:.1f} s"
                                          if val_examples is not None else "")
     print(f"located {sum(map(len, circuit.values()))} heads ({times}; {time.time() - begun:.1f} s in all for this "
-          f"command, loading the model and choosing the samples included); wrote {args.out} and {svg}")
+          f"command, loading the model and choosing the samples included); wrote {args.out} and "
+          f"{heat_map_file(args.out)}")
     return result
 
 

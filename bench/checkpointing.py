@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from headmap.adapters import attach_headmap  # noqa: E402
 from headmap.train import train_adapter  # noqa: E402
-from models import load_model  # noqa: E402
+from cli.loading import load_model  # noqa: E402
 
 model, _ = load_model("smollm2-135m", device="cpu", dtype="fp32", progress=False)
 model.requires_grad_(False)
@@ -54,11 +54,11 @@ for _ in range(args.steps + 1):
     batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
 checkpointing = args.mode == "checkpointed"
 budget = args.rows * args.length
-losses = train_adapter(model, adapter, batches[:1], steps=1, lr=1e-3, token_budget=budget,
+losses, _ = train_adapter(model, adapter, batches[:1], steps=1, lr=1e-3, token_budget=budget,
                        activation_checkpointing=checkpointing)
 started = time.perf_counter()
 losses += train_adapter(model, adapter, batches[1:], steps=args.steps, lr=1e-3, token_budget=budget,
-                        activation_checkpointing=checkpointing)
+                        activation_checkpointing=checkpointing).losses
 seconds = (time.perf_counter() - started) / args.steps
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30  # KiB on Linux
 print(json.dumps({"seconds": seconds, "peak_gib": peak, "losses": [round(x, 6) for x in losses]}))

@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cli import add_out_arguments, run_script  # noqa: E402
-from models import DEFAULT_MODEL  # noqa: E402
-from runs import check_writable, write_json  # noqa: E402
+from cli.arguments import add_out_arguments  # noqa: E402
+from cli.exits import run_script
+from cli.loading import DEFAULT_MODEL  # noqa: E402
+from cli.json_records import write_json  # noqa: E402
+from cli.outputs import check_writable
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--dry-run", action="store_true", help="CPU, a tiny model and 8 rows: checks the script (CI)")
@@ -31,7 +33,7 @@ run_script(lambda: check_writable(args.out, args.overwrite))
 import torch  # noqa: E402
 
 from bench.shapes import DRY_RUN_SHAPES, SHAPES, random_llama  # noqa: E402
-from models import load_tokenizer  # noqa: E402
+from cli.loading import load_tokenizer  # noqa: E402
 from data.scoring import accuracy, score_examples  # noqa: E402
 from data.commonsense import BUNDLED, load_rows, make_example  # noqa: E402
 

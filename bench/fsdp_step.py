@@ -15,8 +15,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cli import add_out_arguments, run_script  # noqa: E402
-from runs import check_writable, write_json  # noqa: E402
+from cli.arguments import add_out_arguments  # noqa: E402
+from cli.exits import run_script
+from cli.json_records import write_json  # noqa: E402
+from cli.outputs import check_writable
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--dry-run", action="store_true", help="CPU: gloo, Triton's interpreter and a tiny shape (CI)")
@@ -37,8 +39,9 @@ from headmap.adapters import attach_headmap  # noqa: E402
 from headmap.batching import pad_right  # noqa: E402
 from headmap.locate import locate_circuit  # noqa: E402
 from headmap.train import batch_loss  # noqa: E402
-from models import pick_device, start_distributed  # noqa: E402
-from sharding import shard, shard_sizes  # noqa: E402
+from cli.loading import pick_device  # noqa: E402
+from cli.torchrun import start_distributed
+from cli.torchrun import shard, shard_sizes  # noqa: E402
 
 
 def timed(fn):

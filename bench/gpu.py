@@ -12,7 +12,7 @@ inputs, no model, no download.
    densely); in bf16 at head_dim 128 with every tile configuration the tuner may pick. Masked heads must be
    exactly zero, and every output element written (a second run into a freed NaN-filled block must agree);
 2. throughput against SDPA's flash and cuDNN backends, compiled FlexAttention and SDPA with an explicit mask
-   (bench/attention.py, whose docstring defines the columns).
+   (bench/kernel_vs_sdpa.py, whose docstring defines the columns).
 Prints a table, writes JSON (--out), and exits 1 if any check fails. bench/gpu_scale.py times locate and
 fine-tuning at 7B scale.
 """
@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cli import add_out_arguments, run_script  # noqa: E402  (cli and runs import no torch)
-from runs import check_writable, write_json  # noqa: E402
+from cli.arguments import add_out_arguments  # noqa: E402  (cli imports no torch)
+from cli.exits import run_script
+from cli.json_records import write_json  # noqa: E402
+from cli.outputs import check_writable
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,14 +34,14 @@ if __name__ == "__main__":
     add_out_arguments(p, "where to write the results as JSON", "gpu.json")
     p.add_argument("--budget", type=float, default=170, help="seconds for the throughput table; cases left are skipped")
     p.add_argument("--grid", choices=("table", "claims"), default="table", help="the throughput table's cases "
-                   "(bench/attention.py --grid; bench/gpu.sh asks for claims)")
+                   "(bench/kernel_vs_sdpa.py --grid; bench/gpu.sh asks for claims)")
     ARGS = p.parse_args()
     if ARGS.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before headmap/ is imported
     run_script(lambda: check_writable(ARGS.out, ARGS.overwrite))  # one line, exit 2
 import torch  # noqa: E402
 
-from bench.attention import FRACTIONS, HEADER, cases_for, measure  # noqa: E402
+from bench.kernel_vs_sdpa import FRACTIONS, HEADER, cases_for, measure  # noqa: E402
 from headmap.attention import masked_attention_reference, masked_attention_triton, tiles_for  # noqa: E402
 
 try:
@@ -129,8 +131,9 @@ def plan(dry_run):
             (torch.float32, 64, ["causal, GQA 4:1", "cache, window, left padded", "softcap 30, window"]),
             (torch.float32, 128, ["right padded", "per-head windows"]),
             (torch.bfloat16, 256, ["causal, GQA 4:1", "left padded"])]
-    if dry_run:  # the interpreter: small heads, one tile
-        return [(dtype, 16 if d == 64 else 32, n, tiles_for(d)) for dtype, d, n in rows if d != 256]
+    if dry_run:  # the interpreter: small heads, one tile; every case once in bf16, one in each other dtype
+        return [(torch.bfloat16, 32, names, tiles_for(128)), (torch.float16, 16, names[2:3], tiles_for(64)),
+                (torch.float32, 32, names[-1:], tiles_for(128))]
     return [(dtype, d, n, tiles_for(d) if (dtype, d) == (torch.bfloat16, 128) else tiles_for(d)[:1])
             for dtype, d, n in rows]
 
@@ -187,7 +190,7 @@ def main(args):
                 verdict = row.get("skipped") or ("ok" if row["ok"] else "MISMATCH")
                 print(f"  {row['case']:<90} error {row['max_error']:.1e}  {verdict}", flush=True)
     failures = [f"kernel {row['case']}" for row in results["kernel"] if not row["ok"]]
-    print(f"\n2. throughput (bench/attention.py; TFLOP/s counts every head's causal work)\n{HEADER}", flush=True)
+    print(f"\n2. throughput (bench/kernel_vs_sdpa.py; TFLOP/s counts every head's causal work)\n{HEADER}", flush=True)
     results["throughput"] = measure(device == "cuda", cases_for(args.dry_run, 16384, args.grid), FRACTIONS, args.budget,
                                     log=lambda line: print(line, flush=True))
     results["failures"] = failures

@@ -25,8 +25,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cli import add_out_arguments, run_script  # noqa: E402
-from runs import check_writable, write_json  # noqa: E402
+from cli.arguments import add_out_arguments  # noqa: E402
+from cli.exits import run_script
+from cli.json_records import write_json  # noqa: E402
+from cli.outputs import check_writable
 
 
 def read(folder: Path, name: str):
@@ -78,7 +80,7 @@ def protocol_hours(claims: dict, locate: dict) -> float | None:
                                                                    claims["lora_tokens_per_s"]):
         return None
     from bench import protocol_estimate
-    from models import load_tokenizer
+    from cli.loading import load_tokenizer
     rates = {"headmap": claims["headmap_tokens_per_s"], "headmap-random": claims["headmap_tokens_per_s"],
              "lora": claims["lora_tokens_per_s"], "dora": claims.get("dora_tokens_per_s") or claims["lora_tokens_per_s"]}
     locate_scale = locate["tflops"] * 1e12 / protocol_estimate.locate_rate(34) if locate.get("tflops") else 1.0

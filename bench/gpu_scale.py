@@ -10,7 +10,7 @@ bf16, samples of real token lengths. Needs torch, transformers, triton, peft and
    TFLOP/s (the analytic FLOPs of every layer-run over the time) and MFU against the card's dense bf16 peak (989
    TFLOP/s on an H100 or H200 SXM; a measured 8192^3 bf16 matmul is printed beside it);
 2. one training step of HeadMap, LoRA and DoRA (finetune.py's) against PEFT + Trainer with the same rows and with
-   batches grouped by length (bench/finetune.py), batch 16, bf16, ARC-Easy training-text lengths;
+   batches grouped by length (bench/step_vs_peft_trainer.py), batch 16, bf16, ARC-Easy training-text lengths;
 3. the naive loop (one full stock forward per candidate, SDPA, heads zeroed by o_proj pre-hooks) timed on a few
    candidates and projected to all D x H x L of them;
 4. bf16 against fp32 (TF32 off): the same random 4-layer model of 7B width, located in both; each head where the
@@ -29,8 +29,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cli import add_out_arguments, run_script  # noqa: E402  (cli and runs import no torch)
-from runs import check_writable, write_json  # noqa: E402
+from cli.arguments import add_out_arguments  # noqa: E402  (cli imports no torch)
+from cli.exits import run_script
+from cli.json_records import write_json  # noqa: E402
+from cli.outputs import check_writable
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--dry-run", action="store_true", help="CPU: Triton's interpreter and tiny shapes (what CI runs)")
@@ -45,7 +47,7 @@ run_script(lambda: check_writable(args.out, args.overwrite))  # this run's own s
 import torch  # noqa: E402
 
 import bench.shapes  # noqa: E402
-from bench.finetune import compare, ours  # noqa: E402
+from bench.step_vs_peft_trainer import compare, ours  # noqa: E402
 from bench.shapes import DRY_RUN_SHAPES, SHAPES  # noqa: E402
 from headmap.batching import pad_right  # noqa: E402
 from headmap.locate import default_token_budget, locate_circuit  # noqa: E402

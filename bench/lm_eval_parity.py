@@ -21,9 +21,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli import add_out_arguments, run_script  # noqa: E402
-from models import DEFAULT_MODEL, load_model  # noqa: E402
-from runs import check_writable, write_json  # noqa: E402
+from cli.arguments import add_out_arguments  # noqa: E402
+from cli.exits import run_script
+from cli.loading import DEFAULT_MODEL, load_model  # noqa: E402
+from cli.json_records import write_json  # noqa: E402
+from cli.outputs import check_writable
 from data.scoring import accuracy, score_examples  # noqa: E402
 from data.commonsense import DATASETS, default_data_dir, load_examples, load_rows  # noqa: E402
 

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data.scoring import encode_pair, training_texts  # noqa: E402
+from data.scoring import encode_pair  # noqa: E402
+from data.training import training_texts
 from data.commonsense import default_data_dir, load_examples  # noqa: E402
 
 FULL_TRAIN = {"boolq": 9427, "piqa": 16113, "siqa": 33410, "hellaswag": 39905, "winogrande": 40398,
@@ -84,7 +85,7 @@ def totals(tok, rates: dict = TOKENS_PER_S, locate_scale: float = 1.0, table: bo
 
 
 def main():
-    from models import load_tokenizer
+    from cli.loading import load_tokenizer
     t = totals(load_tokenizer(), table=True)
     print(f"\none GPU: {t['one_gpu_hours']:.1f} h (locate {t['locate_minutes']:.0f} min, training "
           f"{t['train_minutes'] / 60:.1f} h, evaluation {t['eval_minutes']:.0f} min); 8 GPUs: {t['eight_gpu_hours']:.1f} h")

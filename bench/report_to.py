@@ -19,12 +19,13 @@ args = p.parse_args()
 
 import torch  # noqa: E402
 
-from data.scoring import epoch_batches, pad_id_of, training_texts  # noqa: E402
+from data.scoring import pad_id_of  # noqa: E402
+from data.training import epoch_batches, training_texts
 from data.tasks import open_task  # noqa: E402
 from headmap.adapters import attach_headmap  # noqa: E402
 from headmap.train import train_adapter  # noqa: E402
-from models import load_model  # noqa: E402
-from trackers import Reporter  # noqa: E402
+from cli.loading import load_model  # noqa: E402
+from cli.trackers import Reporter  # noqa: E402
 
 model, tokenizer = load_model("smollm2-135m", device="cpu", dtype="fp32", progress=False)
 model.requires_grad_(False)

@@ -17,8 +17,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cli import add_out_arguments, run_script  # noqa: E402
-from runs import check_writable, write_json  # noqa: E402
+from cli.arguments import add_out_arguments  # noqa: E402
+from cli.exits import run_script
+from cli.json_records import write_json  # noqa: E402
+from cli.outputs import check_writable
 
 SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536, vocab=49152)
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +36,7 @@ if args.out:
 import torch  # noqa: E402
 
 from bench.shapes import DRY_RUN_SHAPES, SHAPES, random_llama  # noqa: E402
-from data.scoring import lm_batch  # noqa: E402
+from data.training import lm_batch  # noqa: E402
 from headmap.adapters import attach_headmap, attach_lora  # noqa: E402
 from headmap.train import batch_loss  # noqa: E402
 

@@ -8,6 +8,7 @@ the tasks' metrics out.
     lm_eval_tasks.py any multiple-choice task of lm-evaluation-harness
     tasks.py         open_task: the task a --dataset value names (imports the three kinds; none imports it)
     scoring.py       tokenisation, log-likelihood scoring of the choices, and the metrics
+    training.py      the training texts and batches of fine-tuning
 
 Everything but scoring.py imports no torch, so the scripts answer --help and bad arguments at once.
 """

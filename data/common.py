@@ -78,3 +78,30 @@ def held_out_rows(task: Task, examples: list[Example], fraction: float, seed: in
     held = set(order[:n_val])
     return ([e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)],
             f"{n_val} row{'s' * (n_val != 1)} ({fraction:.0%}) carved out of {task.train_split} with seed {seed}")
+
+
+@dataclass(frozen=True)
+class FinetuneRows:
+    """The run's rows: trained on, held out for the validation loss, scored for the accuracy."""
+    train: list
+    val: list
+    eval: list
+    eval_split: str  # where the accuracy rows come from
+    held_out: str  # where the held-out rows come from
+    source: dict  # the training rows as read now (a file: path, row count, sha256)
+
+
+def finetune_rows(task: Task, train_limit: int | None, val_fraction: float, val_limit: int | None,
+                  eval_limit: int | None, seed: int) -> FinetuneRows:
+    """The protocol's rows for fine-tuning: the first `train_limit` training rows less the held-out ones
+    (held_out_rows, capped at `val_limit`), and the first `eval_limit` rows of the evaluation split (of the held-out
+    rows where the task has no evaluation split of its own). Says on stdout where they come from."""
+    examples = task.examples(task.train_split, train_limit)
+    source = task.source(task.train_split)  # the rows as read now, not as the file may be when training ends
+    train, val, held_out = held_out_rows(task, examples, val_fraction, seed)
+    val = val[:val_limit]
+    print(f"{len(train)} training rows of {task.train_split}; held out: {held_out}")
+    if task.eval_split == task.train_split:  # one file (or only a train split): the held-out rows are all it has
+        print(f"{task.name} has no evaluation split of its own: the accuracy is measured on the held-out rows")
+        return FinetuneRows(train, val, val[:eval_limit], "held-out rows", held_out, source)
+    return FinetuneRows(train, val, task.examples(task.eval_split, eval_limit), task.eval_split, held_out, source)

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.common import Example, Task
-from data.files import DataError, read_checked, read_records
-from headmap.files import first_line
+from data.files import DataError, read_records
+from headmap.errors import error_summary
+from headmap.files import read_input
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ DATASETS = {
     "winogrande": Dataset("allenai/winogrande", "winogrande_xl", "validation"),
 }
 PROMPT_STYLES = ("paper", "harness")
+DEFAULT_PROMPT = "paper"  # the paper's letter prompts, unless --prompt (or what a circuit or adapter recorded) says
 LETTERS = "ABCDEFGH"
 
 
@@ -64,7 +66,7 @@ _warned = set()
 class Commonsense(Task):
     """One of the paper's eight datasets, in one prompt style, from a data folder (or the hub)."""
 
-    def __init__(self, name: str, prompt: str = "paper", data_dir: str = BUNDLED):
+    def __init__(self, name: str, prompt: str = DEFAULT_PROMPT, data_dir: str = BUNDLED):
         check_dataset(name)
         if prompt not in PROMPT_STYLES:
             raise DataError(f"unknown prompt style {prompt!r}; use paper or harness")
@@ -107,7 +109,7 @@ def load_rows(name: str, split: str, data_dir: str = BUNDLED, limit: int | None 
             if caveat and (name, split) not in _warned:  # once per split and process, however often it is read
                 _warned.add((name, split))
                 print(f"note: {caveat} (data/datasets/SOURCES.md)", file=sys.stderr)
-            return read_checked(str(path), "data file", lambda _: [r for _, r in read_records(path, limit)],
+            return read_input(str(path), "data file", lambda _: [r for _, r in read_records(path, limit)],
                                 "fix or replace it (UTF-8 JSON Lines, JSON or Parquet in the Hugging Face schema)")
     others = sorted(p.name for p in folder.glob(f"{split}.*")) if folder.is_dir() else []
     if others:
@@ -126,7 +128,7 @@ def _load_hub_rows(name: str, spec: Dataset, split: str) -> list[dict]:
     try:
         return list(datasets.load_dataset(spec.hub_id, spec.hub_config, split=split))
     except ValueError as err:  # datasets raises ValueError for an unknown split
-        raise DataError(f"{name} has no split {split!r} on the hub ({first_line(err)}); pass --split") from None
+        raise DataError(f"{name} has no split {split!r} on the hub ({error_summary(err)}); pass --split") from None
     except Exception as err:  # network or hub failures come in many types
         raise DataError(f"cannot load {name} ({spec.hub_id}) from the Hugging Face hub: {type(err).__name__}; "
                         "drop --data-dir hub to use the bundled copy, or pass a folder") from None
@@ -225,7 +227,7 @@ def _harness_example(name: str, row: dict) -> Example:
     raise AssertionError(name)
 
 
-def make_example(name: str, row: dict, style: str = "paper") -> Example:
+def make_example(name: str, row: dict, style: str = DEFAULT_PROMPT) -> Example:
     build = _paper_example if style == "paper" else _harness_example
     example = build(name, row)
     if not 0 <= example.gold < len(example.continuations):
@@ -233,7 +235,7 @@ def make_example(name: str, row: dict, style: str = "paper") -> Example:
     return example
 
 
-def load_examples(name: str, split: str | None = None, style: str = "paper", data_dir: str = BUNDLED,
+def load_examples(name: str, split: str | None = None, style: str = DEFAULT_PROMPT, data_dir: str = BUNDLED,
                   limit: int | None = None) -> list[Example]:
     """Examples of one split (default: the protocol's evaluation split), first `limit` rows only if given."""
     spec = check_dataset(name)

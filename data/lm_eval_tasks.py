@@ -13,7 +13,7 @@ import sys
 
 from data.common import CHOICE, Example, Task, standard_splits
 from data.files import DataError
-from headmap.files import first_line
+from headmap.errors import error_summary
 
 SPLIT_DOCS = {"train": "training_docs", "validation": "validation_docs", "test": "test_docs"}
 
@@ -43,7 +43,7 @@ class LmEvalTask(Task):
         try:
             loaded = manager.load([spec])["tasks"]
         except Exception as err:  # the task's data cannot be fetched (offline), a broken YAML, ...
-            detail = first_line(err, 200)
+            detail = error_summary(err, 200)
             raise DataError(f"cannot load lm-eval task {spec} ({type(err).__name__}: {detail}); offline, point a task "
                             "YAML at local files (README: Your own task)") from None
         if len(loaded) != 1:

@@ -89,35 +89,6 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
-def answer_samples(tokenizer, examples: list[Example], limit: int | None = None) -> list[tuple[torch.Tensor, int]]:
-    """locate_circuit's samples: per example, prompt + gold continuation as token ids (the prompt cut to the model's
-    `limit` positions, as scoring cuts it) and where the answer starts."""
-    pairs = [encode_pair(tokenizer, ex.prompts[ex.gold], ex.continuations[ex.gold]) for ex in examples]
-    pairs = [(fit_context(ctx, cont, limit, e)[0], cont) for e, (ctx, cont) in enumerate(pairs)]
-    return [(torch.tensor(ctx + cont), len(ctx)) for ctx, cont in pairs]
-
-
-def training_texts(tokenizer, examples: list[Example], max_length: int) -> list[list[int]]:
-    """The protocol's training sequences: prompt + gold answer + EOS as token ids, cut at `max_length` tokens."""
-    eos = tokenizer.eos_token_id
-    return [(tokenizer(ex.train_text).input_ids + [eos])[:max_length] for ex in examples]
-
-
-def lm_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Token sequences as one right-padded batch in Hugging Face's convention (train_adapter's): input_ids,
-    attention_mask, and labels = input_ids with the padding -100. On the host; the loop moves its micro-batches."""
-    ids, mask = pad_right(seqs, pad_id, "cpu")
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
-def epoch_batches(seqs: list[list[int]], pad_id: int, batch_size: int, epochs: int, seed: int):
-    """One lm_batch per optimizer step: `batch_size` rows at a time of each epoch's order, shuffled with seed + epoch."""
-    for epoch in range(epochs):
-        order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        for start in range(0, len(seqs), batch_size):
-            yield lm_batch([seqs[i] for i in order[start:start + batch_size]], pad_id)
-
-
 def _cache_name(model) -> str:
     """The forward argument (and output field) that carries the key/value cache: `cache` in transformers >= 5.20,
     `past_key_values` before it."""

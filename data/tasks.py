@@ -6,7 +6,7 @@ This module imports down only: the three kinds know nothing of it.
 import os
 
 from data.common import Task
-from data.commonsense import DATASETS, Commonsense, default_data_dir, did_you_mean
+from data.commonsense import DATASETS, DEFAULT_PROMPT, Commonsense, default_data_dir, did_you_mean
 from data.files import FILE_FORMATS, DataError
 from data.lm_eval_tasks import LmEvalTask
 from data.user_files import FileTask
@@ -20,14 +20,19 @@ def open_task(name: str, prompt: str | None = None, data_dir: str | None = None,
     if name.startswith("lm-eval:"):
         refuse_options(name, prompt=prompt, delimiter=delimiter)
         return LmEvalTask(name[len("lm-eval:"):])
-    if name in DATASETS:
+    if takes_prompt(name):
         refuse_options(name, delimiter=delimiter)
-        return Commonsense(name, prompt or "paper", data_dir or default_data_dir())
+        return Commonsense(name, prompt or DEFAULT_PROMPT, data_dir or default_data_dir())
     if os.path.sep in name or os.path.exists(name) or name.endswith(FILE_FORMATS):
         refuse_options(name, prompt=prompt)
         return FileTask(name, " " if delimiter is None else delimiter)
     raise DataError(f"unknown dataset {name!r}{did_you_mean(name)}: pass one of {', '.join(DATASETS)}, a file or "
                     "folder of your own rows (README: Your own task), or lm-eval:TASK")
+
+
+def takes_prompt(name: str) -> bool:
+    """Whether --dataset `name` is one of the eight, whose prompt style --prompt picks (else DEFAULT_PROMPT)."""
+    return name in DATASETS
 
 
 def refuse_options(name: str, **given) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cli import HelpFormatter, UsageError, check_at_least, run_script  # noqa: E402
+from cli.arguments import HelpFormatter, check_at_least  # noqa: E402
+from cli.exits import UsageError, run_script
 from data.commonsense import DATASETS, check_dataset  # noqa: E402
 
 METHODS = {"headmap": [], "headmap_random": ["--random-heads"], "lora": ["--method", "lora"],
@@ -81,7 +82,7 @@ def plan(args, todo) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from protocol_estimate import estimate  # noqa: E402 - loads nothing until called
 
-    from models import load_tokenizer
+    from cli.loading import load_tokenizer
     from data.commonsense import load_rows
     tok = load_tokenizer(args.model)  # the rows' token lengths in the user's model's own tokens
     total = 0.0

@@ -13,8 +13,8 @@ from pathlib import Path
 
 here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parent))
-import plot  # noqa: E402
-from locate import knows_the_task  # noqa: E402
+from cli import figures  # noqa: E402
+from data.validation import knows_the_task  # noqa: E402
 METHODS = {"headmap_mha": ("HeadMap (MHA)", "located"), "headmap_hs": ("HeadMap (HS)", "located"),
            "headmap_random": ("HeadMap (MHA)", "random"), "lora": ("LoRA", "-"), "dora": ("DoRA", "-")}
 
@@ -133,7 +133,7 @@ def finetune():
 
 def draw_curves(runs, figure, title):
     """One figure of the (run name, log path) runs: training loss (thin) and validation loss (dots)."""
-    plot.curves([str(log.with_name(log.name.replace(".log.jsonl", ".json"))) for _, log in runs], str(figure),
+    figures.curves([str(log.with_name(log.name.replace(".log.jsonl", ".json"))) for _, log in runs], str(figure),
                 labels=[label(name) for name, _ in runs],
                 title=f"{title}: training loss (thin) and validation loss (dots)")
     print(f"Loss curves: [{figure.relative_to(here.parent)}]({figure.relative_to(here.parent)})\n")
@@ -319,8 +319,8 @@ def locating():
         print()
         if len(main) > 1:
             names = list(main)
-            _, jaccard, counts, _ = plot.overlap_data(list(main.values()), names)
-            plot.overlap(list(main.values()), str(folder / "overlap.svg"), names)
+            _, jaccard, counts, _ = figures.overlap_data(list(main.values()), names)
+            figures.overlap(list(main.values()), str(folder / "overlap.svg"), names)
             print(f"Shared heads (Jaccard index; figure: [overlap.svg]({(folder / 'overlap.svg').relative_to(here.parent)}))\n")
             print("| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
             for a, row in zip(names, jaccard):

@@ -6,7 +6,7 @@ import math
 import torch
 
 # A forward pass costs about this many tokens' work on top of its tokens (launches, per-layer overhead): a padded
-# token is only worth saving when it costs more than starting another pass. Measured with `bench/finetune.py
+# token is only worth saving when it costs more than starting another pass. Measured with `bench/step_vs_peft_trainer.py
 # --pass-overhead N` (BENCHMARKS.md): on the 2-core CPU 64 was fastest of 16, 64, 256 and 1024; on an H100 a
 # SmolLM2-135M HeadMap step took 0.12 s at 4096 and 1.83 s at 64, since a pass there is launch-bound and padded
 # tokens are nearly free, so on a GPU a batch splits only to stay within the token budget.

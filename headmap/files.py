@@ -1,22 +1,17 @@
-"""Outputs written whole or not at all: the one atomic writer of the library and of the scripts; and the first
-line of an error, which every one-line refusal quotes."""
+"""Files in and out. In: read_input, the one checked reader of a file handed over (a bad one is one line naming it
+and the fix). Out: written whole or not at all, through the one atomic writer of the library and of the scripts,
+and the check that says, as NoSpaceError, which write did not fit."""
 import errno
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 
+from .errors import NoSpaceError, UnreadableFile, error_summary
 
-class NoSpaceError(OSError):
-    """An output did not fit: the disk is full (ENOSPC), the user's quota is used up (EDQUOT), or the file would pass
-    the process's file-size limit (EFBIG, `ulimit -f`). The message names the file, the reason, what it needed and
-    that nothing earlier was changed. Nothing of the output is left behind."""
-
-    def __init__(self, message: str, code: int = errno.ENOSPC):
-        super().__init__(code, message)
-
-    def __str__(self) -> str:
-        return self.strerror
+# an adapter folder (save_adapter): PEFT's two files, and what HeadMap adds beside them, where PEFT does not read it
+# (an unknown field in adapter_config.json would make PEFT warn)
+ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEADMAP_CONFIG = "adapter_config.json", "adapter_model.safetensors", "headmap.json"
 
 
 @contextmanager
@@ -173,6 +168,13 @@ def _exchange(a: str, b: str) -> None:
     os.replace(aside, a)
 
 
-def first_line(err: BaseException, limit: int | None = None) -> str:
-    """The first line of an error's message (empty for an empty message), cut at `limit` characters."""
-    return (str(err).strip().splitlines() or [""])[0][:limit]
+def read_input(path: str, what: str, load, fix: str):
+    """`load(path)`, or UnreadableFile naming `what` and the file, what is wrong with it (missing, truncated, corrupt,
+    not UTF-8, not the expected content ...) and `fix`."""
+    try:
+        return load(path)
+    except FileNotFoundError:
+        raise UnreadableFile(f"{what} {path} does not exist; {fix}") from None
+    except Exception as err:  # any parser's complaint about the file's content: the file is the problem
+        raise UnreadableFile(f"{what} {path} cannot be read ({type(err).__name__}: {error_summary(err, 200)}); "
+                             f"{fix}") from None

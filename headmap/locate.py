@@ -156,7 +156,7 @@ def answer_loss(model: nn.Module, hidden: torch.Tensor, index: AnswerIndex) -> t
 
 def default_token_budget(device: torch.device) -> int:
     """Padded tokens in one locating pass. A GPU pass is cheap per token only when it is large (bench/gpu_scale.py);
-    on a CPU, passes of 512 to 2,048 tokens ran about 20% faster than 4,096 (BENCHMARKS.md, bench/locate.py)."""
+    on a CPU, passes of 512 to 2,048 tokens ran about 20% faster than 4,096 (BENCHMARKS.md, bench/locate_vs_naive_loop.py)."""
     return 65536 if device.type == "cuda" else 1024
 
 

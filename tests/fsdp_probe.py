@@ -18,8 +18,8 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from headmap import distributed  # noqa: E402
 from headmap.masking import decoder_layers  # noqa: E402
-from models import start_distributed  # noqa: E402
-from sharding import load_sharded  # noqa: E402
+from cli.torchrun import start_distributed  # noqa: E402
+from cli.torchrun import load_sharded  # noqa: E402
 
 folder, out = sys.argv[1], sys.argv[2]
 start_distributed(torch.device("cpu"), fsdp=True)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import headmap.attention
-from data.scoring import answer_samples, score_examples
+from data.samples import answer_samples
+from data.scoring import score_examples
 from data.common import Example
 from headmap.adapters import attach_headmap, attach_lora
 from headmap.locate import locate_circuit

@@ -37,7 +37,7 @@ def trained(method, checkpointing):
     train_data, held_out = batches(4), batches(1, seed=9)[0]
     torch.manual_seed(2)  # the dropout masks
     losses, records = [], []
-    losses = train_adapter(model, adapter, train_data, steps=4, lr=1e-2, warmup=1, token_budget=24,
+    losses, _ = train_adapter(model, adapter, train_data, steps=4, lr=1e-2, warmup=1, token_budget=24,
                            eval_batch=held_out, eval_every=2, on_step=lambda record, _: records.append(record),
                            activation_checkpointing=checkpointing)
     return losses, [r.get("val_loss") for r in records], {k: v.clone() for k, v in adapter.state_dict().items()}

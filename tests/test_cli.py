@@ -73,7 +73,7 @@ def test_a_circuit_of_another_model_is_refused_unless_forced(tmp_path):
 
 def test_the_tokenizer_alone_of_a_gguf_is_the_loaded_models(smollm2):
     """load_tokenizer reads a GGUF's tokenizer without de-quantising it: the same ids as load_model's tokenizer."""
-    from models import load_tokenizer
+    from cli.loading import load_tokenizer
     text = "Question: Which gas do plants take in?\nAnswer: carbon dioxide"
     assert load_tokenizer("smollm2-135m")(text).input_ids == smollm2[1](text).input_ids
 
@@ -88,7 +88,7 @@ def test_help_answers_before_torch_is_imported():
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command(monkeypatch, capsys):
-    from cli import run_script
+    from cli.exits import run_script
 
     def interrupted():
         raise KeyboardInterrupt
@@ -243,7 +243,8 @@ def test_an_adapter_of_another_base_model_is_refused(smollm2, tmp_path):
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
     tokenizer.save_pretrained(other)
-    from headmap.adapters import attach_lora, save_adapter
+    from headmap.adapters import attach_lora
+    from headmap.saving import save_adapter
     adapter = attach_lora(model, rank=2)
     save_adapter(adapter, str(tmp_path / "adapter"))
     adapter.remove()

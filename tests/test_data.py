@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import write_json
+from cli.json_records import write_json
 from data.files import DataError
 from data.commonsense import DATASETS, data_source, load_examples, load_rows
 

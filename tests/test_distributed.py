@@ -101,7 +101,7 @@ def _rank_resumes(rank, port, out, result_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from models import start_distributed
+    from cli.torchrun import start_distributed
     start_distributed(torch.device("cpu"))
     state = train_tiny_lora(out, 0.0, batch_size=4, checkpoint_every=2, resume=True)
     if rank == 0:

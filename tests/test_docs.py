@@ -87,7 +87,7 @@ def test_every_example_command_parses_and_reads_what_exists(where):
 CHECK = """
 import json, os, sys
 sys.path.insert(0, sys.argv[2])
-from cli import UsageError
+from cli.exits import UsageError
 import importlib
 import json
 failed = []
@@ -209,13 +209,13 @@ def test_every_output_has_the_mode_a_plain_open_gives(tiny_run, tmp_path):
 
 
 def test_locates_validation_bars_say_what_each_pass_scores(tiny, monkeypatch):
-    import locate
+    import data.validation
     from data.common import CHOICE, Example
     model, tokenizer = tiny
     bars = []
-    monkeypatch.setattr(locate, "task_metric", lambda *args: bars.append(args[-1]) or 0.5)
+    monkeypatch.setattr(data.validation, "task_metric", lambda *args: bars.append(args[-1]) or 0.5)
     task = type("Task", (), {"kind": CHOICE})()
     examples = [Example.with_choices("Q", ["a", "b"], 0)] * 4
-    v = locate.validate(model, tokenizer, task, examples, {0: [1], 1: [2]}, trials=2, seed=0, batch_size=4)
+    v = data.validation.validate_circuit(model, tokenizer, task, examples, {0: [1], 1: [2]}, trials=2, seed=0, batch_size=4)
     assert bars == ["random heads masked, 1 of 2", "random heads masked, 2 of 2", "unmasked", "circuit masked"]
     assert v["random_masked"] == [0.5, 0.5] and v["chance"] == 0.5

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-import finetune
-from data.scoring import lm_batch
-from headmap.adapters import attach_headmap, attach_lora, load_adapter, save_adapter
+from cli.run_folder import read_run_state, train_in_folder
+from data.training import lm_batch
+from headmap.adapters import attach_headmap, attach_lora
+from headmap.saving import load_adapter, save_adapter
 from headmap.batching import length_groups, pass_overhead_tokens
 from headmap.train import batch_loss, summed_nll, train_adapter
 from tests.conftest import TinyTokenizer, tiny_llama
@@ -114,7 +115,7 @@ def test_tiny_model_overfits_a_handful_of_examples(method, tmp_path):
     seqs = [tok(t).input_ids + [1] for t in texts]
     adapter = attach(model, method)
     first = batch_loss(model, lm_batch(seqs, 0))
-    best, steps = finetune.train(model, adapter, seqs, seqs, 0, train_args(tmp_path, lr=3e-2, epochs=100, max_steps=60))
+    best, steps = train_in_folder(model, adapter, seqs, seqs, 0, train_args(tmp_path, lr=3e-2, epochs=100, max_steps=60))
     assert steps == 60 and best["loss"] < first / 2
 
 
@@ -136,7 +137,7 @@ def test_save_load_round_trip(model, tmp_path):
 
 
 def train_tiny_lora(out, dropout, stop_at=None, **kw):
-    """finetune.train for LoRA on a tiny LLaMA and five short texts, raising KeyboardInterrupt after step `stop_at`;
+    """train_in_folder (finetune.py's loop) for LoRA on a tiny LLaMA and five short texts, raising KeyboardInterrupt after step `stop_at`;
     returns the adapter's parameters. `kw` are train_args' (resume, batch size, checkpoint interval, ...)."""
     tok = TinyTokenizer()
     seqs = [tok(t).input_ids + [1] for t in ["a b c", "d e f g", "h i", "j k l m n", "o p q"]]
@@ -148,7 +149,9 @@ def train_tiny_lora(out, dropout, stop_at=None, **kw):
     def on_step(step):
         if step == stop_at:
             raise KeyboardInterrupt
-    finetune.train(model, adapter, seqs, seqs[:2], 0, train_args(out, epochs=3, eval_every=4, **kw), on_step)
+    run = train_args(out, epochs=3, eval_every=4, **kw)
+    ckpt = read_run_state(str(out), run.resume, {})[1]  # what finetune.py reads once, before the model loads
+    train_in_folder(model, adapter, seqs, seqs[:2], 0, run, on_step, ckpt=ckpt)
     return [p.clone() for p in adapter.parameters()]
 
 
@@ -173,7 +176,7 @@ def test_validation_loss_is_measured_without_dropout(tmp_path):
     for p in adapter.parameters():
         torch.nn.init.normal_(p, std=0.5)  # a non-zero B, so dropout would change the output
     adapter.train()
-    best, _ = finetune.train(model, adapter, seqs, seqs, 0, train_args(tmp_path, lr=0.0, epochs=1, eval_every=1))
+    best, _ = train_in_folder(model, adapter, seqs, seqs, 0, train_args(tmp_path, lr=0.0, epochs=1, eval_every=1))
     adapter.eval()
     assert best["loss"] == batch_loss(model, lm_batch(seqs, 0))
 
@@ -250,7 +253,7 @@ def test_train_adapter_equals_a_plain_adamw_loop_on_the_stock_loss(method):
         return m, attach(m, method)
 
     model, adapter = fresh()
-    losses = train_adapter(model, adapter, batches, steps=4, lr=1e-2, warmup=2, token_budget=16)
+    losses, _ = train_adapter(model, adapter, batches, steps=4, lr=1e-2, warmup=2, token_budget=16)
     ours = [p.detach().clone() for p in adapter.parameters()]
 
     model, adapter = fresh()
@@ -290,7 +293,7 @@ def test_train_adapter_keeps_the_best_and_resumes_from_a_checkpoint():
             records.append(record)
             if record["step"] == 3:
                 torch.save(checkpoint(), saved)  # as a user saves it
-        losses = train_adapter(model, adapter, batches, 6, 3e-1, 1, eval_batch=held_out, eval_every=2,
+        losses, _ = train_adapter(model, adapter, batches, 6, 3e-1, 1, eval_batch=held_out, eval_every=2,
                                resume=resume, on_step=on_step)
         adapter.eval()
         return losses, records, saved, batch_loss(model, held_out)

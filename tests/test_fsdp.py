@@ -168,8 +168,8 @@ def test_fsdp_refuses_a_sliding_window_model_before_any_weight_is_read(kind, tmp
     """Mistral's sliding_window and Gemma 3's sliding_attention layers: refused by name, from the config alone."""
     from transformers import Gemma3TextConfig, MistralConfig
 
-    from cli import UsageError
-    from sharding import load_sharded
+    from cli.exits import UsageError
+    from cli.torchrun import load_sharded
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=16)
     config = MistralConfig(**small, sliding_window=16) if kind == "mistral" else Gemma3TextConfig(**small)

@@ -137,7 +137,7 @@ def test_a_folder_standing_where_finetune_or_merge_writes_a_file_is_refused(tiny
 
 def test_a_log_line_that_does_not_fit_is_taken_back_whole(tmp_path):
     code = ("import sys; sys.path.insert(0, '.')\n"
-            "from runs import RunLog\n"
+            "from cli.run_folder import RunLog\n"
             f"log = RunLog({str(tmp_path / 'log.jsonl')!r})\n"
             "for step in range(1, 100):\n"
             "    log.write({'step': step, 'loss': 1 / step})\n")

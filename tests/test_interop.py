@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
-from headmap.adapters import attach_headmap, attach_lora, load_adapter, merge_adapter, save_adapter
+from headmap.adapters import attach_headmap, attach_lora
+from headmap.merging import merge_adapter
+from headmap.saving import load_adapter, save_adapter
 from tests.conftest import ROOT, needed, tiny_llama
 
 peft = needed("peft")

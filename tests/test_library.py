@@ -51,7 +51,7 @@ assert sorted(circuit) == [0, 1] and all(len(h) == 2 for h in circuit.values()),
 assert loss_matrix.shape == (2, 4) and bool((loss_matrix > 0).all())
 assert len(losses) == 20 and losses[-1] < losses[0], losses
 import sys
-assert not {"cli", "runs", "models", "data"} & set(sys.modules) and "headmap" not in sys.modules
+assert not {"cli", "data"} & set(sys.modules) and "headmap" not in sys.modules
 print("located, trained and saved")
 """
     (tmp_path / "example.py").write_text(snippet("README.md", "python example") + checks)

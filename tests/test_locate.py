@@ -7,7 +7,7 @@ import torch
 import headmap.attention
 import locate
 from bench.naive import locate_brute_force
-from data.scoring import answer_samples
+from data.samples import answer_samples
 from data.common import Example
 from headmap.circuit import circuit_entry, circuit_mask
 from headmap.batching import plan_batches
@@ -166,7 +166,7 @@ def test_locate_samples_from_an_earlier_run_are_the_samples_scoring_the_pool_cho
     def never(*args, **kwargs):
         raise AssertionError("the pool was scored again")
 
-    monkeypatch.setattr(locate, "select_samples", never)
+    monkeypatch.setattr("data.samples.select_samples", never)
     for d in (3, 6):
         got = locate.main(base + ["--samples", str(d), "--heads-per-layer", "1", "--samples-from",
                                   str(tmp_path / "6.json"), "--out", str(tmp_path / f"from{d}.json")])
@@ -192,7 +192,7 @@ def test_locate_samples_from_a_run_of_other_rows_is_refused_before_the_model_loa
 
 
 def test_the_locate_benchmark_runs_and_agrees_with_the_naive_loop(tiny_run):
-    result = run("bench/locate.py", "--model", str(tiny_run / "model"), "--prompt", "harness", "--pool", "20",
+    result = run("bench/locate_vs_naive_loop.py", "--model", str(tiny_run / "model"), "--prompt", "harness", "--pool", "20",
                  "--samples", "3")
     assert result.returncode == 0, result.stderr
     assert "circuits identical: True" in result.stdout, result.stdout

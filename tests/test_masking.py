@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from records import read_circuit_file
-from data.files import DataError
+from cli.earlier_runs import read_circuit_file
+from headmap.errors import UnreadableFile
 from headmap.circuit import check_circuit, circuit_entry, circuit_mask, random_circuit_like, read_circuit
 from headmap.masking import mask_heads
 from tests.conftest import tiny_llama
@@ -83,15 +83,15 @@ def test_circuit_files_ours_and_official(tmp_path):
 def test_circuit_errors(tmp_path):
     with pytest.raises(FileNotFoundError):  # the library raises plainly
         read_circuit(str(tmp_path / "missing.json"))
-    with pytest.raises(DataError, match="circuit file .*missing.json does not exist; pass a heads.json"):
+    with pytest.raises(UnreadableFile, match="circuit file .*missing.json does not exist; pass a heads.json"):
         read_circuit_file(str(tmp_path / "missing.json"))  # the scripts' reader: one line
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(DataError, match="cannot be read \\(JSONDecodeError"):
+    with pytest.raises(UnreadableFile, match="cannot be read \\(JSONDecodeError"):
         read_circuit_file(str(bad))
     notes = tmp_path / "notes.md"
     notes.write_text("# my circuit\n")
-    with pytest.raises(DataError, match="notes.md cannot be read \\(ValueError: it is neither JSON nor a torch file"):
+    with pytest.raises(UnreadableFile, match="notes.md cannot be read \\(ValueError: it is neither JSON nor a torch file"):
         read_circuit_file(str(notes))
     official = tmp_path / "circuit"  # a torch file needs no extension
     torch.save({"knowledge_circuit": {1: {"retain_heads": [2]}}}, official)
@@ -100,7 +100,7 @@ def test_circuit_errors(tmp_path):
     with pytest.raises(ValueError, match="not a knowledge circuit"):
         read_circuit(str(bad))
     bad.write_text('{"knowledge_circuit": {"0": {"retain_heads": []}}}')
-    with pytest.raises(DataError, match="names no heads"):
+    with pytest.raises(UnreadableFile, match="names no heads"):
         read_circuit_file(str(bad))
     with pytest.raises(ValueError, match=r"head\(s\) \[4\] out of range for 4 heads"):
         check_circuit({0: [1, 4]}, LAYERS, HEADS)

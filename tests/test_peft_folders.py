@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-from headmap.adapters import attach_headmap, load_adapter, merge_adapter, save_adapter
+from headmap.adapters import attach_headmap
+from headmap.merging import merge_adapter
+from headmap.saving import load_adapter, save_adapter
 from tests.conftest import needed, tiny_llama
 
 peft = needed("peft")

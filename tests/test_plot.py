@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-import plot
+from cli import figures
 from tests.conftest import assert_usage_error, run
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -46,7 +46,7 @@ def assert_drawn_inside(fig):
 @pytest.mark.parametrize("view", ["marginal", "cumulative", "per-layer"])
 def test_heat_map_fits_its_canvas_and_its_scale_is_the_data_range(layers, heads, view, tmp_path):
     result = locate_result(layers, heads)
-    values, scale, circuit, title = plot.heat_map_data(result, view)
+    values, scale, circuit, title = figures.heat_map_data(result, view)
     # the values shaded: each head's own effect (over the circuit below alone) or the increase over the unmasked
     # model, per sample; or each layer rescaled to 0..1
     matrix = result["loss_matrix"]
@@ -54,7 +54,7 @@ def test_heat_map_fits_its_canvas_and_its_scale_is_the_data_range(layers, heads,
               "cumulative": [[(v - 55.0) / 8 for v in r] for r in matrix],
               "per-layer": [[(v - min(r)) / (max(r) - min(r)) for v in r] for r in matrix]}[view]
     assert [v for row in values for v in row] == pytest.approx([v for row in expect for v in row])
-    fig = plot.heat_map_figure(values, scale, circuit, title, signed=view != "per-layer")
+    fig = figures.heat_map_figure(values, scale, circuit, title, signed=view != "per-layer")
     assert_drawn_inside(fig)
     ax = fig.axes[0]
     assert ax.get_title().startswith(title[:20]) and ax.get_xlabel() == "head" and ax.get_ylabel() == "layer"
@@ -64,9 +64,9 @@ def test_heat_map_fits_its_canvas_and_its_scale_is_the_data_range(layers, heads,
     assert image.get_array().shape == (layers, heads)
     outlined = {(round(p.get_y() + 0.5), round(p.get_x() + 0.5)) for p in ax.patches}
     assert outlined == {(int(layer), h) for layer, e in result["knowledge_circuit"].items() for h in e["retain_heads"]}
-    plot.pyplot().close(fig)
+    figures.pyplot().close(fig)
     for ext, magic in (("svg", b"<?xml"), ("png", b"\x89PNG"), ("pdf", b"%PDF")):
-        plot.heat_map(result, str(tmp_path / f"heads.{ext}"), view)
+        figures.heat_map(result, str(tmp_path / f"heads.{ext}"), view)
         assert (tmp_path / f"heads.{ext}").read_bytes().startswith(magic)
     assert ET.parse(tmp_path / "heads.svg").getroot().tag == SVG + "svg"
 
@@ -74,9 +74,9 @@ def test_heat_map_fits_its_canvas_and_its_scale_is_the_data_range(layers, heads,
 def test_heat_map_of_an_older_heads_json_draws_the_cumulative_view_it_holds(tmp_path, capsys):
     result = locate_result(4, 4)
     del result["circuit_below_loss"]
-    assert plot.heat_map_data(result)[:2] == plot.heat_map_data(result, "cumulative")[:2]
+    assert figures.heat_map_data(result)[:2] == figures.heat_map_data(result, "cumulative")[:2]
     assert "no circuit_below_loss (an older locate.py wrote it)" in capsys.readouterr().err
-    plot.heat_map(result, str(tmp_path / "h.svg"))
+    figures.heat_map(result, str(tmp_path / "h.svg"))
     assert (tmp_path / "h.svg").read_bytes().startswith(b"<?xml")
 
 
@@ -91,7 +91,7 @@ def pixel(png, fig, ax, x, y):
 def test_heat_map_file_shows_negative_effects_blue_none_white_and_positive_red(tmp_path):
     result = locate_result(3, 4)
     result["loss_matrix"] = [[50.0, 50.0, 58.0, 42.0], [53.0, 53.0, 61.0, 45.0], [56.0, 56.0, 56.0, 56.0]]
-    fig = plot.heat_map_figure(*plot.heat_map_data(result), signed=True)
+    fig = figures.heat_map_figure(*figures.heat_map_data(result), signed=True)
     fig.canvas.draw()
     png = str(tmp_path / "h.png")
     fig.savefig(png, dpi=fig.dpi)
@@ -99,10 +99,10 @@ def test_heat_map_file_shows_negative_effects_blue_none_white_and_positive_red(t
     none, up, down = (pixel(png, fig, ax, h + 0.3, 0) for h in (0, 2, 3))  # off the outline at the cell's edge
     assert min(none) > 0.95  # no effect: white
     # a loss 1 nat higher per sample red, 1 nat lower blue, both at the ends of one diverging scale centred on zero
-    red, blue = (plot.pyplot().get_cmap("RdBu_r")(end)[:3] for end in (1.0, 0.0))
+    red, blue = (figures.pyplot().get_cmap("RdBu_r")(end)[:3] for end in (1.0, 0.0))
     assert up == pytest.approx(red, abs=0.02) and down == pytest.approx(blue, abs=0.02)
     assert up[0] > up[2] and down[2] > down[0]
-    plot.pyplot().close(fig)
+    figures.pyplot().close(fig)
 
 
 def boxes_apart(a, b) -> bool:
@@ -112,7 +112,7 @@ def boxes_apart(a, b) -> bool:
 @pytest.mark.parametrize("circuits", [2, 6])
 def test_overlap_titles_fit_their_panels_and_counts_get_a_colour_each(circuits, tmp_path):
     results = [locate_result(6, 8, seed) for seed in range(circuits)]
-    fig = plot.overlap_figure(*plot.overlap_data(results, [f"circuit {k}" for k in range(circuits)]))
+    fig = figures.overlap_figure(*figures.overlap_data(results, [f"circuit {k}" for k in range(circuits)]))
     assert_drawn_inside(fig)
     renderer = fig.canvas.get_renderer()
     left, left_bar, right, right_bar = fig.axes
@@ -127,7 +127,7 @@ def test_overlap_titles_fit_their_panels_and_counts_get_a_colour_each(circuits, 
     colours = {tuple(pixel(png, fig, right_bar, 0.5, k).round(2)) for k in range(circuits + 1)}
     steps = {tuple(pixel(png, fig, right_bar, 0.5, k + d).round(2)) for k in range(circuits + 1) for d in (-0.3, 0.3)}
     assert len(colours) == circuits + 1 and steps == colours  # one flat colour per whole count, no gradient
-    plot.pyplot().close(fig)
+    figures.pyplot().close(fig)
 
 
 def test_overlap_of_circuits(tmp_path):
@@ -135,17 +135,17 @@ def test_overlap_of_circuits(tmp_path):
     a["knowledge_circuit"] = {"0": {"retain_heads": [0, 1]}, "1": {"retain_heads": [2, 3]}}
     b["knowledge_circuit"] = {"0": {"retain_heads": [1, 2]}, "1": {"retain_heads": [2, 3]}}
     c["knowledge_circuit"] = {"5": {"retain_heads": [7]}}
-    labels, jaccard, counts, title = plot.overlap_data([a, b, c], ["a", "b", "c"])
+    labels, jaccard, counts, title = figures.overlap_data([a, b, c], ["a", "b", "c"])
     assert jaccard[0][1] == jaccard[1][0] == pytest.approx(3 / 5)  # {0:0,0:1,1:2,1:3} and {0:1,0:2,1:2,1:3}
     assert jaccard[0][2] == 0.0 and jaccard[2][2] == 1.0
     assert counts[0][:3] == [1, 2, 1] and counts[1][2:4] == [2, 2] and counts[5][7] == 1 and sum(map(sum, counts)) == 9
-    fig = plot.overlap_figure(labels, jaccard, counts, title)
+    fig = figures.overlap_figure(labels, jaccard, counts, title)
     assert_drawn_inside(fig)
-    plot.pyplot().close(fig)
+    figures.pyplot().close(fig)
     for ext in ("svg", "png"):
-        plot.overlap([a, b, c], str(tmp_path / f"o.{ext}"), labels)
-    with pytest.raises(plot.UsageError, match="models of different shapes"):
-        plot.overlap_data([a, locate_result(7, 8)], ["a", "x"])
+        figures.overlap([a, b, c], str(tmp_path / f"o.{ext}"), labels)
+    with pytest.raises(figures.UsageError, match="models of different shapes"):
+        figures.overlap_data([a, locate_result(7, 8)], ["a", "x"])
 
 
 def training_run(folder, steps, seed, every=5):
@@ -165,14 +165,14 @@ def training_run(folder, steps, seed, every=5):
 def test_training_curves(tmp_path):
     runs = [training_run(tmp_path / name, steps, i) for i, (name, steps) in
             enumerate([("arc_easy_headmap_mha_seed0", 282), ("lora", 282), ("a", 3)])]
-    read = [plot.read_run(r) for r in runs]
+    read = [figures.read_run(r) for r in runs]
     assert [len(val) for _, _, val in read] == [1 + 57, 1 + 57, 1 + 1]  # step 0 (the base model) and every validation
     assert read[0][2][0] == (0, 2.7) and len(read[0][1]) == 282
-    fig = plot.curves_figure(read, "ARC-Easy: HeadMap against LoRA, full protocol")
+    fig = figures.curves_figure(read, "ARC-Easy: HeadMap against LoRA, full protocol")
     assert_drawn_inside(fig)
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["arc_easy_headmap_mha_seed0", "lora", "a"]
-    plot.pyplot().close(fig)
-    plot.curves(runs, str(tmp_path / "curves.svg"), title="ARC-Easy")
+    figures.pyplot().close(fig)
+    figures.curves(runs, str(tmp_path / "curves.svg"), title="ARC-Easy")
     assert ET.parse(tmp_path / "curves.svg").getroot().tag == SVG + "svg"
 
 
@@ -205,5 +205,5 @@ def test_plot_cli(tmp_path):
 def test_the_same_figure_gives_the_same_bytes(tmp_path, ext):
     """A committed figure redrawn from the same data does not change: no creation date, fixed SVG ids."""
     for name in ("a", "b"):
-        plot.heat_map(locate_result(4, 4), str(tmp_path / f"{name}.{ext}"))
+        figures.heat_map(locate_result(4, 4), str(tmp_path / f"{name}.{ext}"))
     assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes()

@@ -199,12 +199,14 @@ def test_locate_resumes_with_the_samples_it_chose_without_scoring_the_pool_again
     base = ["--dataset", "arc_easy", "--prompt", "harness", "--model", str(tiny_run / "model"), "--pool", "12",
             "--samples", "4", "--heads-per-layer", "1", "--no-validate", "--no-progress"]
     ref = locate.main(base + ["--out", str(tmp_path / "ref.json")])
-    search = locate.locate_circuit
+    import headmap.locate
+    import data.samples
+    search = headmap.locate.locate_circuit
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(locate, "locate_circuit", interrupted)
+    monkeypatch.setattr(headmap.locate, "locate_circuit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         locate.main(base + ["--out", str(tmp_path / "cut.json")])
     saved = json.loads((tmp_path / "cut.json.progress.json").read_text())
@@ -213,8 +215,8 @@ def test_locate_resumes_with_the_samples_it_chose_without_scoring_the_pool_again
     def never(*args, **kwargs):
         raise AssertionError("the pool was scored again")
 
-    monkeypatch.setattr(locate, "locate_circuit", search)
-    monkeypatch.setattr(locate, "select_samples", never)
+    monkeypatch.setattr(headmap.locate, "locate_circuit", search)
+    monkeypatch.setattr(data.samples, "select_samples", never)
     got = locate.main(base + ["--out", str(tmp_path / "cut.json"), "--resume"])
     assert got["knowledge_circuit"] == ref["knowledge_circuit"] and got["loss_matrix"] == ref["loss_matrix"]
 

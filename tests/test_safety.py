@@ -82,7 +82,7 @@ def test_a_model_with_its_own_code_runs_it_only_with_trust_remote_code(tiny_run,
     assert marker.exists() and json.loads(out.read_text())["trust_remote_code"] is True
 
 
-HOLD = ("import sys, time; sys.path.insert(0, '.'); from runs import hold_output; hold_output(sys.argv[1]); "
+HOLD = ("import sys, time; sys.path.insert(0, '.'); from cli.claim import hold_output; hold_output(sys.argv[1]); "
         "print('held', flush=True); time.sleep(float(sys.argv[2]))")  # a live run's claim on --out, and nothing else
 
 
@@ -114,7 +114,7 @@ def test_under_torchrun_rank_0_holds_the_claim_and_removes_it_at_the_end(tmp_pat
     script = tmp_path / "ranks.py"
     script.write_text(f"import json, os, sys\nsys.path.insert(0, {str(ROOT)!r})\n" + """
 import torch.distributed as dist
-from runs import hold_output
+from cli.claim import hold_output
 dist.init_process_group("gloo")
 hold_output(sys.argv[1])
 pids = [None] * dist.get_world_size()
@@ -162,7 +162,7 @@ def test_sigterm_stops_finetune_like_ctrl_c_and_the_run_resumes(tiny_run, tmp_pa
 
 
 def test_a_quoted_tilde_is_the_home_folder(tiny_run, tmp_path):
-    from cli import user_path
+    from cli.arguments import user_path
     home = os.path.expanduser("~")
     assert user_path("~/runs/x") == os.path.join(home, "runs/x")
     assert user_path("lm-eval:~/t.yaml,boolq") == f"lm-eval:{home}/t.yaml,boolq"
@@ -243,4 +243,4 @@ def test_train_adapter_refuses_a_model_that_is_not_frozen():
         train_adapter(model, adapter, [batch], steps=1, lr=1e-3)
     assert all(p.grad is None for p in model.parameters())
     model.requires_grad_(False)
-    assert len(train_adapter(model, adapter, [batch], steps=1, lr=1e-3)) == 1
+    assert len(train_adapter(model, adapter, [batch], steps=1, lr=1e-3).losses) == 1

@@ -72,11 +72,11 @@ def test_a_missing_circuit_file_is_worded_one_way(tmp_path):
 
 
 def test_the_bundled_finetuning_records_draw_their_step_0(tmp_path):
-    import plot
+    from cli import figures
     records = [log.with_name(log.name.replace(".log.jsonl", ".json")) for log in (ROOT / "experiments").rglob(
         "*.log.jsonl")]
     records = [r for r in records if r.exists()]  # a record with its log beside it, as plot.py curves reads them
     assert len(records) >= 30
     for record in records:
-        name, _, val = plot.read_run(str(record))
+        name, _, val = figures.read_run(str(record))
         assert val[0][0] == 0, name  # the base model's validation loss, at step 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import UsageError
+from cli.exits import UsageError
 from data.files import DataError
 from data.scoring import Scores, encode_pair, metrics, score_continuations
 from data.common import CHOICE, TARGET, Example
@@ -249,7 +249,7 @@ def test_evaluate_equals_lm_eval_and_the_readme_snippet_masks_heads_in_lm_eval(l
     """evaluate.py --dataset lm-eval:TASK --mask heads.json gives lm-eval's own acc and acc_norm, run by the README's
     snippet (HFLM over the model, heads masked by mask_heads), and differs from the unmasked scores."""
     import evaluate
-    from runs import write_json
+    from cli.json_records import write_json
     from headmap.circuit import circuit_entry
     model_dir, yaml = tiny_run / "model", lm_eval_tasks / "arc_easy.yaml"
     write_json(tmp_path / "heads.json", {**circuit_entry({0: [1, 2], 1: [0]}), "model": str(model_dir)})
@@ -281,7 +281,8 @@ def test_lm_eval_loads_a_headmap_adapter_through_peft_and_scores_as_evaluate_doe
     import lm_eval
     from transformers import AutoModelForCausalLM
 
-    from headmap.adapters import attach_headmap, save_adapter
+    from headmap.adapters import attach_headmap
+    from headmap.saving import save_adapter
     model_dir, yaml, folder = tiny_run / "model", lm_eval_tasks / "arc_easy.yaml", tmp_path / "headmap"
     model = AutoModelForCausalLM.from_pretrained(model_dir).requires_grad_(False)
     adapter = attach_headmap(model, {0: [1, 2], 1: [0]}, rank=4, scaling=2.0)

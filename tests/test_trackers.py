@@ -178,7 +178,7 @@ def test_a_tracker_that_is_not_installed_is_refused_with_its_pip_command(tmp_pat
 
 def test_a_tracker_that_fails_mid_run_warns_once_and_the_others_go_on(tmp_path, capsys):
     needed("tensorboard")
-    from trackers import Reporter
+    from cli.trackers import Reporter
 
     class Unreachable:  # an MLflow whose server went away mid-run
         calls = 0

@@ -1,6 +1,6 @@
 """A training step of finetune.py against what users run instead: PEFT + Hugging Face Trainer, in one run.
 
-    python bench/finetune.py --heads heads.json [--dataset arc_easy] [--steps 6]
+    python bench/step_vs_peft_trainer.py --heads heads.json [--dataset arc_easy] [--steps 6]
 
 The same model, the same rows (the protocol's random batches of 16), the same LoRA/DoRA settings (r 32, alpha 64,
 dropout 0.05, PEFT's default targets here: LORA_TARGETS), bf16 autocast on a GPU:
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
-from data.scoring import lm_batch, training_texts  # noqa: E402
+from data.training import lm_batch, training_texts  # noqa: E402
 from headmap.batching import pad_right  # noqa: E402
 from headmap.adapters import LORA_TARGETS, attach_headmap, attach_lora  # noqa: E402
 from headmap.train import batch_loss, checkpointed_layers  # noqa: E402
@@ -172,7 +172,7 @@ if __name__ == "__main__":
     from data.scoring import pad_id_of
     from data.commonsense import default_data_dir, load_examples
     from headmap.circuit import read_circuit
-    from models import DEFAULT_MODEL, load_model
+    from cli.loading import DEFAULT_MODEL, load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", required=True, help="the circuit HeadMap trains on")

@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from cli import UsageError
+from .exits import UsageError
 
 TRACKERS = {"tensorboard": ("torch.utils.tensorboard", "pip install tensorboard"),
             "wandb": ("wandb", "pip install wandb"),
@@ -93,9 +93,9 @@ class Reporter:
         try:
             call()
         except Exception as err:  # a tracker's own failure (network, disk, its store) must not end a long run
-            from headmap.files import first_line
+            from headmap.errors import error_summary
             self.runs.pop(name, None)
-            print(f"warning: --report-to {name} stopped: {first_line(err, 200)}; the run goes on, its own files "
+            print(f"warning: --report-to {name} stopped: {error_summary(err, 200)}; the run goes on, its own files "
                   "whole", file=sys.stderr)
 
     def log(self, metrics: dict, step: int) -> None:

@@ -1,18 +1,17 @@
 """Loading the model a script runs on: a hub id, a local folder or a GGUF file (de-quantised once and cached), on a
-device and dtype or spread over devices by a device map, probed once before any real compute; and joining torchrun's
-process group.
+device and dtype or spread over devices by a device map, probed once before any real compute.
 
 torch and transformers are imported inside the functions that need them: --help should not wait for them.
 """
 import importlib.util
 import json
 import os
-import sys
 
-from cli import UsageError
-from gguf_files import check_gguf, convert_gguf, gguf_cache_path, one_at_a_time
-from sharding import load_sharded
-from headmap.files import first_line
+
+from .exits import UsageError
+from .gguf import check_gguf, convert_gguf, gguf_cache_path, one_at_a_time
+from .torchrun import load_sharded
+from headmap.errors import error_summary
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -60,7 +59,7 @@ def base_weights(name: str) -> dict | None:
     folder, gguf_file = resolve_model(name)
     if gguf_file is None:
         return None
-    from gguf_files import read_source
+    from .gguf import read_source
     with one_at_a_time(f"{gguf_cache_path(folder, gguf_file)}.lock"):
         return read_source(gguf_cache_path(folder, gguf_file), os.path.join(folder, gguf_file))
 
@@ -116,10 +115,10 @@ def cannot_load(name: str, folder: str, err: Exception) -> UsageError:
     if "does not recognize this architecture" in str(err):
         import transformers
         return UsageError(f"cannot load model {name!r}: transformers {transformers.__version__} does not know its "
-                          f"model type ({first_line(err)[:120]}); upgrade transformers, or pass --trust-remote-code if "
+                          f"model type ({error_summary(err)[:120]}); upgrade transformers, or pass --trust-remote-code if "
                           "the model ships its own code")
     hint = "" if os.path.isdir(folder) else " (offline? pass a local folder or a .gguf path)"
-    return UsageError(f"cannot load model {name!r}{hint}: {first_line(err)}")
+    return UsageError(f"cannot load model {name!r}{hint}: {error_summary(err)}")
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False):
@@ -152,9 +151,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
 
     from headmap.masking import probe
     placement = parse_device_map(device_map)
-    if placement is not None and os.environ.get("WORLD_SIZE", "1") != "1":
-        raise UsageError("--device-map spreads one model over this machine's GPUs, and torchrun starts one process "
-                         "per GPU; use one or the other")
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     if not progress:
@@ -172,7 +168,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         if fsdp:
-            return load_sharded(folder, torch_dtype, dev, trust_remote_code), tokenizer  # sharding.py
+            return load_sharded(folder, torch_dtype, dev, trust_remote_code), tokenizer  # torchrun.py
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=placement,
                                                      trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -185,7 +181,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
             raise cannot_load(name, folder, err) from None
         if placement is None:
             raise
-        raise UsageError(f"--device-map does not fit {name!r}: {first_line(err)}") from None
+        raise UsageError(f"--device-map does not fit {name!r}: {error_summary(err)}") from None
     if isinstance(placement, dict):  # transformers leaves parameters a map does not name where they are: refuse
         missed = [n for n, _ in model.named_parameters()
                   if not any(k == "" or n == k or n.startswith(k + ".") for k in placement)]
@@ -195,27 +191,3 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     model = (model if placement is not None else model.to(dev)).eval()
     probe(model)
     return model, tokenizer
-
-
-def start_distributed(device, fsdp: bool = False) -> None:
-    """Under torchrun, join the process group it describes: gloo for CPU tensors and Python objects, NCCL for CUDA
-    tensors. Ranks other than 0 print nothing but a crash, which names the rank (progress bars, notes and warnings:
-    rank 0 shows them). Without torchrun (no WORLD_SIZE) nothing happens."""
-    import atexit
-    import traceback
-
-    import torch.distributed as dist
-    if (int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp) or dist.is_initialized():
-        return  # one process (under FSDP, one rank still gathers its shards through the group)
-    if device.type == "cuda":
-        import torch
-        torch.cuda.set_device(device)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-    atexit.register(dist.destroy_process_group)
-    if dist.get_rank():
-        rank = dist.get_rank()
-        sys.stdout = sys.stderr = open(os.devnull, "w")
-
-        def report_crash(kind, value, tb):
-            sys.__stderr__.write(f"rank {rank} failed:\n{''.join(traceback.format_exception(kind, value, tb))}")
-        sys.excepthook = report_crash

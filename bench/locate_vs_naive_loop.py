@@ -1,6 +1,6 @@
 """locate_circuit (locate.py's algorithm) vs the naive loop (one full masked forward per candidate), same samples, one run.
 
-    python bench/locate.py --dataset arc_easy --samples 16
+    python bench/locate_vs_naive_loop.py --dataset arc_easy --samples 16
 """
 import argparse
 import sys
@@ -10,10 +10,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
-import locate  # noqa: E402
+from data.samples import select_samples  # noqa: E402
 from bench.naive import locate_brute_force  # noqa: E402
-from models import DEFAULT_MODEL, load_model  # noqa: E402
-from data.scoring import answer_samples  # noqa: E402
+from cli.loading import DEFAULT_MODEL, load_model  # noqa: E402
+from data.samples import answer_samples  # noqa: E402
 from data.commonsense import Commonsense, default_data_dir  # noqa: E402
 from headmap.locate import default_token_budget, locate_circuit  # noqa: E402
 
@@ -36,7 +36,7 @@ heads = model.config.num_attention_heads
 n = args.heads_per_layer or max(1, round(heads / 4))
 task = Commonsense(args.dataset, args.prompt, args.data_dir)
 pool = task.examples(args.split, args.pool)
-chosen = locate.select_samples(model, tok, task, pool, args.samples, args.batch_size)["sample_indices"]
+chosen = select_samples(model, tok, task, pool, args.samples, args.batch_size)["sample_indices"]
 examples = [pool[i] for i in chosen]
 device = next(model.parameters()).device
 budget = args.token_budget or default_token_budget(device)

@@ -3,12 +3,14 @@ training.json or the circuit's heads.json (one that contradicts them is refused 
 against the settings of the run it continues, and the circuit and adapter files are checked before any model loads.
 """
 import argparse
+import json
 import os
 import sys
 
-from cli import UsageError
-from data.files import read_checked
-from runs import BEFORE, adopt_old_layout, read_checkpoint, read_json, resume_file
+from .exits import UsageError, refused
+from .json_records import read_json
+from .run_folder import TRAINING
+from headmap.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_input
 
 
 CIRCUIT_FIX = ('pass a heads.json written by locate.py (or the official .pt file): {"knowledge_circuit": {layer: '
@@ -17,7 +19,21 @@ CIRCUIT_FIX = ('pass a heads.json written by locate.py (or the official .pt file
 
 def read_circuit_file(path: str) -> dict[int, list[int]]:
     from headmap.circuit import read_circuit
-    return read_checked(path, "circuit file", read_circuit, CIRCUIT_FIX)
+    return read_input(path, "circuit file", read_circuit, CIRCUIT_FIX)
+
+
+def circuit_on(model, circuit: dict[int, list[int]], path: str, model_name: str, random_heads: bool,
+               seed: int) -> dict[int, list[int]]:
+    """The circuit of a file (--heads, --mask) checked against the loaded model (another model's is one line), or
+    with `random_heads` random heads of the same per-layer counts (the paper's control), drawn with `seed`."""
+    import torch
+
+    from headmap.circuit import check_circuit, random_circuit_like
+    from headmap.masking import layers_and_heads
+    layers, heads = layers_and_heads(model)
+    with refused(f"{path} does not fit {model_name}"):
+        check_circuit(circuit, layers, heads)
+    return random_circuit_like(circuit, heads, torch.Generator().manual_seed(seed)) if random_heads else circuit
 
 
 def check_adapter_weights(folder: str) -> None:
@@ -28,7 +44,7 @@ def check_adapter_weights(folder: str) -> None:
     def header(path):
         with safe_open(path, "pt") as f:
             return list(f.keys())
-    read_checked(os.path.join(folder, "adapter_model.safetensors"), "adapter weights", header,
+    read_input(os.path.join(folder, ADAPTER_WEIGHTS), "adapter weights", header,
                  "train it again (finetune.py) or copy it again")
 
 
@@ -39,12 +55,12 @@ def recorded(adapter: str | None = None, circuit: str | None = None) -> dict[str
     found: dict[str, dict[str, object]] = {"model": {}, "prompt": {}, "dataset": {}, "split": {}, "data": {}}
     sources = []
     if adapter:
-        training = os.path.join(adapter, "training.json")
+        training = os.path.join(adapter, TRAINING)
         if os.path.exists(training):
             sources.append((training, "adapter record", {"model": "base_model", "prompt": "prompt",
                                                           "dataset": "dataset", "split": "split", "data": "data"}))
         else:  # a PEFT folder names its base model only
-            sources.append((os.path.join(adapter, "adapter_config.json"), "adapter config",
+            sources.append((os.path.join(adapter, ADAPTER_CONFIG), "adapter config",
                             {"model": "base_model_name_or_path"}))
     if circuit and circuit.endswith(".json"):  # the official .pt circuit records nothing else
         sources.append((circuit, "circuit file", {"model": "model", "prompt": "prompt", "dataset": "dataset",
@@ -77,37 +93,33 @@ def settle(option: str, given, records: dict, default, force: bool = False, stri
 
 
 def open_task_for(name: str, args: argparse.Namespace, prompt_records: dict | None = None):
-    """The task `name` with the script's options: the prompt style (one of the eight only) from --prompt, else what
-    an adapter or circuit recorded (`prompt_records`, see settle), else paper."""
-    from data.commonsense import DATASETS
-    from data.tasks import open_task
+    """The task --dataset `name` with the script's --prompt, --data-dir and --target-delimiter; for one of the eight,
+    the prompt style the user left out is what an adapter or circuit recorded (`prompt_records`, see settle)."""
+    from data.tasks import open_task, takes_prompt
     prompt = args.prompt
-    if name in DATASETS:
-        prompt = settle("prompt", prompt, prompt_records or {}, "paper", strict=False)
+    if takes_prompt(name):
+        prompt = settle("prompt", prompt, prompt_records or {}, None, strict=False)
     return open_task(name, prompt, args.data_dir, args.target_delimiter)
 
 
-def check_same_run(path: str, recorded: dict, given: dict) -> None:
-    """--resume continues the run recorded in `path`, not another: every setting that decides the result must be
-    the same; the first difference is refused by name. (A run recorded before may hold settings of other methods
-    too: only the ones this run reads are compared.)"""
-    for key in sorted(given):
-        if recorded.get(key) != given.get(key):
-            raise UsageError(f"--resume: {key} is {given.get(key)!r} here but {recorded.get(key)!r} in the run recorded "
-                             f"in {path}; pass the same options to continue it, or drop --resume (another --out) "
-                             "to start a new run")
-
-
-def read_interrupted_run(out: str, resume: bool, settings: dict) -> tuple[dict | None, dict | None]:
-    """With --resume, finetune.py's interrupted run in `out`: its record (before.json) and checkpoint, read and checked
-    on rank 0 before the model loads (another run's settings are refused by name)."""
-    from headmap import distributed
-    before_path = resume_file(out, BEFORE)
-    record = ckpt = None
-    if resume and distributed.rank() == 0:
-        adopt_old_layout(out)
-        if os.path.exists(before_path):
-            record = read_json(before_path, "run record", f"delete {os.path.dirname(before_path)} to start over")
-            check_same_run(before_path, record.get("settings", settings), settings)
-        ckpt = read_checkpoint(out)
-    return distributed.from_rank0(record), ckpt
+def samples_from(path: str, settings: dict, source: dict, count: int) -> dict[str, list]:
+    """The samples an earlier run chose (see select_samples), if it drew them from the same rows for the same model:
+    all of them, or the `count` of lowest loss (the same as scoring the pool again would choose)."""
+    earlier = read_json(path, "--samples-from", "pass a heads.json written by locate.py")
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("sample_indices"), list):
+        raise UsageError(f"--samples-from {path} records no samples; pass a heads.json written by locate.py")
+    same = {**{k: settings[k] for k in ("model", "dataset", "split", "pool", "prompt")}, "data": source}
+    for key, value in json.loads(json.dumps(same)).items():  # as the file holds them
+        if earlier.get(key) != value:
+            raise UsageError(f"--samples-from {path}: its samples were chosen with {key} {earlier.get(key)!r}, not "
+                             f"{value!r}; pass a run of the same model, task, split and pool")
+    held = len(earlier["sample_indices"])
+    if count > held:
+        raise UsageError(f"--samples-from {path} holds {held} samples; pass --samples {held} or fewer")
+    if count == held:
+        return {"sample_indices": earlier["sample_indices"], "sample_losses": earlier.get("sample_losses")}
+    if "sample_losses" not in earlier:  # runs before 2026-11-28 recorded none
+        raise UsageError(f"--samples-from {path} records no sample losses, so its {count} lowest-loss samples are "
+                         f"unknown; pass --samples {held}, or drop --samples-from")
+    from data.samples import lowest_loss
+    return lowest_loss(earlier["sample_indices"], earlier["sample_losses"], count)

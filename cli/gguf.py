@@ -7,7 +7,7 @@ import struct
 from contextlib import contextmanager
 from pathlib import Path
 
-from cli import UsageError
+from .exits import UsageError
 
 
 def gguf_declared_size(path: str) -> int:

@@ -1,8 +1,8 @@
 """evaluate.py's scoring path against the path it replaced and against one stock forward per choice, one run.
 
-    python bench/evaluate.py --dataset arc_easy --prompt harness
-    python bench/evaluate.py --dataset hellaswag --prompt harness --rows 100
-    python bench/evaluate.py --prompt paper --naive     # also time one stock forward pass per choice (slow)
+    python bench/scoring_paths.py --dataset arc_easy --prompt harness
+    python bench/scoring_paths.py --dataset hellaswag --prompt harness --rows 100
+    python bench/scoring_paths.py --prompt paper --naive     # also time one stock forward pass per choice (slow)
 
 Now: each prompt runs once (prompts of equal length batched, no padding) and every multi-token choice runs
 against its key/value cache. Before: one right-padded row per prompt + choice, longest first, the LM head at the
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.naive import choice_scores_one_by_one  # noqa: E402
-from models import DEFAULT_MODEL, load_model  # noqa: E402
+from cli.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from data.scoring import accuracy, encode_pair, pad_id_of, score_examples  # noqa: E402
 from headmap.batching import pad_right  # noqa: E402
 from data.commonsense import default_data_dir, load_examples  # noqa: E402

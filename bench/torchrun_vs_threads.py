@@ -1,8 +1,8 @@
 """One process with T threads against torchrun with T processes of one thread, for locate.py and finetune.py,
 timed in one run; the outputs must agree (the point on a small CPU is that the split is correct and measured).
 
-    python bench/distributed.py --processes 2                 # on the 2-core CPU
-    python bench/distributed.py --processes 8 --device cuda   # 1 GPU against 8 (threads: 1 either way)
+    python bench/torchrun_vs_threads.py --processes 2                 # on the 2-core CPU
+    python bench/torchrun_vs_threads.py --processes 8 --device cuda   # 1 GPU against 8 (threads: 1 either way)
 
 Times are the scripts' own: locate's `seconds` (the layer loop, without loading or validation) and finetune's
 seconds per optimizer step after the first (from log.jsonl), so start-up and final evaluations do not count.

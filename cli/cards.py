@@ -3,7 +3,7 @@ merged checkpoint's, as the Hugging Face Hub reads them. They hold run records, 
 they live here, not in headmap/."""
 import os
 
-from runs import RESUME_DIR
+from .run_folder import CARD, RESUME_DIR
 
 HUB_PLACEHOLDER = "YOUR-NAME/YOUR-REPO"  # the Hub id an upload gets, which the card cannot know
 
@@ -25,7 +25,7 @@ def _weights_row(record: dict) -> list[tuple[str, str]]:
 
 def _write_card(folder: str, front: list[str], body: list[str]) -> None:
     from headmap.files import atomic
-    with atomic(os.path.join(folder, "README.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic(os.path.join(folder, CARD)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(["---", *front, "---", "", *body, ""]))
 
 
@@ -33,7 +33,7 @@ def write_model_card(folder: str, record: dict) -> None:
     """README.md beside an adapter, from its training.json `record`, as PEFT's save_pretrained writes one: YAML front
     matter for the Hugging Face Hub, what was trained (on which weights), its numbers with their standard errors,
     and how to load it from `folder` as the user named it and, once uploaded, from the Hub."""
-    from headmap.adapters import HS_NOT_PEFT
+    from headmap.saving import HS_NOT_PEFT
     config, method = record["adapter"], record["method"]
     base = config.get("base_model_name_or_path") or record["base_model"]
     hs = method == "headmap" and config["variant"] == "hs"

@@ -1,7 +1,7 @@
 """The masked-attention kernel against what a kernel engineer would run instead, in one run.
 
-    python bench/attention.py                 # on a CUDA GPU: the full table (about 3 minutes on an H100)
-    python bench/attention.py --dry-run       # on a CPU: tiny shapes through Triton's interpreter (CI)
+    python bench/kernel_vs_sdpa.py                 # on a CUDA GPU: the full table (about 3 minutes on an H100)
+    python bench/kernel_vs_sdpa.py --dry-run       # on a CPU: tiny shapes through Triton's interpreter (CI)
 
 Baselines, each on the same q, k, v:
 - `flash`, `cudnn`: torch SDPA with is_causal=True and no mask, forced to its FlashAttention-2 or cuDNN backend
@@ -24,8 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cli import add_out_arguments, run_script  # noqa: E402  (cli and runs import no torch)
-from runs import check_writable, write_json  # noqa: E402
+from cli.arguments import add_out_arguments  # noqa: E402  (cli imports no torch)
+from cli.exits import run_script
+from cli.json_records import write_json  # noqa: E402
+from cli.outputs import check_writable
 
 
 def options(argv=None):

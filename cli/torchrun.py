@@ -1,9 +1,53 @@
-"""A model larger than one GPU, under torchrun (--fsdp): sharded with PyTorch's FSDP2 over the ranks, only rank 0
-reading the weights; and what each rank then holds, read from the shards.
+"""Running under torchrun: the process group joined, and --fsdp (a model larger than one GPU sharded with PyTorch's
+FSDP2 over the ranks, only rank 0 reading the weights; what each rank then holds, read from the shards), with every
+refusal of both: the options that cannot go with them, and the models --fsdp cannot take.
 
 torch is imported inside the functions: --help should not wait for it.
 """
-from cli import UsageError
+import argparse
+import os
+import sys
+
+from .exits import UsageError
+
+
+def check_processes(args: argparse.Namespace) -> None:
+    """--fsdp needs torchrun's processes; --device-map spreads one process's model over devices, so it goes neither
+    with --fsdp nor under torchrun."""
+    fsdp, device_map = getattr(args, "fsdp", False), getattr(args, "device_map", None)
+    if fsdp and device_map:
+        raise UsageError("--fsdp shards the model over torchrun's processes and --device-map spreads it over one "
+                         "process's devices; use one or the other")
+    if fsdp and "WORLD_SIZE" not in os.environ:
+        raise UsageError("--fsdp shards the model over torchrun's processes: run the script under torchrun "
+                         "(torchrun --nproc_per_node N ... --fsdp)")
+    if device_map and os.environ.get("WORLD_SIZE", "1") != "1":
+        raise UsageError("--device-map spreads one model over this machine's GPUs, and torchrun starts one process "
+                         "per GPU; use one or the other")
+
+
+def start_distributed(device, fsdp: bool = False) -> None:
+    """Under torchrun, join the process group it describes: gloo for CPU tensors and Python objects, NCCL for CUDA
+    tensors. Ranks other than 0 print nothing but a crash, which names the rank (progress bars, notes and warnings:
+    rank 0 shows them). Without torchrun (no WORLD_SIZE) nothing happens."""
+    import atexit
+    import traceback
+
+    import torch.distributed as dist
+    if (int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp) or dist.is_initialized():
+        return  # one process (under FSDP, one rank still gathers its shards through the group)
+    if device.type == "cuda":
+        import torch
+        torch.cuda.set_device(device)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
+    if dist.get_rank():
+        rank = dist.get_rank()
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+
+        def report_crash(kind, value, tb):
+            sys.__stderr__.write(f"rank {rank} failed:\n{''.join(traceback.format_exception(kind, value, tb))}")
+        sys.excepthook = report_crash
 
 
 def load_sharded(folder: str, dtype, device, trust_remote_code: bool = False):

@@ -1,25 +1,11 @@
-"""What the scripts share of the command line: their arguments, and bad input as one line with exit code 2.
-
-The scripts' other shared pieces live beside this: runs.py (the files a run reads and writes: outputs, run folders,
-checkpoints, the claim on --out), records.py (what earlier runs recorded: options settled from it, resume checked
-against it), models.py (loading a model: hub id, folder or GGUF; device, dtype, device map; torchrun's process
-group), gguf_files.py (a GGUF file checked and de-quantised once), sharding.py (--fsdp), cards.py (model cards)
-and trackers.py (--report-to). None of them imports
-torch at the top: the scripts import them before they parse their arguments, and --help should not wait for torch.
-"""
+"""The scripts' command-line options shared between them (model, task, --out), their checks, and the path type that
+expands ~. No torch here: --help answers at once."""
 import argparse
 import math
 import os
-import signal
-import sys
-from contextlib import contextmanager
+from collections import namedtuple
 
-from data.files import DataError
-from headmap.files import first_line
-
-
-class UsageError(ValueError):
-    """Bad input from the user: the scripts print it as one line and exit with code 2."""
+from .exits import UsageError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -39,57 +25,6 @@ def user_path(value: str) -> str:
         prefix = "lm-eval:" if item.startswith("lm-eval:") else ""
         return prefix + os.path.expanduser(item[len(prefix):])
     return ",".join(map(expand, value.split(",")))
-
-
-def _refusals() -> tuple:
-    """UsageError, data/'s DataError, and the library's UnsupportedModel and NoSpaceError (a full disk) once the
-    library is loaded (not before: --help is fast)."""
-    masking, files = sys.modules.get("headmap.masking"), sys.modules.get("headmap.files")
-    return ((UsageError, DataError) + ((masking.UnsupportedModel,) if masking else ())
-            + ((files.NoSpaceError,) if files else ()))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, what SLURM and Kubernetes send before they kill a job: stopped as Ctrl-C stops a run."""
-
-
-def _terminate(signum, frame):
-    raise Terminated
-
-
-def run_script(main, resumable: bool = False) -> None:
-    """Run a script's main(), turning every way it can stop into one line on stderr, never a traceback.
-
-    Bad input, an unsupported model or a full disk: 'error: ...', exit code 2. A loss that is not finite: 'error:
-    ...', exit code 1. Ctrl-C (exit code 130) and SIGTERM (143): the command that continues the run, for a resumable
-    script (its last checkpoint is whole: every file is written atomically)."""
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        main()
-    except _refusals() as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as err:  # training diverged: not bad input (the message says what is kept)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as stop:
-        argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
-        hint = f"; continue with: python {os.path.basename(sys.argv[0])} {' '.join(argv)}" if resumable else ""
-        terminated = isinstance(stop, Terminated)
-        print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}", file=sys.stderr)
-        sys.exit(143 if terminated else 130)
-
-
-@contextmanager
-def refused(what: str, fix: str | None = None):
-    """A library ValueError about what the user handed over (a circuit that does not fit the model, an adapter of
-    another base model) as one usage line: '<what>: <the library's reason>[; <fix>]'."""
-    try:
-        yield
-    except ValueError as err:
-        if isinstance(err, _refusals()):
-            raise
-        raise UsageError(f"{what}: {first_line(err)}" + (f"; {fix}" if fix else "")) from None
 
 
 def add_model_arguments(p: argparse.ArgumentParser, model_default: str | None, model_help: str,
@@ -137,18 +72,6 @@ def add_out_arguments(p: argparse.ArgumentParser, out_help: str, default: str | 
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
 
 
-def check_fsdp(args: argparse.Namespace) -> None:
-    """--fsdp needs torchrun's processes and cannot go with --device-map (one process spreading the model)."""
-    if not getattr(args, "fsdp", False):
-        return
-    if getattr(args, "device_map", None):
-        raise UsageError("--fsdp shards the model over torchrun's processes and --device-map spreads it over one "
-                         "process's devices; use one or the other")
-    if "WORLD_SIZE" not in os.environ:
-        raise UsageError("--fsdp shards the model over torchrun's processes: run the script under torchrun "
-                         "(torchrun --nproc_per_node N ... --fsdp)")
-
-
 def check_at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
@@ -162,3 +85,11 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number above 0, got {value}")
+
+
+def settled(args: argparse.Namespace, **decided):
+    """A run's settings, fixed once: the options as parsed, with what was `decided` from them and from the files
+    of earlier runs (a model the user left out, the method's learning rate ...). Read-only from here on (a named
+    tuple), so every later step sees the same values."""
+    values = {**vars(args), **decided}
+    return namedtuple("Settings", values)(**values)
