@@ -152,9 +152,6 @@ def attach(model, circuit: dict | None, run):
             adapter = attach_lora(model, run.rank, run.alpha, run.dropout, dora=run.method == "dora")
         print(f"{run.method} targets: {', '.join(adapter.config['target_modules'])}")
     adapter.config["base_model_name_or_path"] = hub_id_of(run.model)  # what PEFT's AutoPeftModel loads
-    trainable, base = sum(p.numel() for p in adapter.parameters()), sum(p.numel() for p in model.parameters())
-    print(f"{run.method}: {trainable:,} trainable parameters of {base + trainable:,} "
-          f"({100 * trainable / (base + trainable):.4f}%)")
     return adapter
 
 
@@ -198,7 +195,9 @@ def main(argv=None):
     model, tokenizer = load_model(run.model, run.device, run.dtype, trust_remote_code=run.trust_remote_code,
                                   progress=not run.no_progress, fsdp=run.fsdp)
     adapter = attach(model.requires_grad_(False), circuit, run)
-    trainable = sum(p.numel() for p in adapter.parameters())
+    trainable, base = sum(p.numel() for p in adapter.parameters()), sum(p.numel() for p in model.parameters())
+    print(f"{run.method}: {trainable:,} trainable parameters of {base + trainable:,} "
+          f"({100 * trainable / (base + trainable):.4f}%)")
     adapter.eval()  # modules start in training mode: no dropout while scoring
     before, val_loss_before = run_folder.base_numbers(model, tokenizer, task, rows, run, recorded_run, settings)
     best, steps, after = train_and_score(model, tokenizer, adapter, task, rows, run, ckpt,

@@ -12,7 +12,6 @@ with it masked against random heads of the same per-layer counts.
 """
 import argparse
 import os
-import sys
 import time
 
 from cli.arguments import (HelpFormatter, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
@@ -69,31 +68,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_rows(args: argparse.Namespace):
-    """The task, the pool the samples are drawn from and the validation rows, read (and their sources hashed) before
-    the model loads; the settings that decide the result (batch sizes, budgets, progress bars and devices do not,
-    beyond float rounding); --out claimed once the task is known. Returns (task, examples, validation rows or None,
-    settings, the sources of both, the validation split)."""
+    """The task and its rows (data.common.locate_rows), read before the model loads, --out claimed once the task is
+    known; and the settings that decide the result (batch sizes, budgets, progress bars and devices do not, beyond
+    float rounding). Returns (task, rows, settings)."""
     from cli.earlier_runs import open_task_for
+    from data.common import locate_rows
     task = open_task_for(args.dataset, args)
     split = task.check_split(args.split or task.train_split)
     val_split = task.check_split(args.validate_split)
     claim_out("circuit", args.out, args.overwrite, args, resume=args.resume)
-    examples = task.examples(split, args.pool)
-    if args.samples > len(examples):
-        more = f" or a --pool above {args.pool}" if args.pool == len(examples) else ""
-        raise UsageError(f"--samples {args.samples} asks for more samples than the pool holds ({len(examples)} rows of "
-                         f"{task.name} {split}); pass --samples {len(examples)} or fewer{more}")
-    val_examples = None if args.no_validate else task.examples(val_split, args.validate_limit or None)
-    source = task.source(split)  # the rows as read now, not as the file may be when the search ends; hashed once
-    val_source = source if val_split == split or val_examples is None else task.source(val_split)
-    if val_examples is not None and split == val_split:
-        print(f"note: the samples and the validation both come from {split} of {task.name}: the validation includes "
-              "the samples", file=sys.stderr)
+    rows = locate_rows(task, split, args.pool, args.samples, val_split, args.validate_limit or None,
+                       not args.no_validate)
     settings = {"model": args.model, "dataset": task.name, "split": split, "pool": args.pool,
                 "prompt": task.prompt, "samples": args.samples, "samples_from": args.samples_from,
                 "validate": not args.no_validate, "validate_split": args.validate_split,
                 "validate_limit": args.validate_limit, "random_trials": args.random_trials, "seed": args.seed}
-    return task, examples, val_examples, settings, (source, val_source), val_split
+    return task, rows, settings
 
 
 def heads_per_layer(model, args: argparse.Namespace) -> int:
@@ -158,16 +148,15 @@ def search(model, samples, n: int, state: dict, args, settings: dict):
     return circuit, time.time() - started, reporter
 
 
-def validate_and_say(model, tokenizer, task, val_examples, circuit, args, result: dict, reporter,
-                     val_split: str, val_source: dict) -> None:
+def validate_and_say(model, tokenizer, task, rows, circuit, args, result: dict, reporter) -> None:
     """The circuit's validation (validate_circuit) into `result`, printed and sent to the trackers."""
     from data.validation import print_validation, validate_circuit
     validating = time.time()
-    v = validate_circuit(model, tokenizer, task, val_examples, circuit, args.random_trials, args.seed, args.batch_size,
-                 not args.no_progress)
-    result["validation"] = {"split": val_split, "data": val_source, **v}
+    v = validate_circuit(model, tokenizer, task, rows.val, circuit, args.random_trials, args.seed, args.batch_size,
+                         not args.no_progress)
+    result["validation"] = {"split": rows.val_split, "data": rows.val_source, **v}
     result["validation_seconds"] = round(time.time() - validating, 1)
-    print_validation(v, task.kind, task.prompt, val_split, args.random_trials)
+    print_validation(v, task.kind, task.prompt, rows.val_split, args.random_trials)
     reporter.log({f"validation_{k}": v[k] for k in ("unmasked", "circuit_masked", "random_masked_mean",
                                                     "random_masked_std", "chance")}, result["layers"] + 1)
 
@@ -193,9 +182,9 @@ def write_outputs(result: dict, out: str, reporter) -> None:
 def main(argv=None):
     begun = time.time()
     args = parse_args(argv)
-    task, examples, val_examples, settings, (source, val_source), val_split = read_rows(args)
+    task, rows, settings = read_rows(args)
     from cli.earlier_runs import samples_from
-    earlier = samples_from(args.samples_from, settings, source, args.samples) if args.samples_from else None
+    earlier = samples_from(args.samples_from, settings, rows.source, args.samples) if args.samples_from else None
     from cli.json_records import software_versions
     from cli.loading import load_model, pick_device
     from cli.torchrun import shard_sizes, start_distributed
@@ -212,8 +201,8 @@ def main(argv=None):
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map, args.trust_remote_code,
                                   not args.no_progress, args.fsdp)
     settings["heads_per_layer"] = n = heads_per_layer(model, args)
-    state = start_search(model, tokenizer, task, examples, args, settings, saved, earlier)
-    samples = answer_samples(tokenizer, [examples[i] for i in state["sample_indices"]], context_limit(model))
+    state = start_search(model, tokenizer, task, rows.pool, args, settings, saved, earlier)
+    samples = answer_samples(tokenizer, [rows.pool[i] for i in state["sample_indices"]], context_limit(model))
     circuit, seconds, reporter = search(model, samples, n, state, args, settings)
     layers, heads = layers_and_heads(model)
     result = {
@@ -227,18 +216,18 @@ def main(argv=None):
         "circuit_below_loss": state["circuit_below_loss"],  # per layer: the circuit below masked, no head of its own
         "unmasked_loss": unmasked_answer_loss(model, samples),
         "kind": task.kind,
-        "data": source,
+        "data": rows.source,
         "trust_remote_code": args.trust_remote_code,
         "sharding": shard_sizes(model),  # --fsdp: the bytes of the weights, in all and on each rank
         "seconds": round(seconds, 1),
         "versions": software_versions(),
     }
     print_heat_map(state["loss_matrix"], circuit)
-    if val_examples is not None:
-        validate_and_say(model, tokenizer, task, val_examples, circuit, args, result, reporter, val_split, val_source)
+    if rows.val is not None:
+        validate_and_say(model, tokenizer, task, rows, circuit, args, result, reporter)
     write_outputs(result, args.out, reporter)
     times = f"search {seconds:.1f} s" + (f", validation {result['validation_seconds']:.1f} s"
-                                         if val_examples is not None else "")
+                                         if rows.val is not None else "")
     print(f"located {sum(map(len, circuit.values()))} heads ({times}; {time.time() - begun:.1f} s in all for this "
           f"command, loading the model and choosing the samples included); wrote {args.out} and "
           f"{heat_map_file(args.out)}")

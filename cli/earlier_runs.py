@@ -1,6 +1,7 @@
 """What earlier runs recorded, and what follows from it: an option the user left out is taken from the adapter's
-training.json or the circuit's heads.json (one that contradicts them is refused or warned of), a --resume is checked
-against the settings of the run it continues, and the circuit and adapter files are checked before any model loads.
+training.json or the circuit's heads.json (one that contradicts them is refused or warned of), the circuit and
+adapter files are checked before any model loads, and locate's --samples-from takes an earlier run's samples.
+(A --resume is checked against its run in run_folder.py.)
 """
 import argparse
 import json

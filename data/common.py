@@ -8,6 +8,7 @@ task (a prompt and the one continuation it should get, "The capital of France is
 single choice, scored by exact match.
 """
 import random
+import sys
 from dataclasses import dataclass
 
 from data.files import DataError
@@ -105,3 +106,33 @@ def finetune_rows(task: Task, train_limit: int | None, val_fraction: float, val_
         print(f"{task.name} has no evaluation split of its own: the accuracy is measured on the held-out rows")
         return FinetuneRows(train, val, val[:eval_limit], "held-out rows", held_out, source)
     return FinetuneRows(train, val, task.examples(task.eval_split, eval_limit), task.eval_split, held_out, source)
+
+
+@dataclass(frozen=True)
+class LocateRows:
+    """locate's rows: the pool D is drawn from, and the rows its circuit is validated on (None: no validation)."""
+    pool: list
+    split: str
+    source: dict  # the pool's rows as read now (a file: path, row count, sha256)
+    val: list | None
+    val_split: str
+    val_source: dict | None
+
+
+def locate_rows(task: Task, split: str, pool: int | None, samples: int, val_split: str,
+                validate_limit: int | None, validate: bool) -> LocateRows:
+    """The first `pool` rows of `split` (at least `samples` of them), and the first `validate_limit` rows of
+    `val_split` where `validate`; each source read once (a file is hashed once). A note on stderr where the two are
+    one split."""
+    examples = task.examples(split, pool)
+    if samples > len(examples):
+        more = f" or a --pool above {pool}" if pool == len(examples) else ""
+        raise DataError(f"--samples {samples} asks for more samples than the pool holds ({len(examples)} rows of "
+                        f"{task.name} {split}); pass --samples {len(examples)} or fewer{more}")
+    val = task.examples(val_split, validate_limit) if validate else None
+    source = task.source(split)  # the rows as read now, not as the file may be when the search ends
+    val_source = source if val_split == split or val is None else task.source(val_split)
+    if val is not None and split == val_split:
+        print(f"note: the samples and the validation both come from {split} of {task.name}: the validation includes "
+              "the samples", file=sys.stderr)
+    return LocateRows(examples, split, source, val, val_split, val_source)

@@ -111,13 +111,13 @@ def linear_schedule(steps: int, warmup: int) -> Callable[[int], float]:
 
 
 def optimizer_step(model: nn.Module, batch: dict, params: list[nn.Parameter], optimizer, schedule,
-                   token_budget: int, max_grad_norm: float) -> tuple[float, float]:
-    """One step on `batch`: the summed gradient of its micro-batches (and of every rank's), clipped, applied; the
-    schedule advanced. A loss that is not finite changes nothing. Returns (loss, gradient norm before clipping)."""
+                   token_budget: int, max_grad_norm: float, step: int) -> tuple[float, float]:
+    """Optimizer step `step` on `batch`: the summed gradient of its micro-batches (and of every rank's), clipped,
+    applied; the schedule advanced. A loss that is not finite raises FloatingPointError before anything changes.
+    Returns (loss, gradient norm before clipping)."""
     loss = batch_loss(model, batch, token_budget, backward=True)
     if not math.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)
-        return loss, math.nan
+        raise FloatingPointError(f"loss is {loss} at step {step}; lower the learning rate")
     all_reduce_grads(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
     optimizer.step()
@@ -213,9 +213,8 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
     bar = tqdm(total=steps, initial=step, desc=f"training {getattr(adapter, 'method', 'adapter')}", disable=not progress)
     with checkpointed_layers(model, activation_checkpointing):
         for batch in itertools.islice(batches, step, steps):
-            loss, grad_norm = optimizer_step(model, batch, params, optimizer, schedule, token_budget, max_grad_norm)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower the learning rate")
+            loss, grad_norm = optimizer_step(model, batch, params, optimizer, schedule, token_budget, max_grad_norm,
+                                             step + 1)
             step += 1
             losses.append(loss)
             record = {"step": step, "loss": loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm}
