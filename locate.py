@@ -11,7 +11,6 @@ answers; the n heads whose masking hurts most join the circuit. Then the circuit
 with it masked against random heads of the same per-layer counts.
 """
 import argparse
-import os
 import time
 
 from cli.arguments import (HelpFormatter, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
@@ -19,10 +18,13 @@ from cli.arguments import (HelpFormatter, add_model_arguments, add_out_arguments
 from cli.exits import UsageError, run_script
 from cli.loading import DEFAULT_MODEL
 from cli.outputs import claim_out
-from cli.run_folder import heat_map_file, progress_file, read_progress
+from cli.run_folder import heat_map_file, progress_file, read_progress, write_circuit_files
 from cli.torchrun import check_processes
 from cli.trackers import add_report_arguments, check_report_to
 from data.commonsense import DATASETS
+
+SELECTORS = ("conditioned", "independent", "attribution", "random")
+SEARCHES = ("conditioned", "independent")  # the selectors that mask heads, layer by layer (resumable, exact)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-split", help="default: the task's evaluation split")
     p.add_argument("--validate-limit", type=int, default=500, help="rows of the validation split (0 = all)")
     p.add_argument("--random-trials", type=int, default=5, help="random head sets the circuit is compared with")
+    p.add_argument("--selector", default="conditioned", choices=SELECTORS, help="how heads are chosen, n per layer: "
+                   "conditioned (the paper's search, each layer scored with the circuit below masked), independent "
+                   "(each head masked alone), attribution (attribution patching's first-order estimate of that, one "
+                   "forward and backward), random (the control, --seed)")
+    p.add_argument("--compare-exact", action="store_true", help="with --selector attribution: also run independent "
+                   "and report the rank correlation of the estimate with the exact effect, per layer and overall")
     return p
 
 
@@ -64,6 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_at_least(args, 0, "validate_limit")
     check_processes(args)
     check_report_to(args.report_to)
+    if args.compare_exact and args.selector != "attribution":
+        raise UsageError("--compare-exact compares an estimate with the exact effect of masking each head: pass "
+                         "--selector attribution")
+    if args.fsdp and args.selector == "attribution":
+        raise UsageError("--selector attribution does not run under --fsdp yet; run it without --fsdp (data parallel "
+                         "under torchrun, or --device-map)")
     return args
 
 
@@ -82,7 +96,8 @@ def read_rows(args: argparse.Namespace):
     settings = {"model": args.model, "dataset": task.name, "split": split, "pool": args.pool,
                 "prompt": task.prompt, "samples": args.samples, "samples_from": args.samples_from,
                 "validate": not args.no_validate, "validate_split": args.validate_split,
-                "validate_limit": args.validate_limit, "random_trials": args.random_trials, "seed": args.seed}
+                "validate_limit": args.validate_limit, "random_trials": args.random_trials, "seed": args.seed,
+                "selector": args.selector}
     return task, rows, settings
 
 
@@ -108,6 +123,7 @@ def start_search(model, tokenizer, task, examples, args, settings: dict, saved: 
     from cli.run_folder import check_same_run
     from headmap import distributed
     if saved is not None:
+        saved["settings"].setdefault("selector", "conditioned")  # a progress file from before there were others
         check_same_run(progress_file(args.out), saved["settings"], settings)
         done = len(saved["loss_matrix"])
         print(f"resuming after layer {done - 1}" if done else "resuming with the samples chosen before")
@@ -124,12 +140,15 @@ def start_search(model, tokenizer, task, examples, args, settings: dict, saved: 
 
 
 def search(model, samples, n: int, state: dict, args, settings: dict):
-    """locate_circuit, its progress saved after every layer (and sent to the trackers: one step a layer; a resumed
-    search continues their runs and sends no layer twice). Returns (circuit, seconds, reporter)."""
+    """The --selector's score matrix and circuit: a search (locate_circuit) saves its progress after every layer and
+    sends it to the trackers (one step a layer; a resumed search continues their runs and sends no layer twice).
+    Returns (circuit, scores, selection seconds, reporter)."""
     from cli.json_records import write_json
     from cli.trackers import start_reporting
     from headmap import distributed
     from headmap.locate import locate_circuit
+    from headmap.masking import layers_and_heads
+    from headmap.selectors import attribution_scores, circuit_from_scores, random_scores
     started = time.time() - state["seconds"]
     reporter = start_reporting(args, "locate", settings, state.get("trackers"), sent=len(state["loss_matrix"]) or -1)
     state["trackers"] = reporter.ids
@@ -143,9 +162,29 @@ def search(model, samples, n: int, state: dict, args, settings: dict):
         reporter.log({"chosen_heads_loss": sum(chosen) / max(1, len(chosen)), "all_heads_loss": sum(row) / len(row),
                       "circuit_below_loss": state["circuit_below_loss"][-1]}, layer + 1)
 
-    circuit, _ = locate_circuit(model, samples, heads_per_layer=n, token_budget=args.token_budget,
-                                on_layer=save_progress, state=state, progress=not args.no_progress)
-    return circuit, time.time() - started, reporter
+    if args.selector in SEARCHES:
+        _, scores = locate_circuit(model, samples, heads_per_layer=n, token_budget=args.token_budget,
+                                   on_layer=save_progress, state=state, progress=not args.no_progress,
+                                   conditioned=args.selector == "conditioned")
+    elif args.selector == "attribution":
+        scores = attribution_scores(model, samples, args.token_budget)
+    else:
+        scores = random_scores(*layers_and_heads(model), args.seed)
+    return circuit_from_scores(scores, n), scores.tolist(), time.time() - started, reporter
+
+
+def compare_exact(model, samples, scores: list, args) -> dict:
+    """--compare-exact: the exact effect of masking each head alone (independent), and how well the estimate ranks
+    the heads as it does: Spearman's rank correlation per layer and over all heads."""
+    from headmap.selectors import independent_scores, rank_correlation
+    started = time.time()
+    exact = independent_scores(model, samples, args.token_budget, progress=not args.no_progress).tolist()
+    per_layer = [rank_correlation(a, b) for a, b in zip(scores, exact)]
+    overall = rank_correlation(sum(scores, []), sum(exact, []))
+    print(f"{args.selector} against the exact effect (independent): rank correlation {overall:.3f} over all heads, "
+          f"per layer {min(per_layer):.3f} to {max(per_layer):.3f}")
+    return {"selector": "independent", "score_matrix": exact, "rank_correlation": overall,
+            "rank_correlation_per_layer": per_layer, "seconds": round(time.time() - started, 1)}
 
 
 def validate_and_say(model, tokenizer, task, rows, circuit, args, result: dict, reporter) -> None:
@@ -159,24 +198,6 @@ def validate_and_say(model, tokenizer, task, rows, circuit, args, result: dict, 
     print_validation(v, task.kind, task.prompt, rows.val_split, args.random_trials)
     reporter.log({f"validation_{k}": v[k] for k in ("unmasked", "circuit_masked", "random_masked_mean",
                                                     "random_masked_std", "chance")}, result["layers"] + 1)
-
-
-def write_outputs(result: dict, out: str, reporter) -> None:
-    """The circuit file and its heat map (and the heat map as an image in the trackers); the progress file goes."""
-    from cli.figures import heat_map
-    from cli.json_records import write_json
-    from cli.trackers import tracker_folder
-    from headmap import distributed
-    if distributed.rank() == 0:
-        write_json(out, result)
-        heat_map(result, heat_map_file(out))
-        if reporter.ids:
-            png = os.path.join(tracker_folder(out), "heatmap.png")
-            heat_map(result, png)
-            reporter.image("heatmap", png, result["layers"] + 1)
-        if os.path.exists(progress_file(out)):
-            os.remove(progress_file(out))
-    reporter.close()
 
 
 def main(argv=None):
@@ -203,29 +224,35 @@ def main(argv=None):
     settings["heads_per_layer"] = n = heads_per_layer(model, args)
     state = start_search(model, tokenizer, task, rows.pool, args, settings, saved, earlier)
     samples = answer_samples(tokenizer, [rows.pool[i] for i in state["sample_indices"]], context_limit(model))
-    circuit, seconds, reporter = search(model, samples, n, state, args, settings)
+    circuit, scores, seconds, reporter = search(model, samples, n, state, args, settings)
     layers, heads = layers_and_heads(model)
+    search_only = {  # (layers, heads): summed answer loss, head masked (on the circuit below, when conditioned);
+        # per layer: the circuit below masked, no head of its own
+        "loss_matrix": state["loss_matrix"], "circuit_below_loss": state["circuit_below_loss"]}
     result = {
         **circuit_entry(circuit),  # the official format: {"knowledge_circuit": {layer: {"retain_heads": [...]}}}
         **settings,
+        "layer_conditioned": args.selector == "conditioned",  # each layer chosen with the circuit below masked
         "layers": layers,
         "heads": heads,
         "sample_indices": state["sample_indices"],
         "sample_losses": state.get("sample_losses"),
-        "loss_matrix": state["loss_matrix"],  # (layers, heads): summed answer loss, head masked on the circuit below
-        "circuit_below_loss": state["circuit_below_loss"],  # per layer: the circuit below masked, no head of its own
+        **(search_only if args.selector in SEARCHES else {}),
+        "score_matrix": scores,  # (layers, heads): the selector's score, higher = more important
         "unmasked_loss": unmasked_answer_loss(model, samples),
         "kind": task.kind,
         "data": rows.source,
         "trust_remote_code": args.trust_remote_code,
         "sharding": shard_sizes(model),  # --fsdp: the bytes of the weights, in all and on each rank
-        "seconds": round(seconds, 1),
+        "seconds": round(seconds, 1),  # the selection's: its score matrix and circuit, once D is chosen
         "versions": software_versions(),
     }
-    print_heat_map(state["loss_matrix"], circuit)
+    if args.compare_exact:
+        result["exact_comparison"] = compare_exact(model, samples, scores, args)
+    print_heat_map(scores, circuit, args.selector)
     if rows.val is not None:
         validate_and_say(model, tokenizer, task, rows, circuit, args, result, reporter)
-    write_outputs(result, args.out, reporter)
+    write_circuit_files(result, args.out, reporter)
     times = f"search {seconds:.1f} s" + (f", validation {result['validation_seconds']:.1f} s"
                                          if rows.val is not None else "")
     print(f"located {sum(map(len, circuit.values()))} heads ({times}; {time.time() - begun:.1f} s in all for this "

@@ -11,6 +11,11 @@ from .json_records import read_json
 from .run_folder import LOG, TRAINING
 from headmap.files import atomic
 
+# what each selector's scores are (locate's --selector)
+SCORE_NAMES = {"conditioned": "loss with each head masked", "independent": "loss with each head masked alone",
+               "attribution": "estimated loss increase from masking each head alone", "random": "random draws"}
+SCORE_SCALES = {"attribution": "estimated loss increase from masking the head alone (nats per sample)",
+                "random": "the random draw that ranked each head (the control)"}
 RUN_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
 
 
@@ -32,7 +37,12 @@ def head_set(result: dict) -> set[tuple[int, int]]:
 def heat_map_data(result, view="marginal"):
     """The matrix to shade, its scale's label, the circuit's cells and the title, from locate.py's result; `view`
     is marginal (each head's own effect), cumulative or per-layer."""
-    loss, samples = result["loss_matrix"], len(result["sample_indices"])
+    samples = len(result["sample_indices"])
+    if "loss_matrix" not in result:  # a selector that masks nothing to score (attribution, random): its scores
+        per = samples if result["selector"] == "attribution" else 1  # an estimate in nats, per sample as the others
+        return ([[v / per for v in row] for row in result["score_matrix"]], SCORE_SCALES[result["selector"]],
+                head_set(result), circuit_title(result, result["score_matrix"], samples))
+    loss = result["loss_matrix"]
     if view == "marginal" and "circuit_below_loss" not in result:  # each head's own effect needs it: draw what is there
         print("note: this heads.json has no circuit_below_loss (an older locate.py wrote it), so each head's own "
               "effect is unknown; drawing --cumulative", file=sys.stderr)
@@ -47,11 +57,14 @@ def heat_map_data(result, view="marginal"):
     else:
         values = [[(v - below) / samples for v in row] for row, below in zip(loss, result["circuit_below_loss"])]
         scale = "loss increase from the head alone, over the circuit below (nats per sample)"
-    circuit = head_set(result)
-    model = os.path.basename(os.path.normpath(result["model"]))
-    title = (f"Knowledge circuit of {model} on {result['dataset']} ({result['prompt']} prompts): "
-             f"{len(circuit)} of {len(loss) * len(loss[0])} heads (outlined), D = {samples} samples")
-    return values, scale, circuit, title
+    return values, scale, head_set(result), circuit_title(result, loss, samples)
+
+
+def circuit_title(result: dict, matrix: list, samples: int) -> str:
+    circuit, model = head_set(result), os.path.basename(os.path.normpath(result["model"]))
+    chosen = "" if result.get("selector", "conditioned") == "conditioned" else f", chosen by {result['selector']}"
+    return (f"Knowledge circuit of {model} on {result['dataset']} ({result['prompt']} prompts{chosen}): "
+            f"{len(circuit)} of {len(matrix) * len(matrix[0])} heads (outlined), D = {samples} samples")
 
 
 def overlap_data(results, labels):
@@ -191,10 +204,10 @@ def curves(paths, path, labels=None, title="Training and validation loss"):
     save(path, curves_figure(runs, title))
 
 
-def print_heat_map(loss_matrix, circuit):
+def print_heat_map(scores, circuit, selector="conditioned"):
     shades = " .:-=+*#%@"
-    print("\nloss with each head masked (per layer, darker = higher); [ ] = circuit")
-    for layer, row in enumerate(loss_matrix):
+    print(f"\n{SCORE_NAMES[selector]} (per layer, darker = higher); [ ] = circuit")
+    for layer, row in enumerate(scores):
         lo, hi = min(row), max(row)
         cells = []
         for h, v in enumerate(row):

@@ -201,6 +201,24 @@ def write_run_files(out: str, adapter, record: dict, title: str) -> None:
     curves([out], os.path.join(out, CURVES), title=title)
 
 
+def write_circuit_files(result: dict, out: str, reporter) -> None:
+    """locate's outputs: the circuit file and its heat map (and the heat map as an image in the trackers); the
+    progress file goes."""
+    from .figures import heat_map
+    from .trackers import tracker_folder
+    from headmap import distributed
+    if distributed.rank() == 0:
+        write_json(out, result)
+        heat_map(result, heat_map_file(out))
+        if reporter.ids:
+            png = os.path.join(tracker_folder(out), "heatmap.png")
+            heat_map(result, png)
+            reporter.image("heatmap", png, result["layers"] + 1)
+        if os.path.exists(progress_file(out)):
+            os.remove(progress_file(out))
+    reporter.close()
+
+
 # ---------------------------------------------------------------- training into the folder
 
 def base_numbers(model, tokenizer, task, rows, run, recorded_run: dict | None, settings: dict):

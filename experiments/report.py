@@ -1,4 +1,5 @@
-"""Print RESULTS.md's tables from the raw outputs in experiments/ (made by zero_shot.sh, locate.sh, finetune.sh).
+"""Print RESULTS.md's tables from the raw outputs in experiments/ (made by zero_shot.sh, locate.sh, finetune.sh,
+locating.sh, facts.sh, selectors.sh).
 
     python experiments/report.py
 
@@ -15,6 +16,7 @@ here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parent))
 from cli import figures  # noqa: E402
 from data.validation import knows_the_task  # noqa: E402
+from headmap.selectors import rank_correlation  # noqa: E402
 METHODS = {"headmap_mha": ("HeadMap (MHA)", "located"), "headmap_hs": ("HeadMap (HS)", "located"),
            "headmap_random": ("HeadMap (MHA)", "random"), "lora": ("LoRA", "-"), "dora": ("DoRA", "-")}
 
@@ -396,6 +398,127 @@ def facts():
     print()
 
 
+# ---------------------------------------------------------------- section 8: which heads? (selectors.sh)
+
+SELECTOR_TASKS = {"arc_easy": ("locating/smollm2", "arc_easy", "acc"), "piqa": ("locating/smollm2", "piqa", "acc"),
+                  "hellaswag": ("locating/smollm2", "hellaswag", "acc"), "facts": ("facts", "recall", "exact_match")}
+SELECTOR_NAMES = ("conditioned", "independent", "attribution", "random")
+
+
+def selector_files(task):
+    """{selector: (circuit, evaluation with its heads masked)} of a task, and the unmasked and random-head
+    evaluations (section 6's or 7's, shared by every selector: the same D, the same n per layer)."""
+    folder, name, _ = SELECTOR_TASKS[task]
+    base = here / folder
+
+    def results(path):
+        return load(path)["results"][next(iter(load(path)["results"]))] if path.exists() else None
+    found = {"conditioned": (load(base / f"{name}.json"), results(base / f"{name}.circuit.json"))}
+    for selector in SELECTOR_NAMES[1:]:
+        circuit = here / "selectors" / f"{task}.{selector}.json"
+        if circuit.exists():
+            found[selector] = (load(circuit), results(circuit.with_suffix(".circuit.json")))
+    randoms = [results(p) for p in sorted(base.glob(f"{name}.random*.json"))]
+    return found, results(base / f"{name}.none.json"), randoms
+
+
+def paired_se(none, masked):
+    """The standard error of the accuracy drop none - masked over the same rows (paired, from their samples)."""
+    diffs = [float(a["correct"]) - float(b["correct"]) for a, b in zip(none["samples"], masked["samples"])]
+    return statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def selectors():
+    if not (here / "selectors").is_dir():
+        return
+    print("### Which heads: each selector's heads masked, against random heads of the same per-layer counts\n")
+    print("SmolLM2-135M-Instruct, harness prompts (facts: your own task's recall rows, exact match), the same D = 64 "
+          "and n = 2 of 9 heads per layer for every selector. Drop ratio = (no mask - its heads masked) / (no mask - "
+          "random heads masked), ± its standard error (the paired error of its drop and the error of the random "
+          "mean, propagated). Rank correlation: Spearman's, of the selector's scores with the exact effect of each "
+          "head masked alone (independent), over all 270 heads.\n")
+    print("| task | selector | layer-conditioned | selection time | rows | no mask | its heads masked | random heads "
+          "masked: mean ± sd, draws | drop ratio | rank correlation with independent |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ratios = {}
+    for task, (_, _, metric) in SELECTOR_TASKS.items():
+        found, none, randoms = selector_files(task)
+        exact = found.get("independent", (None,))[0]
+        rand = [r[metric] for r in randoms if r]
+        for selector, (circuit, masked) in found.items():
+            if masked is None or none is None or not rand:
+                continue
+            mean, sd = statistics.mean(rand), statistics.stdev(rand) if len(rand) > 1 else 0.0
+            drop, drop_r = none[metric] - masked[metric], none[metric] - mean
+            se = abs(drop / drop_r) * math.sqrt((paired_se(none, masked) / drop) ** 2
+                                                + (sd / math.sqrt(len(rand)) / drop_r) ** 2) if drop and drop_r else 0
+            ratios.setdefault(task, {})[selector] = (drop / drop_r if drop_r > 0 else float("nan"), se)
+            scores = circuit.get("score_matrix") or circuit["loss_matrix"]
+            rho = (f"{rank_correlation(sum(scores, []), sum(exact['score_matrix'], [])):.2f}"
+                   if exact and selector not in ("independent", "random") else "–")
+            conditioned = circuit.get("layer_conditioned", selector == "conditioned")
+            print(f"| {task} | {selector} | {'yes' if conditioned else 'no'} | {circuit['seconds']:.0f} s | "
+                  f"{none['n']} | {none[metric]:.3f} | {masked[metric]:.3f} | {mean:.3f} ± {sd:.3f}, {len(rand)} | "
+                  f"{ratios[task][selector][0]:.2f} ± {se:.2f} | {rho} |")
+    print()
+    if ratios:
+        selector_figures(ratios)
+    selector_finetuning()
+
+
+def selector_figures(ratios):
+    """Two figures beside the raw outputs: the drop ratios side by side, and attribution's estimate against the
+    exact effect of each head masked alone (one point per head) where both were run."""
+    plt = figures.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    tasks = list(ratios)
+    for i, selector in enumerate(SELECTOR_NAMES):
+        xs = [t + (i - 1.5) * 0.2 for t in range(len(tasks))]
+        got = [ratios[task].get(selector, (float("nan"), 0)) for task in tasks]
+        ax.bar(xs, [r for r, _ in got], 0.2, yerr=[e for _, e in got], label=selector, capsize=2)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("drop ratio (1 = as random)")
+    ax.legend(fontsize=7, ncol=4)
+    figures.save(str(here / "selectors" / "drop_ratios.svg"), fig)
+    pairs = [(task, load(here / "selectors" / f"{task}.attribution.json"), load(here / "selectors" /
+              f"{task}.independent.json")) for task in tasks if (here / "selectors" / f"{task}.attribution.json").exists()
+             and (here / "selectors" / f"{task}.independent.json").exists()]
+    if not pairs:
+        return
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs), 3.2), squeeze=False)
+    for ax, (task, estimate, exact) in zip(axes[0], pairs):
+        unmasked = exact["unmasked_loss"]
+        ax.scatter([v - unmasked for v in sum(exact["score_matrix"], [])], sum(estimate["score_matrix"], []), s=5)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("exact: loss increase, head masked alone")
+    axes[0][0].set_ylabel("attribution's estimate")
+    print("Figures: [drop_ratios.svg](experiments/selectors/drop_ratios.svg), "
+          "[attribution_vs_exact.svg](experiments/selectors/attribution_vs_exact.svg)\n")
+    figures.save(str(here / "selectors" / "attribution_vs_exact.svg"), fig)
+
+
+def selector_finetuning():
+    runs = {}
+    for path in sorted((here / "selectors" / "finetune").glob("*_s[0-9].json")):
+        task, method, _ = path.stem.rsplit("_", 2)  # <task>_<method>_s<seed>; a task name may hold "_"
+        runs.setdefault(task, {}).setdefault(method, []).append(load(path))
+    if not runs:
+        return
+    print("### Which heads: HeadMap fine-tuned on each selector's heads (40 steps at batch 16, 3 seeds)\n")
+    print("| task | heads from | seeds | accuracy before (no adapter) | accuracy after: mean ± se | best validation "
+          "loss: mean ± se |")
+    print("|---|---|---|---|---|---|")
+    for task, methods in runs.items():
+        for method, rs in methods.items():
+            after, val = [r["accuracy_after"] for r in rs], [r["best_val_loss"] for r in rs]
+            se = (lambda v: statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else float("nan"))
+            print(f"| {task} | {'LoRA (reference)' if method == 'lora' else method} | {len(rs)} | "
+                  f"{rs[0]['accuracy_before']:.3f} | {statistics.mean(after):.3f} ± {se(after):.3f} | "
+                  f"{statistics.mean(val):.3f} ± {se(val):.3f} |")
+    print()
+
+
 if __name__ == "__main__":
     zero_shot()
     overlap(circuits())
@@ -403,3 +526,4 @@ if __name__ == "__main__":
     full_protocol()
     locating()
     facts()
+    selectors()

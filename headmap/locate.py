@@ -163,7 +163,8 @@ def default_token_budget(device: torch.device) -> int:
 @distributed.no_graph
 def locate_circuit(model: nn.Module, samples: list[tuple[torch.Tensor, int]], heads_per_layer: int,
                    token_budget: int | None = None, on_layer: Callable[[dict], None] | None = None,
-                   state: dict | None = None, progress: bool = False) -> tuple[dict[int, list[int]], torch.Tensor]:
+                   state: dict | None = None, progress: bool = False,
+                   conditioned: bool = True) -> tuple[dict[int, list[int]], torch.Tensor]:
     """Locate the knowledge circuit of D = `samples`: the paper's Algorithm 1, layer by layer.
 
     Beside the H candidates of a layer one more row runs with no head of the layer masked: the loss with only the
@@ -180,10 +181,12 @@ def locate_circuit(model: nn.Module, samples: list[tuple[torch.Tensor, int]], he
         state: {"circuit", "loss_matrix", "circuit_below_loss"} of the layers done so far (JSON-able): an
             interrupted run's continues it; an empty dict is filled in.
         progress: show a tqdm bar over the layers.
+        conditioned: mask the circuit below while a layer is scored (the paper's conditioning). False scores every
+            head masked alone, nothing else masked (the "independent" selector, at the same cost).
 
     Returns:
         (circuit {layer: sorted heads}, loss_matrix (layers, heads)): the summed answer loss with each head masked on
-        top of the circuit below it.
+        top of the circuit below it (alone, when not conditioned).
     """
     check_locatable(model)
     layers, heads = layers_and_heads(model)
@@ -201,8 +204,9 @@ def locate_circuit(model: nn.Module, samples: list[tuple[torch.Tensor, int]], he
     done = len(state["loss_matrix"])
     hidden = None  # the kept output of the layers below the current one (None: below layer 0)
 
-    def advance(hidden, layer):  # the kept input of the next layer: `layer` run once with its circuit heads masked
-        mask = circuit_mask({layer: circuit[layer]}, layers, heads)[:, None].expand(layers, len(d.ids), heads)
+    def advance(hidden, layer):  # the kept input of the next layer: `layer` run once, its circuit heads masked
+        chosen = {layer: circuit[layer]} if conditioned else {}
+        mask = circuit_mask(chosen, layers, heads)[:, None].expand(layers, len(d.ids), heads)
         return run_layers(model, d.ids, hidden, layer, layer + 1, mask.to(device))
 
     for layer in range(done):  # resume: replay the finished layers
@@ -226,8 +230,7 @@ def locate_circuit(model: nn.Module, samples: list[tuple[torch.Tensor, int]], he
             if real:
                 loss[b].index_add_(0, c, losses)
         loss = distributed.all_sum(loss).sum(0).tolist()
-        order = sorted(range(heads), key=lambda h: (-loss[h], h))
-        circuit[layer] = sorted(order[:heads_per_layer])
+        circuit[layer] = top_heads(loss[:heads], heads_per_layer)
         state["circuit"][str(layer)] = circuit[layer]
         state["loss_matrix"].append(loss[:heads])
         state["circuit_below_loss"].append(loss[heads])
@@ -235,6 +238,11 @@ def locate_circuit(model: nn.Module, samples: list[tuple[torch.Tensor, int]], he
         if on_layer is not None:
             on_layer(state)
     return circuit, torch.tensor(state["loss_matrix"])
+
+
+def top_heads(scores: list[float], n: int) -> list[int]:
+    """The n heads of a layer with the highest scores (ties to the lower index), sorted: how every selector picks."""
+    return sorted(sorted(range(len(scores)), key=lambda h: (-scores[h], h))[:n])
 
 
 @distributed.no_graph

@@ -1,0 +1,131 @@
+"""The head selectors locate.py compares with the paper's search (headmap/selectors.py, locate --selector): each
+score matrix against a brute-force computation written out here, the shared pick, and the heads.json they write."""
+import json
+
+import pytest
+import torch
+
+import headmap.attention
+from bench.naive import ablate_with_hooks, o_proj_of
+from data.common import Example
+from data.samples import answer_samples
+from headmap.selectors import (attribution_scores, circuit_from_scores, independent_scores, random_scores,
+                               rank_correlation)
+from tests.conftest import assert_usage_error, run, tiny_llama, TinyTokenizer
+
+EXAMPLES = [
+    Example.with_choices("Pick: (A) red (B) blue\nAnswer:", ["A", "B"], 1),
+    Example.with_choices("Which is cold?", ["ice cream", "fire"], 0),  # a multi-token answer
+    Example.with_choices("Q: a longer question, padded against the rest?\nA:", ["x", "y"], 0),
+]
+
+
+@pytest.fixture(autouse=True)
+def reference_attention(monkeypatch):
+    """The masked attention's PyTorch reference instead of Triton's interpreter (test_kernel.py checks the kernel)."""
+    monkeypatch.setattr(headmap.attention, "INTERPRET", False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    # a wider initialisation than the default, so that heads differ clearly in what they do
+    return tiny_llama(layers=3, heads=4, kv_heads=2, head_dim=16, seed=5, init_range=0.2).requires_grad_(False)
+
+
+def gold_nll(model, tok) -> torch.Tensor:
+    """The answers' NLL summed over the examples: one stock forward per example, its logits as the model gives them."""
+    total = 0.0
+    for ex in EXAMPLES:
+        ctx, cont = tok(ex.prompts[ex.gold]).input_ids, tok(ex.prompts[ex.gold] + ex.continuations[ex.gold]).input_ids
+        logp = torch.log_softmax(model(torch.tensor([cont])).logits[0].float(), -1)
+        total = total + sum(-logp[p - 1, cont[p]] for p in range(len(ctx), len(cont)))
+    return total
+
+
+def test_independent_scores_are_each_head_masked_alone(model):
+    """One full forward per head with only that head's o_proj columns zeroed by hooks (no headmap/ code)."""
+    tok = TinyTokenizer()
+    got = independent_scores(model, answer_samples(tok, EXAMPLES), token_budget=40)
+    layers, heads = got.shape
+    want = torch.zeros(layers, heads)
+    with torch.no_grad():
+        for layer in range(layers):
+            for h in range(heads):
+                handles = ablate_with_hooks(model, {layer: [h]})
+                want[layer, h] = gold_nll(model, tok)
+                for handle in handles:
+                    handle.remove()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("token_budget", [1, 4096])  # one sample a pass, or all in one
+def test_attribution_scores_are_the_first_order_estimate_from_autograd(model, token_budget):
+    """Per layer, a separate stock forward whose o_proj input is a leaf tensor: -x . dL/dx per head, by autograd."""
+    tok = TinyTokenizer()
+    got = attribution_scores(model, answer_samples(tok, EXAMPLES), token_budget=token_budget)
+    layers, heads = got.shape
+    decoder = model.model.layers
+    want = torch.zeros(layers, heads)
+    for layer in range(layers):
+        leaves = []
+
+        def as_leaf(module, args):
+            leaves.append(args[0].detach().requires_grad_(True))
+            return (leaves[-1],)
+        handle = o_proj_of(decoder[layer]).register_forward_pre_hook(as_leaf)
+        for ex in EXAMPLES:  # one example at a time: its own leaf
+            leaves.clear()
+            ctx = len(tok(ex.prompts[ex.gold]).input_ids)
+            ids = tok(ex.prompts[ex.gold] + ex.continuations[ex.gold]).input_ids
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            nll = sum(-logp[p - 1, ids[p]] for p in range(ctx, len(ids)))
+            (grad,) = torch.autograd.grad(nll, leaves)
+            want[layer] += -(leaves[0] * grad).detach().reshape(len(ids), heads, -1).sum(dim=(0, 2))
+        handle.remove()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_shared_pick_and_the_rank_correlation_match_hand_computed_values():
+    scores = torch.tensor([[0.5, 2.0, 2.0, -1.0], [3.0, 1.0, 0.0, 4.0]])
+    assert circuit_from_scores(scores, 2) == {0: [1, 2], 1: [0, 3]}
+    assert circuit_from_scores(scores, 1) == {0: [1], 1: [3]}  # a tie goes to the lower head
+    assert rank_correlation([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    assert rank_correlation([1, 1, 2], [1, 2, 3]) == pytest.approx(3 ** 0.5 / 2)  # tied ranks share 0.5
+    assert rank_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_random_scores_are_seeded_draws():
+    assert torch.equal(random_scores(3, 4, 7), random_scores(3, 4, 7))
+    assert not torch.equal(random_scores(3, 4, 7), random_scores(3, 4, 8))
+    assert all(len(heads) == 2 for heads in circuit_from_scores(random_scores(3, 4, 7), 2).values())
+
+
+@pytest.mark.parametrize("selector", ["independent", "attribution", "random"])
+def test_locate_writes_each_selectors_circuit_in_the_same_schema(tiny_folder, tmp_path, selector):
+    out = tmp_path / "heads.json"
+    extra = ["--compare-exact"] if selector == "attribution" else []
+    done = run("locate.py", "--model", tiny_folder, "--dataset", "arc_easy", "--prompt", "harness", "--pool", "40",
+               "--samples", "4", "--validate-limit", "8", "--random-trials", "2", "--selector", selector,
+               "--no-progress", "--out", str(out), *extra)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(out.read_text())
+    assert got["selector"] == selector and got["layer_conditioned"] is False
+    assert len(got["score_matrix"]) == got["layers"] == 2 and len(got["score_matrix"][0]) == got["heads"] == 4
+    assert got["knowledge_circuit"] == {str(layer): {"retain_heads": heads} for layer, heads in
+                                        circuit_from_scores(torch.tensor(got["score_matrix"]), 1).items()}
+    assert {"circuit_masked", "random_masked_mean", "unmasked"} <= set(got["validation"]) and got["seconds"] >= 0
+    assert ("loss_matrix" in got) == (selector == "independent")
+    assert (tmp_path / "heads.svg").exists()
+    if selector == "attribution":
+        comparison = got["exact_comparison"]
+        assert comparison["selector"] == "independent" and len(comparison["rank_correlation_per_layer"]) == 2
+        assert comparison["rank_correlation"] == pytest.approx(rank_correlation(
+            sum(got["score_matrix"], []), sum(comparison["score_matrix"], [])))
+        assert "rank correlation" in done.stdout
+
+
+def test_a_selector_option_that_cannot_apply_is_refused_before_the_model_loads(tmp_path):
+    assert_usage_error(run("locate.py", "--dataset", "arc_easy", "--compare-exact", "--model", "/no/such/model",
+                           "--out", str(tmp_path / "h.json")), "--compare-exact compares an estimate")
+    unknown = run("locate.py", "--dataset", "arc_easy", "--selector", "probes")  # argparse's own line
+    assert unknown.returncode == 2 and "invalid choice: 'probes'" in unknown.stderr.splitlines()[-1]
