@@ -23,7 +23,7 @@ from cli.torchrun import check_processes
 from cli.trackers import add_report_arguments, check_report_to
 from data.commonsense import DATASETS
 
-SELECTORS = ("conditioned", "independent", "attribution", "random")
+SELECTORS = ("conditioned", "independent", "attribution", "probe", "random")
 SEARCHES = ("conditioned", "independent")  # the selectors that mask heads, layer by layer (resumable, exact)
 
 
@@ -57,9 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selector", default="conditioned", choices=SELECTORS, help="how heads are chosen, n per layer: "
                    "conditioned (the paper's search, each layer scored with the circuit below masked), independent "
                    "(each head masked alone), attribution (attribution patching's first-order estimate of that, one "
-                   "forward and backward), random (the control, --seed)")
-    p.add_argument("--compare-exact", action="store_true", help="with --selector attribution: also run independent "
-                   "and report the rank correlation of the estimate with the exact effect, per layer and overall")
+                   "forward and backward), probe (ITI's linear probe per head: gold answer against a wrong one, "
+                   "cross-validated accuracy; tasks with choices), random (the control, --seed)")
+    p.add_argument("--probe-rows", type=int, help="--selector probe: fit the probes on the first N rows of the pool "
+                   "(default: all of it)")
+    p.add_argument("--compare-exact", action="store_true", help="with --selector attribution or probe: also run "
+                   "independent and report the rank correlation of the scores with the exact effect of each head "
+                   "masked alone, per layer and overall")
     return p
 
 
@@ -72,9 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_at_least(args, 0, "validate_limit")
     check_processes(args)
     check_report_to(args.report_to)
-    if args.compare_exact and args.selector != "attribution":
+    check_at_least(args, 4, "probe_rows")  # one example per fold of the cross-validation
+    if args.compare_exact and args.selector not in ("attribution", "probe"):
         raise UsageError("--compare-exact compares an estimate with the exact effect of masking each head: pass "
-                         "--selector attribution")
+                         "--selector attribution or probe")
+    if args.probe_rows is not None and args.selector != "probe":
+        raise UsageError("--probe-rows sets how many rows the probes are fitted on: pass --selector probe")
     if args.fsdp and args.selector == "attribution":
         raise UsageError("--selector attribution does not run under --fsdp yet; run it without --fsdp (data parallel "
                          "under torchrun, or --device-map)")
@@ -86,10 +93,13 @@ def read_rows(args: argparse.Namespace):
     known; and the settings that decide the result (batch sizes, budgets, progress bars and devices do not, beyond
     float rounding). Returns (task, rows, settings)."""
     from cli.earlier_runs import open_task_for
-    from data.common import locate_rows
+    from data.common import CHOICE, locate_rows
     task = open_task_for(args.dataset, args)
     split = task.check_split(args.split or task.train_split)
     val_split = task.check_split(args.validate_split)
+    if args.selector == "probe" and task.kind != CHOICE:
+        raise UsageError(f"--selector probe tells a gold answer from a wrong one, and {task.name} has one target per "
+                         "row; pass another --selector (independent, attribution ...)")
     claim_out("circuit", args.out, args.overwrite, args, resume=args.resume)
     rows = locate_rows(task, split, args.pool, args.samples, val_split, args.validate_limit or None,
                        not args.no_validate)
@@ -97,7 +107,7 @@ def read_rows(args: argparse.Namespace):
                 "prompt": task.prompt, "samples": args.samples, "samples_from": args.samples_from,
                 "validate": not args.no_validate, "validate_split": args.validate_split,
                 "validate_limit": args.validate_limit, "random_trials": args.random_trials, "seed": args.seed,
-                "selector": args.selector}
+                "selector": args.selector, "probe_rows": args.probe_rows}
     return task, rows, settings
 
 
@@ -139,7 +149,7 @@ def start_search(model, tokenizer, task, examples, args, settings: dict, saved: 
     return state
 
 
-def search(model, samples, n: int, state: dict, args, settings: dict):
+def search(model, tokenizer, samples, pool: list, n: int, state: dict, args, settings: dict):
     """The --selector's score matrix and circuit: a search (locate_circuit) saves its progress after every layer and
     sends it to the trackers (one step a layer; a resumed search continues their runs and sends no layer twice).
     Returns (circuit, scores, selection seconds, reporter)."""
@@ -148,7 +158,9 @@ def search(model, samples, n: int, state: dict, args, settings: dict):
     from headmap import distributed
     from headmap.locate import locate_circuit
     from headmap.masking import layers_and_heads
-    from headmap.selectors import attribution_scores, circuit_from_scores, random_scores
+    from data.samples import probe_pairs
+    from data.scoring import context_limit
+    from headmap.selectors import attribution_scores, circuit_from_scores, probe_scores, random_scores
     started = time.time() - state["seconds"]
     reporter = start_reporting(args, "locate", settings, state.get("trackers"), sent=len(state["loss_matrix"]) or -1)
     state["trackers"] = reporter.ids
@@ -168,6 +180,9 @@ def search(model, samples, n: int, state: dict, args, settings: dict):
                                    conditioned=args.selector == "conditioned")
     elif args.selector == "attribution":
         scores = attribution_scores(model, samples, args.token_budget)
+    elif args.selector == "probe":
+        gold, wrong = probe_pairs(tokenizer, pool[:args.probe_rows], args.seed, context_limit(model))
+        scores = probe_scores(model, gold, wrong, token_budget=args.token_budget)
     else:
         scores = random_scores(*layers_and_heads(model), args.seed)
     return circuit_from_scores(scores, n), scores.tolist(), time.time() - started, reporter
@@ -224,7 +239,7 @@ def main(argv=None):
     settings["heads_per_layer"] = n = heads_per_layer(model, args)
     state = start_search(model, tokenizer, task, rows.pool, args, settings, saved, earlier)
     samples = answer_samples(tokenizer, [rows.pool[i] for i in state["sample_indices"]], context_limit(model))
-    circuit, scores, seconds, reporter = search(model, samples, n, state, args, settings)
+    circuit, scores, seconds, reporter = search(model, tokenizer, samples, rows.pool, n, state, args, settings)
     layers, heads = layers_and_heads(model)
     search_only = {  # (layers, heads): summed answer loss, head masked (on the circuit below, when conditioned);
         # per layer: the circuit below masked, no head of its own

@@ -1,5 +1,6 @@
 """D, the samples locate scores every head on: the pool's examples the unmasked model answers correctly with the
-lowest gold loss, as the token ids locate_circuit takes."""
+lowest gold loss, as the token ids locate_circuit takes; and the gold and wrong answers the probe selector reads."""
+import random
 import sys
 
 import torch
@@ -34,3 +35,19 @@ def lowest_loss(indices: list[int], losses: list[float], count: int) -> dict[str
     """The `count` of `indices` (in index order) with the lowest losses, ties to the lower index."""
     kept = sorted(sorted(range(len(indices)), key=lambda k: losses[k])[:count])
     return {"sample_indices": [indices[k] for k in kept], "sample_losses": [losses[k] for k in kept]}
+
+
+def probe_pairs(tokenizer, examples: list[Example], seed: int,
+                limit: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """What ITI's probes read (headmap.selectors.probe_scores): per example with two or more choices, prompt + gold
+    answer and prompt + one wrong answer (drawn with `seed`), as token ids (the prompt cut to the model's `limit`
+    positions, as scoring cuts it)."""
+    draw, gold, wrong = random.Random(seed), [], []
+    for e, ex in enumerate(examples):
+        if len(ex.continuations) < 2:
+            raise DataError(f"row {e} has one answer: a probe tells the gold answer from a wrong one")
+        other = draw.choice([c for c in range(len(ex.continuations)) if c != ex.gold])
+        for choice, into in ((ex.gold, gold), (other, wrong)):
+            ctx, cont = encode_pair(tokenizer, ex.prompts[choice], ex.continuations[choice])
+            into.append(torch.tensor(fit_context(ctx, cont, limit, e)[0] + cont))
+    return gold, wrong

@@ -7,14 +7,15 @@
 #   bash experiments/selectors.sh list     # every step, done or not
 # The conditioned circuits, the unmasked scores and the random-head controls are section 6's and 7's (reused, not run
 # again): every selector here takes the same D (locate.py --samples-from) and the same n, so random heads of the
-# circuit's per-layer counts are one control for all. Writes experiments/selectors/<task>.<selector>.json (the
+# circuit's per-layer counts are one control for all. The probes read the pool's gold and wrong answers (facts: the
+# 4-way choice rows of the same facts), and their heads are masked on the same rows as the others'. Writes experiments/selectors/<task>.<selector>.json (the
 # circuit, its score matrix and selection seconds), <task>.<selector>.circuit.json (evaluate.py with its heads
 # masked) and finetune/<task>_<method>_s<seed>.json + .log.jsonl (training.json and log of the short fine-tuning
 # budget; the adapters stay in runs/selectors/). experiments/report.py prints the tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=experiments/selectors
-SELECTORS="independent attribution random"
+SELECTORS="independent attribution probe random"
 ROWS=500  # evaluation rows of the commonsense tasks (section 6's)
 declare -A CIRCUIT=([arc_easy]=experiments/locating/smollm2/arc_easy.json [piqa]=experiments/locating/smollm2/piqa.json
                     [hellaswag]=experiments/locating/smollm2/hellaswag.json [facts]=experiments/facts/recall.json)
@@ -28,8 +29,12 @@ task_options() {  # the options section 6 (harness prompts, the first 1,000 trai
 }
 
 locate_step() {  # locate TASK SELECTOR
-  python locate.py $(task_options "$1") --selector "$2" --samples-from "${CIRCUIT[$1]}" --heads-per-layer 2 \
-    --no-validate --no-progress --resume --out "$out/$1.$2.json"
+  local from=(--samples-from "${CIRCUIT[$1]}") task=$(task_options "$1")
+  if [ "$1" = facts ] && [ "$2" = probe ]; then  # recall has one target a row: the probes read the choice rows
+    task="--dataset examples/facts/choice" from=()
+  fi
+  python locate.py $task --selector "$2" "${from[@]}" --heads-per-layer 2 --no-validate --no-progress --resume \
+    --out "$out/$1.$2.json"
 }
 
 eval_step() {  # eval TASK SELECTOR: the task's metric with the selector's heads masked, on section 6's (7's) rows

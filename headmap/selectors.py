@@ -4,6 +4,7 @@ highest of each layer, ties to the lower head).
 
     scores = attribution_scores(model, samples)          # one forward and one backward for every head at once
     scores = independent_scores(model, samples)          # every head masked alone, exactly (locate's engine)
+    scores = probe_scores(model, gold, wrong)            # ITI's linear probes: cross-validated accuracy per head
     circuit = circuit_from_scores(scores, n)
 
 `samples` is D as locate_circuit takes it: (input_ids, answer_start) per sample. The scores are in the units of
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .batching import length_groups, pass_overhead_tokens
+from .batching import length_groups, pad_right, pass_overhead_tokens
 from .locate import (AnswerIndex, Samples, answer_loss, check_locatable, default_token_budget, layer_output,
                      locate_circuit, top_heads)
 from .masking import attention_modules, layers_and_heads
@@ -71,6 +72,85 @@ def attribution_scores(model: nn.Module, samples: list[tuple[torch.Tensor, int]]
         for hook in hooks:
             hook.remove()
     return distributed.all_sum(scores).float()
+
+
+@distributed.no_graph
+def head_outputs(model: nn.Module, sequences: list[torch.Tensor], token_budget: int | None = None) -> torch.Tensor:
+    """(sequences, layers, heads, head_dim): every head's slice of o_proj's input at each sequence's last token, what
+    the head writes there (float32, on the host). Sequences are 1-D token ids, run right-padded in batches of at
+    most `token_budget` padded tokens."""
+    check_locatable(model)
+    layers, heads = layers_and_heads(model)
+    device = next(model.parameters()).device
+    lengths = [len(ids) for ids in sequences]
+    ids_all = pad_right([ids.tolist() for ids in sequences], 0, device)[0]
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [m.o_proj.register_forward_pre_hook(lambda mod, args, i=m.layer_idx: seen.__setitem__(i, args[0]))
+             for m in attention_modules(model)]
+    try:
+        for rows in length_groups(lengths, token_budget or default_token_budget(device), pass_overhead_tokens(device)):
+            width = max(lengths[r] for r in rows)
+            model(input_ids=ids_all[rows, :width], logits_to_keep=1)
+            last = torch.tensor([lengths[r] - 1 for r in rows], device=device)
+            picked = torch.stack([seen[layer][torch.arange(len(rows), device=device), last.to(seen[layer].device)]
+                                  .to(device) for layer in range(layers)], dim=1)  # (rows, layers, width)
+            for k, r in enumerate(rows):
+                out[r] = picked[k].reshape(layers, heads, -1).float().cpu()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(out)
+
+
+def probe_accuracy(gold: torch.Tensor, wrong: torch.Tensor, folds: int = 4, c: float = 1.0) -> torch.Tensor:
+    """(layers, heads): each head's cross-validated accuracy at telling `gold` from `wrong` features (both (rows,
+    layers, heads, head_dim), row i of each from the same example) with a logistic regression, ITI's probe.
+
+    Per head and fold: features standardised on the training folds, then the L2-regularised logistic regression
+    (sklearn's objective: C * the summed log-loss + |w|^2 / 2, the bias not penalised) fitted by L-BFGS on the
+    training rows, scored on the held-out ones; the examples are split into `folds` contiguous folds, an example's
+    gold and wrong rows kept together. All heads are fitted at once (independent problems, one summed objective)."""
+    rows, layers, heads, width = gold.shape
+    if rows < folds:
+        raise ValueError(f"a probe needs at least {folds} examples (one per fold), got {rows}")
+    x = torch.cat([gold, wrong]).double().reshape(2 * rows, layers * heads, width).transpose(0, 1)  # (P, 2N, d)
+    y = torch.cat([torch.ones(rows), torch.zeros(rows)]).double()
+    example = torch.cat([torch.arange(rows), torch.arange(rows)])
+    correct = torch.zeros(layers * heads, dtype=torch.float64)
+    for fold in range(folds):
+        held = (example * folds // rows) == fold
+        train_x, test_x = x[:, ~held], x[:, held]
+        mean, sd = train_x.mean(1, keepdim=True), train_x.std(1, keepdim=True).clamp_min(1e-8)
+        train_x, test_x = (train_x - mean) / sd, (test_x - mean) / sd
+        w = torch.zeros(layers * heads, width, dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(layers * heads, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                      line_search_fn="strong_wolfe")
+
+        def objective():
+            optimizer.zero_grad()
+            logits = torch.einsum("pnd,pd->pn", train_x, w) + b[:, None]
+            loss = c * torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, y[~held].expand_as(logits), reduction="sum") + 0.5 * (w * w).sum()
+            loss.backward()
+            return loss
+        with torch.enable_grad():
+            optimizer.step(objective)
+        with torch.no_grad():
+            predicted = (torch.einsum("pnd,pd->pn", test_x, w) + b[:, None]) > 0
+            correct += (predicted == y[held].bool()).sum(1)
+    return (correct / (2 * rows)).float().reshape(layers, heads)
+
+
+def probe_scores(model: nn.Module, gold: list[torch.Tensor], wrong: list[torch.Tensor], folds: int = 4,
+                 c: float = 1.0, token_budget: int | None = None) -> torch.Tensor:
+    """(layers, heads): ITI's per-head linear probes, each head's cross-validated accuracy (probe_accuracy) at
+    telling the gold answer from a wrong one by what the head writes at the answer's last token. `gold[i]` and
+    `wrong[i]` are one example's prompt + gold answer and prompt + a wrong answer, as 1-D token ids."""
+    if len(gold) != len(wrong):
+        raise ValueError(f"{len(gold)} gold sequences but {len(wrong)} wrong ones; pass one of each per example")
+    return probe_accuracy(head_outputs(model, gold, token_budget), head_outputs(model, wrong, token_budget), folds, c)
 
 
 def random_scores(layers: int, heads: int, seed: int) -> torch.Tensor:

@@ -9,8 +9,9 @@ import headmap.attention
 from bench.naive import ablate_with_hooks, o_proj_of
 from data.common import Example
 from data.samples import answer_samples
-from headmap.selectors import (attribution_scores, circuit_from_scores, independent_scores, random_scores,
-                               rank_correlation)
+from data.samples import probe_pairs
+from headmap.selectors import (attribution_scores, circuit_from_scores, head_outputs, independent_scores,
+                               probe_accuracy, random_scores, rank_correlation)
 from tests.conftest import assert_usage_error, run, tiny_llama, TinyTokenizer
 
 EXAMPLES = [
@@ -85,6 +86,52 @@ def test_attribution_scores_are_the_first_order_estimate_from_autograd(model, to
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_probe_features_are_what_each_head_writes_at_the_last_answer_token(model):
+    """head_outputs against one stock forward per sequence with a hook on every o_proj input (no headmap/ code)."""
+    tok = TinyTokenizer()
+    gold, wrong = probe_pairs(tok, EXAMPLES, seed=0)
+    assert [ids.tolist() for ids in gold] == [tok(ex.prompts[ex.gold] + ex.continuations[ex.gold]).input_ids
+                                             for ex in EXAMPLES]
+    got = head_outputs(model, gold + wrong, token_budget=30)
+    seen = {}
+    handles = [o_proj_of(layer).register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0]))
+               for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for k, ids in enumerate(gold + wrong):
+            model(ids[None])
+            want = torch.stack([seen[layer][0, -1] for layer in range(3)]).reshape(3, 4, 16)
+            torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-5)
+    for handle in handles:
+        handle.remove()
+
+
+def test_probe_accuracy_is_sklearns_logistic_regression_cross_validated():
+    """The probes of all heads, fitted at once, against scikit-learn's LogisticRegression fitted head by head on the
+    same standardised features and folds: the same held-out accuracy per head."""
+    from sklearn.linear_model import LogisticRegression
+    g = torch.Generator().manual_seed(0)
+    rows, layers, heads, width, folds = 40, 2, 3, 5, 4
+    signal = torch.linspace(0, 1.5, layers * heads).reshape(layers, heads, 1)  # heads from useless to telling
+    gold = torch.randn(rows, layers, heads, width, generator=g) + signal
+    wrong = torch.randn(rows, layers, heads, width, generator=g) - signal
+    got = probe_accuracy(gold, wrong, folds=folds)
+    fold_of = [i * folds // rows for i in range(rows)] * 2
+    for layer in range(layers):
+        for h in range(heads):
+            x = torch.cat([gold[:, layer, h], wrong[:, layer, h]]).double().numpy()
+            y = [1] * rows + [0] * rows
+            correct = 0
+            for fold in range(folds):
+                train = [i for i in range(2 * rows) if fold_of[i] != fold]
+                test = [i for i in range(2 * rows) if fold_of[i] == fold]
+                mean, sd = x[train].mean(0), x[train].std(0, ddof=1)
+                fit = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit((x[train] - mean) / sd,
+                                                                              [y[i] for i in train])
+                correct += sum(int(p == y[i]) for p, i in zip(fit.predict((x[test] - mean) / sd), test))
+            assert got[layer, h].item() == pytest.approx(correct / (2 * rows)), (layer, h)
+    assert got[-1, -1] > 0.9 and got[0, 0] < 0.75  # the telling head tells, the useless one hardly
+
+
 def test_the_shared_pick_and_the_rank_correlation_match_hand_computed_values():
     scores = torch.tensor([[0.5, 2.0, 2.0, -1.0], [3.0, 1.0, 0.0, 4.0]])
     assert circuit_from_scores(scores, 2) == {0: [1, 2], 1: [0, 3]}
@@ -100,10 +147,10 @@ def test_random_scores_are_seeded_draws():
     assert all(len(heads) == 2 for heads in circuit_from_scores(random_scores(3, 4, 7), 2).values())
 
 
-@pytest.mark.parametrize("selector", ["independent", "attribution", "random"])
+@pytest.mark.parametrize("selector", ["independent", "attribution", "probe", "random"])
 def test_locate_writes_each_selectors_circuit_in_the_same_schema(tiny_folder, tmp_path, selector):
     out = tmp_path / "heads.json"
-    extra = ["--compare-exact"] if selector == "attribution" else []
+    extra = {"attribution": ["--compare-exact"], "probe": ["--probe-rows", "12"]}.get(selector, [])
     done = run("locate.py", "--model", tiny_folder, "--dataset", "arc_easy", "--prompt", "harness", "--pool", "40",
                "--samples", "4", "--validate-limit", "8", "--random-trials", "2", "--selector", selector,
                "--no-progress", "--out", str(out), *extra)
@@ -127,5 +174,8 @@ def test_locate_writes_each_selectors_circuit_in_the_same_schema(tiny_folder, tm
 def test_a_selector_option_that_cannot_apply_is_refused_before_the_model_loads(tmp_path):
     assert_usage_error(run("locate.py", "--dataset", "arc_easy", "--compare-exact", "--model", "/no/such/model",
                            "--out", str(tmp_path / "h.json")), "--compare-exact compares an estimate")
+    assert_usage_error(run("locate.py", "--dataset", "examples/facts/recall", "--selector", "probe", "--model",
+                           "/no/such/model", "--out", str(tmp_path / "h.json")), "has one target per row")
+    assert not (tmp_path / "h.json").exists()
     unknown = run("locate.py", "--dataset", "arc_easy", "--selector", "probes")  # argparse's own line
     assert unknown.returncode == 2 and "invalid choice: 'probes'" in unknown.stderr.splitlines()[-1]
