@@ -14,7 +14,7 @@ import argparse
 import time
 
 from cli.arguments import (HelpFormatter, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
-                           user_path)
+                           check_positive, user_path)
 from cli.exits import UsageError, run_script
 from cli.loading import DEFAULT_MODEL
 from cli.outputs import claim_out
@@ -23,7 +23,7 @@ from cli.torchrun import check_processes
 from cli.trackers import add_report_arguments, check_report_to
 from data.commonsense import DATASETS
 
-SELECTORS = ("conditioned", "independent", "attribution", "probe", "random")
+SELECTORS = ("conditioned", "independent", "attribution", "probe", "lofit", "random")
 SEARCHES = ("conditioned", "independent")  # the selectors that mask heads, layer by layer (resumable, exact)
 
 
@@ -58,9 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "conditioned (the paper's search, each layer scored with the circuit below masked), independent "
                    "(each head masked alone), attribution (attribution patching's first-order estimate of that, one "
                    "forward and backward), probe (ITI's linear probe per head: gold answer against a wrong one, "
-                   "cross-validated accuracy; tasks with choices), random (the control, --seed)")
-    p.add_argument("--probe-rows", type=int, help="--selector probe: fit the probes on the first N rows of the pool "
+                   "cross-validated accuracy; tasks with choices), lofit (LoFiT's first stage: a scaling vector "
+                   "per head trained with an L1 penalty, ranked by its norm), random (the control, --seed)")
+    p.add_argument("--fit-rows", type=int, help="--selector probe or lofit: fit on the first N rows of the pool "
                    "(default: all of it)")
+    p.add_argument("--lofit-steps", type=int, default=100, help="--selector lofit: optimizer steps (batch 16)")
+    p.add_argument("--lofit-lr", type=float, default=5e-3, help="--selector lofit: learning rate")
+    p.add_argument("--lofit-l1", type=float, default=1e-3, help="--selector lofit: the L1 penalty's weight")
     p.add_argument("--compare-exact", action="store_true", help="with --selector attribution or probe: also run "
                    "independent and report the rank correlation of the scores with the exact effect of each head "
                    "masked alone, per layer and overall")
@@ -76,12 +80,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_at_least(args, 0, "validate_limit")
     check_processes(args)
     check_report_to(args.report_to)
-    check_at_least(args, 4, "probe_rows")  # one example per fold of the cross-validation
+    check_at_least(args, 4, "fit_rows")  # one example per fold of the probes' cross-validation
+    check_at_least(args, 1, "lofit_steps")
+    check_positive(args, "lofit_lr")
+    check_at_least(args, 0, "lofit_l1")
     if args.compare_exact and args.selector not in ("attribution", "probe"):
         raise UsageError("--compare-exact compares an estimate with the exact effect of masking each head: pass "
                          "--selector attribution or probe")
-    if args.probe_rows is not None and args.selector != "probe":
-        raise UsageError("--probe-rows sets how many rows the probes are fitted on: pass --selector probe")
+    if args.fit_rows is not None and args.selector not in ("probe", "lofit"):
+        raise UsageError("--fit-rows sets how many rows a probe or LoFiT's scales are fitted on: pass --selector "
+                         "probe or lofit")
     if args.fsdp and args.selector == "attribution":
         raise UsageError("--selector attribution does not run under --fsdp yet; run it without --fsdp (data parallel "
                          "under torchrun, or --device-map)")
@@ -107,7 +115,9 @@ def read_rows(args: argparse.Namespace):
                 "prompt": task.prompt, "samples": args.samples, "samples_from": args.samples_from,
                 "validate": not args.no_validate, "validate_split": args.validate_split,
                 "validate_limit": args.validate_limit, "random_trials": args.random_trials, "seed": args.seed,
-                "selector": args.selector, "probe_rows": args.probe_rows}
+                "selector": args.selector, "fit_rows": args.fit_rows,
+                **({k: getattr(args, k) for k in ("lofit_steps", "lofit_lr", "lofit_l1")} if args.selector == "lofit"
+                   else {})}
     return task, rows, settings
 
 
@@ -159,8 +169,9 @@ def search(model, tokenizer, samples, pool: list, n: int, state: dict, args, set
     from headmap.locate import locate_circuit
     from headmap.masking import layers_and_heads
     from data.samples import probe_pairs
-    from data.scoring import context_limit
-    from headmap.selectors import attribution_scores, circuit_from_scores, probe_scores, random_scores
+    from data.scoring import context_limit, pad_id_of
+    from data.training import epoch_batches, training_texts
+    from headmap.selectors import attribution_scores, circuit_from_scores, lofit_scores, probe_scores, random_scores
     started = time.time() - state["seconds"]
     reporter = start_reporting(args, "locate", settings, state.get("trackers"), sent=len(state["loss_matrix"]) or -1)
     state["trackers"] = reporter.ids
@@ -181,8 +192,13 @@ def search(model, tokenizer, samples, pool: list, n: int, state: dict, args, set
     elif args.selector == "attribution":
         scores = attribution_scores(model, samples, args.token_budget)
     elif args.selector == "probe":
-        gold, wrong = probe_pairs(tokenizer, pool[:args.probe_rows], args.seed, context_limit(model))
+        gold, wrong = probe_pairs(tokenizer, pool[:args.fit_rows], args.seed, context_limit(model))
         scores = probe_scores(model, gold, wrong, token_budget=args.token_budget)
+    elif args.selector == "lofit":  # the pool's rows as finetune trains on them: prompt + gold answer + EOS
+        texts = training_texts(tokenizer, pool[:args.fit_rows], 512)
+        batches = epoch_batches(texts, pad_id_of(tokenizer), 16, -(-args.lofit_steps * 16 // len(texts)), args.seed)
+        scores = lofit_scores(model, batches, args.lofit_steps, args.lofit_lr, args.lofit_l1,
+                              args.token_budget or 4096, args.seed, not args.no_progress)
     else:
         scores = random_scores(*layers_and_heads(model), args.seed)
     return circuit_from_scores(scores, n), scores.tolist(), time.time() - started, reporter
@@ -262,6 +278,9 @@ def main(argv=None):
         "seconds": round(seconds, 1),  # the selection's: its score matrix and circuit, once D is chosen
         "versions": software_versions(),
     }
+    if args.selector in ("probe", "lofit"):  # they rank heads over the whole model: their own pick, of the same size
+        from headmap.selectors import global_circuit
+        result["global_circuit"] = {str(layer): h for layer, h in global_circuit(scores, layers * n).items()}
     if args.compare_exact:
         result["exact_comparison"] = compare_exact(model, samples, scores, args)
     print_heat_map(scores, circuit, args.selector)

@@ -14,9 +14,11 @@ from headmap.files import atomic
 # what each selector's scores are (locate's --selector)
 SCORE_NAMES = {"conditioned": "loss with each head masked", "independent": "loss with each head masked alone",
                "attribution": "estimated loss increase from masking each head alone",
-               "probe": "probe accuracy at telling the gold answer from a wrong one", "random": "random draws"}
+               "probe": "probe accuracy at telling the gold answer from a wrong one",
+               "lofit": "norm of each head's learned scaling vector (LoFiT)", "random": "random draws"}
 SCORE_SCALES = {"attribution": "estimated loss increase from masking the head alone (nats per sample)",
                 "probe": "the head's probe accuracy, cross-validated (0.5 = chance)",
+                "lofit": "the norm of the head's learned scaling vector (LoFiT's first stage)",
                 "random": "the random draw that ranked each head (the control)"}
 RUN_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
 

@@ -402,7 +402,7 @@ def facts():
 
 SELECTOR_TASKS = {"arc_easy": ("locating/smollm2", "arc_easy", "acc"), "piqa": ("locating/smollm2", "piqa", "acc"),
                   "hellaswag": ("locating/smollm2", "hellaswag", "acc"), "facts": ("facts", "recall", "exact_match")}
-SELECTOR_NAMES = ("conditioned", "independent", "attribution", "probe", "random")
+SELECTOR_NAMES = ("conditioned", "independent", "attribution", "probe", "lofit", "random")
 
 
 def selector_files(task):
@@ -473,13 +473,13 @@ def selector_figures(ratios):
     fig, ax = plt.subplots(figsize=(7, 3.2))
     tasks = list(ratios)
     for i, selector in enumerate(SELECTOR_NAMES):
-        xs = [t + (i - 2) * 0.16 for t in range(len(tasks))]
+        xs = [t + (i - 2.5) * 0.14 for t in range(len(tasks))]
         got = [ratios[task].get(selector, (float("nan"), 0)) for task in tasks]
-        ax.bar(xs, [r for r, _ in got], 0.16, yerr=[e for _, e in got], label=selector, capsize=2)
+        ax.bar(xs, [r for r, _ in got], 0.14, yerr=[e for _, e in got], label=selector, capsize=2)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("drop ratio (1 = as random)")
-    ax.legend(fontsize=7, ncol=5)
+    ax.legend(fontsize=7, ncol=6)
     figures.save(str(here / "selectors" / "drop_ratios.svg"), fig)
     pairs = [(task, load(here / "selectors" / f"{task}.attribution.json"), load(here / "selectors" /
               f"{task}.independent.json")) for task in tasks if (here / "selectors" / f"{task}.attribution.json").exists()

@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=experiments/selectors
-SELECTORS="independent attribution probe random"
+SELECTORS="independent attribution probe lofit random"
 ROWS=500  # evaluation rows of the commonsense tasks (section 6's)
 declare -A CIRCUIT=([arc_easy]=experiments/locating/smollm2/arc_easy.json [piqa]=experiments/locating/smollm2/piqa.json
                     [hellaswag]=experiments/locating/smollm2/hellaswag.json [facts]=experiments/facts/recall.json)

@@ -6,7 +6,7 @@
     attention.py    the masked-attention Triton kernel (and its PyTorch reference)
     masking.py      mask_heads(model, mask): ablate heads per sequence through transformers' AttentionInterface
     locate.py       locate_circuit: layer-conditioned locating (the paper's Algorithm 1)
-    selectors.py    other ways of choosing heads (each head alone, attribution patching, ITI's probes, random)
+    selectors.py    other ways of choosing heads (each head alone, attribution patching, ITI's probes, LoFiT, random)
     circuit.py      knowledge circuits: the file format, head masks, random circuits of the same shape
     adapters.py     HeadMap, LoRA and DoRA adapters: the modules, attached through forward hooks
     saving.py       save_adapter, load_adapter: adapters in PEFT's file layout
@@ -26,8 +26,8 @@ _EXPORTS = {
     "attention": ["masked_attention", "masked_attention_reference"],
     "masking": ["mask_heads", "layers_and_heads"],
     "locate": ["locate_circuit", "unmasked_answer_loss"],
-    "selectors": ["attribution_scores", "independent_scores", "probe_scores", "random_scores", "circuit_from_scores",
-                  "rank_correlation"],
+    "selectors": ["attribution_scores", "independent_scores", "probe_scores", "lofit_scores", "random_scores",
+                  "circuit_from_scores", "global_circuit", "rank_correlation"],
     "circuit": ["read_circuit", "circuit_from", "circuit_entry", "check_circuit", "circuit_mask", "random_circuit_like"],
     "adapters": ["attach_headmap", "attach_lora"],
     "saving": ["save_adapter", "load_adapter"],

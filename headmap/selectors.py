@@ -5,6 +5,7 @@ highest of each layer, ties to the lower head).
     scores = attribution_scores(model, samples)          # one forward and one backward for every head at once
     scores = independent_scores(model, samples)          # every head masked alone, exactly (locate's engine)
     scores = probe_scores(model, gold, wrong)            # ITI's linear probes: cross-validated accuracy per head
+    scores = lofit_scores(model, batches, steps)         # LoFiT's first stage: L1-penalised scaling of each head
     circuit = circuit_from_scores(scores, n)
 
 `samples` is D as locate_circuit takes it: (input_ids, answer_start) per sample. The scores are in the units of
@@ -19,11 +20,25 @@ from .batching import length_groups, pad_right, pass_overhead_tokens
 from .locate import (AnswerIndex, Samples, answer_loss, check_locatable, default_token_budget, layer_output,
                      locate_circuit, top_heads)
 from .masking import attention_modules, layers_and_heads
+from .train import train_adapter
 
 
 def circuit_from_scores(scores: torch.Tensor, n: int) -> dict[int, list[int]]:
     """{layer: the n heads of the highest scores, sorted} for a (layers, heads) score matrix."""
     return {layer: top_heads(row, n) for layer, row in enumerate(scores.tolist())}
+
+
+def global_circuit(scores: torch.Tensor | list, k: int) -> dict[int, list[int]]:
+    """{layer: heads} of the k highest of a (layers, heads) score matrix over the whole model (ties to the lower
+    layer, then head): how ITI and LoFiT pick, beside the per-layer pick every selector here shares."""
+    scores = torch.as_tensor(scores)
+    heads = scores.shape[1]
+    flat = scores.flatten().tolist()
+    chosen = sorted(sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:k])
+    circuit: dict[int, list[int]] = {}
+    for i in chosen:
+        circuit.setdefault(i // heads, []).append(i % heads)
+    return circuit
 
 
 def independent_scores(model: nn.Module, samples: list[tuple[torch.Tensor, int]], token_budget: int | None = None,
@@ -151,6 +166,60 @@ def probe_scores(model: nn.Module, gold: list[torch.Tensor], wrong: list[torch.T
     if len(gold) != len(wrong):
         raise ValueError(f"{len(gold)} gold sequences but {len(wrong)} wrong ones; pass one of each per example")
     return probe_accuracy(head_outputs(model, gold, token_budget), head_outputs(model, wrong, token_budget), folds, c)
+
+
+class HeadScales(nn.Module):
+    """LoFiT's first-stage adapter: every head's output (its slice of o_proj's input) scaled element-wise by 1 + a,
+    one vector a per head, zero at first (the identity). Attached by forward pre-hooks on o_proj; remove() detaches
+    it. The interface train_adapter trains (parameters, state_dict, train/eval)."""
+    method = "lofit head scales"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        heads = layers_and_heads(model)[1]
+        modules = attention_modules(model)
+        device = next(model.parameters()).device  # per layer its own width: Gemma 4's global layers are wider
+        self.scales = nn.ParameterList(torch.zeros(heads, m.o_proj.in_features // heads, device=device)
+                                       for m in modules)
+        self.handles = [m.o_proj.register_forward_pre_hook(
+            lambda mod, args, i=m.layer_idx: (self.scaled(i, args[0]),) + tuple(args[1:])) for m in modules]
+
+    def scaled(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        factor = (1 + self.scales[layer]).to(x.dtype)  # (heads, head_dim)
+        return (x.reshape(*x.shape[:-1], *factor.shape) * factor).reshape(x.shape)
+
+    def l1(self) -> torch.Tensor:
+        return sum(a.abs().sum() for a in self.scales)
+
+    def norms(self) -> torch.Tensor:
+        """(layers, heads): the norm of each head's vector."""
+        return torch.stack([a.detach().float().norm(dim=-1).cpu() for a in self.scales])
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def lofit_scores(model: nn.Module, batches, steps: int, lr: float = 5e-3, l1: float = 1e-3,
+                 token_budget: int = 4096, seed: int = 0, progress: bool = False) -> torch.Tensor:
+    """(layers, heads): LoFiT's first stage, the norm of each head's learned scaling vector. A vector per head scales
+    its output by 1 + a (HeadScales); all are trained together on the task loss plus `l1` times their summed
+    absolute values (LoFiT's L1 penalty), through train_adapter, for `steps` steps of `batches` (Hugging Face
+    batches, as train_adapter takes them) at learning rate `lr` with no warm-up; the heads that the penalty lets
+    move are the ones the task needs. The model is left as it was (frozen while the scales train)."""
+    torch.manual_seed(seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    scales = HeadScales(model)
+    try:
+        scales.train()
+        train_adapter(model, scales, batches, steps, lr, token_budget=token_budget, seed=seed, progress=progress,
+                      penalty=lambda: l1 * scales.l1())
+        return scales.norms()
+    finally:
+        scales.remove()
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def random_scores(layers: int, heads: int, seed: int) -> torch.Tensor:

@@ -111,13 +111,17 @@ def linear_schedule(steps: int, warmup: int) -> Callable[[int], float]:
 
 
 def optimizer_step(model: nn.Module, batch: dict, params: list[nn.Parameter], optimizer, schedule,
-                   token_budget: int, max_grad_norm: float, step: int) -> tuple[float, float]:
-    """Optimizer step `step` on `batch`: the summed gradient of its micro-batches (and of every rank's), clipped,
-    applied; the schedule advanced. A loss that is not finite raises FloatingPointError before anything changes.
-    Returns (loss, gradient norm before clipping)."""
+                   token_budget: int, max_grad_norm: float, step: int,
+                   penalty: Callable[[], torch.Tensor] | None = None) -> tuple[float, float]:
+    """Optimizer step `step` on `batch`: the summed gradient of its micro-batches (and of every rank's), and of
+    `penalty()` where given, clipped, applied; the schedule advanced. A loss that is not finite raises
+    FloatingPointError before anything changes. Returns (the batch's loss, without the penalty; gradient norm before
+    clipping)."""
     loss = batch_loss(model, batch, token_budget, backward=True)
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss is {loss} at step {step}; lower the learning rate")
+    if penalty is not None and distributed.rank() == 0:  # once: the ranks' gradients are summed next
+        penalty().backward()
     all_reduce_grads(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
     optimizer.step()
@@ -159,7 +163,8 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
                   warmup: int = 0, max_grad_norm: float = 1.0, token_budget: int = 4096,
                   eval_batch: dict | None = None, eval_every: int | None = None, resume: dict | None = None,
                   on_step: Callable[[dict, Callable[[], dict]], None] | None = None, seed: int = 0,
-                  progress: bool = False, activation_checkpointing: bool = False) -> Trained:
+                  progress: bool = False, activation_checkpointing: bool = False,
+                  penalty: Callable[[], torch.Tensor] | None = None) -> Trained:
     """Train `adapter` on the frozen `model`: AdamW, linear warm-up and decay, gradient clipping.
 
     AdamW has no weight decay (fused on CUDA). A model whose own weights still require gradients is refused
@@ -185,6 +190,8 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
         progress: show a tqdm bar over the steps.
         activation_checkpointing: recompute each decoder layer in backward instead of keeping its activations
             (checkpointed_layers): the same losses and adapter, in far less memory, for one more forward a step.
+        penalty: a term added to every step's objective (a scalar tensor of the adapter's parameters, e.g. an L1
+            penalty); the losses reported are the batches' own.
 
     Returns:
         Trained(losses, best): the losses of the steps run here, and the best adapter by validation loss: {"loss",
@@ -214,7 +221,7 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
     with checkpointed_layers(model, activation_checkpointing):
         for batch in itertools.islice(batches, step, steps):
             loss, grad_norm = optimizer_step(model, batch, params, optimizer, schedule, token_budget, max_grad_norm,
-                                             step + 1)
+                                             step + 1, penalty)
             step += 1
             losses.append(loss)
             record = {"step": step, "loss": loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm}

@@ -10,8 +10,9 @@ from bench.naive import ablate_with_hooks, o_proj_of
 from data.common import Example
 from data.samples import answer_samples
 from data.samples import probe_pairs
-from headmap.selectors import (attribution_scores, circuit_from_scores, head_outputs, independent_scores,
-                               probe_accuracy, random_scores, rank_correlation)
+from data.training import lm_batch
+from headmap.selectors import (attribution_scores, circuit_from_scores, global_circuit, head_outputs,
+                               independent_scores, lofit_scores, probe_accuracy, random_scores, rank_correlation)
 from tests.conftest import assert_usage_error, run, tiny_llama, TinyTokenizer
 
 EXAMPLES = [
@@ -132,6 +133,40 @@ def test_probe_accuracy_is_sklearns_logistic_regression_cross_validated():
     assert got[-1, -1] > 0.9 and got[0, 0] < 0.75  # the telling head tells, the useless one hardly
 
 
+def test_lofit_scores_are_the_norms_a_hand_written_l1_penalised_loop_learns(model):
+    """LoFiT's first stage against a loop written out here: a scaling vector per head applied by o_proj pre-hooks,
+    AdamW (no weight decay) on the token-mean NLL of the stock model plus l1 * sum |a|, gradients clipped at 1.0, the
+    learning rate decaying linearly to 0 (train_adapter's schedule with no warm-up)."""
+    tok = TinyTokenizer()
+    seqs = [tok(t).input_ids + [1] for t in ["Q: red? A: yes", "Q: sky? A: blue", "Q: 2+2? A: four"]]
+    batch, steps, lr, l1 = lm_batch(seqs, 0), 4, 1e-2, 1e-2
+    got = lofit_scores(model, [batch] * steps, steps, lr, l1)
+    decoder, heads = model.model.layers, 4
+    scales = [torch.zeros(heads, 16, requires_grad=True) for _ in decoder]
+
+    def scale(layer):
+        return lambda m, args: ((args[0].reshape(*args[0].shape[:-1], heads, 16) * (1 + scales[layer]))
+                                .reshape(args[0].shape),)
+    handles = [o_proj_of(layer).register_forward_pre_hook(scale(i)) for i, layer in enumerate(decoder)]
+    optimizer = torch.optim.AdamW(scales, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (steps - step) / steps)
+    labels = batch["labels"]
+    for _ in range(steps):
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+        loss = nll / (labels[:, 1:] != -100).sum() + l1 * sum(a.abs().sum() for a in scales)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(scales, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+    for handle in handles:
+        handle.remove()
+    want = torch.stack([a.detach().norm(dim=-1) for a in scales])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert got.max() > 0  # the scales moved, and the model is as it was (no hook left): the next test reads it
+
+
 def test_the_shared_pick_and_the_rank_correlation_match_hand_computed_values():
     scores = torch.tensor([[0.5, 2.0, 2.0, -1.0], [3.0, 1.0, 0.0, 4.0]])
     assert circuit_from_scores(scores, 2) == {0: [1, 2], 1: [0, 3]}
@@ -139,6 +174,9 @@ def test_the_shared_pick_and_the_rank_correlation_match_hand_computed_values():
     assert rank_correlation([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
     assert rank_correlation([1, 1, 2], [1, 2, 3]) == pytest.approx(3 ** 0.5 / 2)  # tied ranks share 0.5
     assert rank_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert global_circuit(scores, 3) == {0: [1], 1: [0, 3]}  # 4.0, 3.0, then of the tied 2.0s the lower head
+    assert global_circuit(scores, 2) == {1: [0, 3]}  # a layer may hold none
+
 
 
 def test_random_scores_are_seeded_draws():
@@ -147,10 +185,11 @@ def test_random_scores_are_seeded_draws():
     assert all(len(heads) == 2 for heads in circuit_from_scores(random_scores(3, 4, 7), 2).values())
 
 
-@pytest.mark.parametrize("selector", ["independent", "attribution", "probe", "random"])
+@pytest.mark.parametrize("selector", ["independent", "attribution", "probe", "lofit", "random"])
 def test_locate_writes_each_selectors_circuit_in_the_same_schema(tiny_folder, tmp_path, selector):
     out = tmp_path / "heads.json"
-    extra = {"attribution": ["--compare-exact"], "probe": ["--probe-rows", "12"]}.get(selector, [])
+    extra = {"attribution": ["--compare-exact"], "probe": ["--fit-rows", "12"],
+             "lofit": ["--fit-rows", "12", "--lofit-steps", "2"]}.get(selector, [])
     done = run("locate.py", "--model", tiny_folder, "--dataset", "arc_easy", "--prompt", "harness", "--pool", "40",
                "--samples", "4", "--validate-limit", "8", "--random-trials", "2", "--selector", selector,
                "--no-progress", "--out", str(out), *extra)
@@ -162,6 +201,9 @@ def test_locate_writes_each_selectors_circuit_in_the_same_schema(tiny_folder, tm
                                         circuit_from_scores(torch.tensor(got["score_matrix"]), 1).items()}
     assert {"circuit_masked", "random_masked_mean", "unmasked"} <= set(got["validation"]) and got["seconds"] >= 0
     assert ("loss_matrix" in got) == (selector == "independent")
+    if selector in ("probe", "lofit"):  # their own pick over the whole model, of the same size
+        assert got["global_circuit"] == {str(layer): heads for layer, heads in
+                                         global_circuit(got["score_matrix"], 2).items()}
     assert (tmp_path / "heads.svg").exists()
     if selector == "attribution":
         comparison = got["exact_comparison"]
