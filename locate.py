@@ -3,12 +3,15 @@
     python locate.py --dataset boolq --out heads.json
     python locate.py --dataset examples/facts/recall --out runs/facts/heads.json   # your own rows (README)
     torchrun --nproc_per_node 8 locate.py --dataset piqa --out runs/piqa.json     # candidate rows over 8 GPUs
+    python locate.py --dataset boolq --selector attribution --compare-exact --samples-from heads.json \
+        --out runs/boolq_attribution.json      # another selector on the same D, its estimate against the exact effect
 
 D holds the --samples samples of the split that the unmasked model gets right (its top choice; for a one-target
 task, the target reproduced greedily, every token the argmax) with the lowest loss. For each layer in order, with
 the heads already chosen below masked, every head is masked in turn and scored by the summed loss of D's gold
 answers; the n heads whose masking hurts most join the circuit. Then the circuit is validated: the task's accuracy
-with it masked against random heads of the same per-layer counts.
+with it masked against random heads of the same per-layer counts. --selector chooses heads another way instead (each
+head masked alone, attribution patching, ITI's probes, LoFiT's scaling, random), n per layer, validated the same.
 """
 import argparse
 import time

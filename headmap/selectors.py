@@ -8,9 +8,10 @@ highest of each layer, ties to the lower head).
     scores = lofit_scores(model, batches, steps)         # LoFiT's first stage: L1-penalised scaling of each head
     circuit = circuit_from_scores(scores, n)
 
-`samples` is D as locate_circuit takes it: (input_ids, answer_start) per sample. The scores are in the units of
-locate's loss matrix (the answers' NLL summed over their tokens and over D): independent_scores is that loss with
-the head masked alone, attribution_scores the first-order estimate of what masking it alone adds to it.
+`samples` is D as locate_circuit takes it: (input_ids, answer_start) per sample. independent_scores and
+attribution_scores are in the units of locate's loss matrix (the answers' NLL summed over their tokens and over D):
+the loss with the head masked alone, and the first-order estimate of what masking it alone adds to it; a probe's
+score is its held-out accuracy, LoFiT's the norm of the head's learned scaling.
 """
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ def attribution_scores(model: nn.Module, samples: list[tuple[torch.Tensor, int]]
                 grads = torch.autograd.grad(loss, xs)
             for layer, (x, g) in enumerate(zip(xs, grads)):
                 effect = -(x.detach().double() * g.double())
-                scores[layer] += effect.reshape(*x.shape[:-1], heads, -1).sum(dim=(0, 1, 3))
+                scores[layer] += effect.reshape(*x.shape[:-1], heads, -1).sum(dim=(0, 1, 3)).to(device)
             inputs.clear()
     finally:
         for hook in hooks:
