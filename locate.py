@@ -17,17 +17,18 @@ import argparse
 import time
 
 from cli.arguments import (HelpFormatter, add_model_arguments, add_out_arguments, add_task_arguments, check_at_least,
-                           check_positive, user_path)
+                           user_path)
 from cli.exits import UsageError, run_script
 from cli.loading import DEFAULT_MODEL
 from cli.outputs import claim_out
 from cli.run_folder import heat_map_file, progress_file, read_progress, write_circuit_files
 from cli.torchrun import check_processes
+from cli.selection import (SEARCHES, add_selector_arguments, check_selector_arguments, check_selector_task,
+                           compare_exact, selector_scores, selector_settings)
 from cli.trackers import add_report_arguments, check_report_to
 from data.commonsense import DATASETS
 
-SELECTORS = ("conditioned", "independent", "attribution", "probe", "lofit", "random")
-SEARCHES = ("conditioned", "independent")  # the selectors that mask heads, layer by layer (resumable, exact)
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,20 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-split", help="default: the task's evaluation split")
     p.add_argument("--validate-limit", type=int, default=500, help="rows of the validation split (0 = all)")
     p.add_argument("--random-trials", type=int, default=5, help="random head sets the circuit is compared with")
-    p.add_argument("--selector", default="conditioned", choices=SELECTORS, help="how heads are chosen, n per layer: "
-                   "conditioned (the paper's search, each layer scored with the circuit below masked), independent "
-                   "(each head masked alone), attribution (attribution patching's first-order estimate of that, one "
-                   "forward and backward), probe (ITI's linear probe per head: gold answer against a wrong one, "
-                   "cross-validated accuracy; tasks with choices), lofit (LoFiT's first stage: a scaling vector "
-                   "per head trained with an L1 penalty, ranked by its norm), random (the control, --seed)")
-    p.add_argument("--fit-rows", type=int, help="--selector probe or lofit: fit on the first N rows of the pool "
-                   "(default: all of it)")
-    p.add_argument("--lofit-steps", type=int, default=100, help="--selector lofit: optimizer steps (batch 16)")
-    p.add_argument("--lofit-lr", type=float, default=5e-3, help="--selector lofit: learning rate")
-    p.add_argument("--lofit-l1", type=float, default=1e-3, help="--selector lofit: the L1 penalty's weight")
-    p.add_argument("--compare-exact", action="store_true", help="with --selector attribution or probe: also run "
-                   "independent and report the rank correlation of the scores with the exact effect of each head "
-                   "masked alone, per layer and overall")
+    add_selector_arguments(p)
     return p
 
 
@@ -83,19 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_at_least(args, 0, "validate_limit")
     check_processes(args)
     check_report_to(args.report_to)
-    check_at_least(args, 4, "fit_rows")  # one example per fold of the probes' cross-validation
-    check_at_least(args, 1, "lofit_steps")
-    check_positive(args, "lofit_lr")
-    check_at_least(args, 0, "lofit_l1")
-    if args.compare_exact and args.selector not in ("attribution", "probe"):
-        raise UsageError("--compare-exact compares an estimate with the exact effect of masking each head: pass "
-                         "--selector attribution or probe")
-    if args.fit_rows is not None and args.selector not in ("probe", "lofit"):
-        raise UsageError("--fit-rows sets how many rows a probe or LoFiT's scales are fitted on: pass --selector "
-                         "probe or lofit")
-    if args.fsdp and args.selector == "attribution":
-        raise UsageError("--selector attribution does not run under --fsdp yet; run it without --fsdp (data parallel "
-                         "under torchrun, or --device-map)")
+    check_selector_arguments(args)
     return args
 
 
@@ -104,13 +80,11 @@ def read_rows(args: argparse.Namespace):
     known; and the settings that decide the result (batch sizes, budgets, progress bars and devices do not, beyond
     float rounding). Returns (task, rows, settings)."""
     from cli.earlier_runs import open_task_for
-    from data.common import CHOICE, locate_rows
+    from data.common import locate_rows
     task = open_task_for(args.dataset, args)
     split = task.check_split(args.split or task.train_split)
     val_split = task.check_split(args.validate_split)
-    if args.selector == "probe" and task.kind != CHOICE:
-        raise UsageError(f"--selector probe tells a gold answer from a wrong one, and {task.name} has one target per "
-                         "row; pass another --selector (independent, attribution ...)")
+    check_selector_task(args, task)
     claim_out("circuit", args.out, args.overwrite, args, resume=args.resume)
     rows = locate_rows(task, split, args.pool, args.samples, val_split, args.validate_limit or None,
                        not args.no_validate)
@@ -118,9 +92,7 @@ def read_rows(args: argparse.Namespace):
                 "prompt": task.prompt, "samples": args.samples, "samples_from": args.samples_from,
                 "validate": not args.no_validate, "validate_split": args.validate_split,
                 "validate_limit": args.validate_limit, "random_trials": args.random_trials, "seed": args.seed,
-                "selector": args.selector, "fit_rows": args.fit_rows,
-                **({k: getattr(args, k) for k in ("lofit_steps", "lofit_lr", "lofit_l1")} if args.selector == "lofit"
-                   else {})}
+                **selector_settings(args)}
     return task, rows, settings
 
 
@@ -152,7 +124,8 @@ def start_search(model, tokenizer, task, examples, args, settings: dict, saved: 
         print(f"resuming after layer {done - 1}" if done else "resuming with the samples chosen before")
         return saved
     if args.resume:
-        print(f"--resume: no {progress_file(args.out)} yet; starting from the first layer")
+        print(f"--resume: no {progress_file(args.out)} yet; starting from the "
+              + ("first layer" if args.selector in SEARCHES else "samples"))
     state = {"settings": settings, "circuit": {}, "loss_matrix": [], "circuit_below_loss": [], "seconds": 0.0}
     from data.samples import select_samples
     state.update(earlier or select_samples(model, tokenizer, task, examples, args.samples, args.batch_size,
@@ -170,11 +143,7 @@ def search(model, tokenizer, samples, pool: list, n: int, state: dict, args, set
     from cli.trackers import start_reporting
     from headmap import distributed
     from headmap.locate import locate_circuit
-    from headmap.masking import layers_and_heads
-    from data.samples import probe_pairs
-    from data.scoring import context_limit, pad_id_of
-    from data.training import epoch_batches, training_texts
-    from headmap.selectors import attribution_scores, circuit_from_scores, lofit_scores, probe_scores, random_scores
+    from headmap.selectors import circuit_from_scores
     started = time.time() - state["seconds"]
     reporter = start_reporting(args, "locate", settings, state.get("trackers"), sent=len(state["loss_matrix"]) or -1)
     state["trackers"] = reporter.ids
@@ -192,33 +161,9 @@ def search(model, tokenizer, samples, pool: list, n: int, state: dict, args, set
         _, scores = locate_circuit(model, samples, heads_per_layer=n, token_budget=args.token_budget,
                                    on_layer=save_progress, state=state, progress=not args.no_progress,
                                    conditioned=args.selector == "conditioned")
-    elif args.selector == "attribution":
-        scores = attribution_scores(model, samples, args.token_budget)
-    elif args.selector == "probe":
-        gold, wrong = probe_pairs(tokenizer, pool[:args.fit_rows], args.seed, context_limit(model))
-        scores = probe_scores(model, gold, wrong, token_budget=args.token_budget)
-    elif args.selector == "lofit":  # the pool's rows as finetune trains on them: prompt + gold answer + EOS
-        texts = training_texts(tokenizer, pool[:args.fit_rows], 512)
-        batches = epoch_batches(texts, pad_id_of(tokenizer), 16, -(-args.lofit_steps * 16 // len(texts)), args.seed)
-        scores = lofit_scores(model, batches, args.lofit_steps, args.lofit_lr, args.lofit_l1,
-                              args.token_budget or 4096, args.seed, not args.no_progress)
     else:
-        scores = random_scores(*layers_and_heads(model), args.seed)
+        scores = selector_scores(model, tokenizer, samples, pool, args)
     return circuit_from_scores(scores, n), scores.tolist(), time.time() - started, reporter
-
-
-def compare_exact(model, samples, scores: list, args) -> dict:
-    """--compare-exact: the exact effect of masking each head alone (independent), and how well the estimate ranks
-    the heads as it does: Spearman's rank correlation per layer and over all heads."""
-    from headmap.selectors import independent_scores, rank_correlation
-    started = time.time()
-    exact = independent_scores(model, samples, args.token_budget, progress=not args.no_progress).tolist()
-    per_layer = [rank_correlation(a, b) for a, b in zip(scores, exact)]
-    overall = rank_correlation(sum(scores, []), sum(exact, []))
-    print(f"{args.selector} against the exact effect (independent): rank correlation {overall:.3f} over all heads, "
-          f"per layer {min(per_layer):.3f} to {max(per_layer):.3f}")
-    return {"selector": "independent", "score_matrix": exact, "rank_correlation": overall,
-            "rank_correlation_per_layer": per_layer, "seconds": round(time.time() - started, 1)}
 
 
 def validate_and_say(model, tokenizer, task, rows, circuit, args, result: dict, reporter) -> None:

@@ -14,5 +14,6 @@ script answers --help and bad arguments at once.
     torchrun.py      the process group, --fsdp's sharding, and the refusals of both
     cards.py         the model cards of an adapter folder and a merged checkpoint
     trackers.py      --report-to: TensorBoard, Weights & Biases, MLflow
+    selection.py     locate's --selector: the other ways of choosing heads, their options, --compare-exact
     figures.py       heat maps, overlaps and loss curves (plot.py, and beside locate's and finetune's outputs)
 """
