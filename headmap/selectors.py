@@ -47,7 +47,7 @@ def independent_scores(model: nn.Module, samples: list[tuple[torch.Tensor, int]]
     """(layers, heads): the answers' NLL summed over D with each head masked alone, nothing else masked. Exact, and
     as fast as locate_circuit (the layers below a candidate run once); `locate_options` are its on_layer, state and
     progress (a resumable run)."""
-    heads = layers_and_heads(model)[1]
+    heads = layers_and_heads(model)[1]  # any n will do: unconditioned, the circuit it picks changes no score
     return locate_circuit(model, samples, max(1, heads // 4), token_budget, conditioned=False, **locate_options)[1]
 
 
