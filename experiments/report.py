@@ -424,7 +424,9 @@ def selector_files(task):
 
 def paired_se(none, masked):
     """The standard error of the accuracy drop none - masked over the same rows (paired, from their samples)."""
-    diffs = [float(a["correct"]) - float(b["correct"]) for a, b in zip(none["samples"], masked["samples"])]
+    def right(sample):  # evaluate.py before 2026-12 recorded the choice made, not whether it was right
+        return float(sample["correct"] if "correct" in sample else sample["pred"] == sample["gold"])
+    diffs = [right(a) - right(b) for a, b in zip(none["samples"], masked["samples"])]
     return statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
@@ -436,9 +438,11 @@ def selectors():
           "and n = 2 of 9 heads per layer for every selector. Drop ratio = (no mask - its heads masked) / (no mask - "
           "random heads masked), ± its standard error (the paired error of its drop and the error of the random "
           "mean, propagated). Rank correlation: Spearman's, of the selector's scores with the exact effect of each "
-          "head masked alone (independent), over all 270 heads.\n")
+          "head masked alone (independent), over all 270 heads / the mean of the 30 layers' (a search's losses grow "
+          "with depth, so only the second compares it). Selection times ran beside other work (section 6's searches "
+          "two at a time): bench/selectors_speed.py has them measured alone.\n")
     print("| task | selector | layer-conditioned | selection time | rows | no mask | its heads masked | random heads "
-          "masked: mean ± sd, draws | drop ratio | rank correlation with independent |")
+          "masked: mean ± sd, draws | drop ratio | rank correlation with independent: all heads / per layer |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     ratios = {}
     for task, (_, _, metric) in SELECTOR_TASKS.items():
@@ -454,8 +458,11 @@ def selectors():
                                                 + (sd / math.sqrt(len(rand)) / drop_r) ** 2) if drop and drop_r else 0
             ratios.setdefault(task, {})[selector] = (drop / drop_r if drop_r > 0 else float("nan"), se)
             scores = circuit.get("score_matrix") or circuit["loss_matrix"]
-            rho = (f"{rank_correlation(sum(scores, []), sum(exact['score_matrix'], [])):.2f}"
-                   if exact and selector not in ("independent", "random") else "–")
+            rho = "–"
+            if exact and selector not in ("independent", "random"):
+                per_layer = [rank_correlation(a, b) for a, b in zip(scores, exact["score_matrix"])]
+                rho = (f"{rank_correlation(sum(scores, []), sum(exact['score_matrix'], [])):.2f} / "
+                       f"{statistics.mean(per_layer):.2f}")
             conditioned = circuit.get("layer_conditioned", selector == "conditioned")
             print(f"| {task} | {selector} | {'yes' if conditioned else 'no'} | {circuit['seconds']:.0f} s | "
                   f"{none['n']} | {none[metric]:.3f} | {masked[metric]:.3f} | {mean:.3f} ± {sd:.3f}, {len(rand)} | "

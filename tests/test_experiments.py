@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
 from tests.conftest import ROOT, run
 
 
@@ -42,6 +44,17 @@ def load_report():
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     return report
+
+
+def test_report_paired_error_of_a_drop_by_hand():
+    """The selector table's error of an accuracy drop: paired over the same rows, from a file that records whether
+    each row was right and from an older one that records only the choice made. Rows right 1,1,0,1 unmasked and
+    0,1,0,0 masked: differences 1,0,0,1, sd sqrt(1/3), error sqrt(1/3) / 2."""
+    report = load_report()
+    none = {"samples": [{"gold": 0, "pred": p} for p in (0, 1, 2, 1)]}  # older: right where pred == gold
+    none["samples"][1]["gold"] = none["samples"][3]["gold"] = 1
+    masked = {"samples": [{"correct": c} for c in (False, True, False, False)]}
+    assert report.paired_se(none, masked) == pytest.approx((1 / 3) ** 0.5 / 2)
 
 
 def test_report_claim_row_by_hand():
