@@ -400,8 +400,10 @@ def facts():
 
 # ---------------------------------------------------------------- section 8: which heads? (selectors.sh)
 
+# per task: where section 6 or 7 keeps its circuit and evaluations, and the metric masking is measured by (facts:
+# the targets' NLL per token, since any 60 heads take exact match to about 0 there: section 7)
 SELECTOR_TASKS = {"arc_easy": ("locating/smollm2", "arc_easy", "acc"), "piqa": ("locating/smollm2", "piqa", "acc"),
-                  "hellaswag": ("locating/smollm2", "hellaswag", "acc"), "facts": ("facts", "recall", "exact_match")}
+                  "hellaswag": ("locating/smollm2", "hellaswag", "acc"), "facts": ("facts", "recall", "nll_per_token")}
 SELECTOR_NAMES = ("conditioned", "independent", "attribution", "probe", "lofit", "random")
 
 
@@ -434,7 +436,8 @@ def selectors():
     if not (here / "selectors").is_dir():
         return
     print("### Which heads: each selector's heads masked, against random heads of the same per-layer counts\n")
-    print("SmolLM2-135M-Instruct, harness prompts (facts: your own task's recall rows, exact match), the same D = 64 "
+    print("SmolLM2-135M-Instruct, harness prompts (facts: your own task's recall rows, the targets' NLL per token, "
+          "whose rise stands for the drop; its error from the random draws alone), the same D = 64 "
           "and n = 2 of 9 heads per layer for every selector. Drop ratio = (no mask - its heads masked) / (no mask - "
           "random heads masked), ± its standard error (the paired error of its drop and the error of the random "
           "mean, propagated). Rank correlation: Spearman's, of the selector's scores with the exact effect of each "
@@ -453,9 +456,11 @@ def selectors():
             if masked is None or none is None or not rand:
                 continue
             mean, sd = statistics.mean(rand), statistics.stdev(rand) if len(rand) > 1 else 0.0
-            drop, drop_r = none[metric] - masked[metric], none[metric] - mean
-            se = abs(drop / drop_r) * math.sqrt((paired_se(none, masked) / drop) ** 2
-                                                + (sd / math.sqrt(len(rand)) / drop_r) ** 2) if drop and drop_r else 0
+            sign = -1 if metric == "nll_per_token" else 1  # a loss rises where an accuracy drops
+            drop, drop_r = sign * (none[metric] - masked[metric]), sign * (none[metric] - mean)
+            paired = paired_se(none, masked) if metric != "nll_per_token" else 0.0  # per-row NLL is not recorded
+            se = abs(drop / drop_r) * math.sqrt((paired / drop) ** 2 + (sd / math.sqrt(len(rand)) / drop_r) ** 2) \
+                if drop and drop_r else 0
             ratios.setdefault(task, {})[selector] = (drop / drop_r if drop_r > 0 else float("nan"), se)
             scores = circuit.get("score_matrix") or circuit["loss_matrix"]
             rho = "–"
