@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute each decoder "
                    "layer in backward instead of keeping its activations: the same losses and adapter in far less "
                    "memory, for one more forward a step (docs/scaling.md's table; default: on with --fsdp, else off)")
+    p.add_argument("--loss-chunks", type=int, help="compute the LM head and the loss over this many slices of "
+                   "each micro-batch's positions, so its whole logits (tokens x vocabulary) never exist at once: the "
+                   "same losses and adapter in less memory (default: 8 with --fsdp, else 1: whole)")
+    p.add_argument("--offload-activations", action="store_true", help="keep what backward needs (with "
+                   "checkpointing: each layer's input) in host memory, not on the GPU: the same losses and adapter "
+                   "in less GPU memory, for a copy each way a step (docs/scaling.md's table)")
     p.add_argument("--train-limit", type=int, help="train on the first N rows only (default: all)")
     p.add_argument("--eval-every", type=int, default=200, help="measure the validation loss every N steps")
     p.add_argument("--checkpoint-every", type=int, default=20, help="save what --resume needs every N steps")
@@ -82,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The options, checked: a wrong value is one line here, before anything is read or written."""
     args = build_parser().parse_args(argv)
     check_at_least(args, 1, "batch_size", "token_budget", "rank", "epochs", "eval_every", "checkpoint_every",
-                   "max_length", "max_steps", "train_limit", "val_limit", "eval_limit")
+                   "max_length", "max_steps", "loss_chunks", "train_limit", "val_limit", "eval_limit")
     check_at_least(args, 0, "warmup")
     check_positive(args, "lr", "alpha", "scaling")
     check_processes(args)
@@ -123,7 +129,8 @@ def settle_run(args: argparse.Namespace):
               f"{lr * steps / max(1, warmup):.2e}, not --lr {lr:.2e}; pass a smaller --warmup", file=sys.stderr)
     run = settled(args, model=model, dataset=dataset, prompt=task.prompt, lr=lr, warmup=warmup,
                   activation_checkpointing=args.fsdp if args.activation_checkpointing is None  # where memory binds
-                  else args.activation_checkpointing)
+                  else args.activation_checkpointing,
+                  loss_chunks=args.loss_chunks or (8 if args.fsdp else 1))
     return run, circuit, task, rows
 
 
@@ -191,6 +198,9 @@ def main(argv=None):
     from data.scoring import PRIMARY
     from headmap import distributed
     start_distributed(pick_device(run.device), run.fsdp)
+    if run.offload_activations and pick_device(run.device).type == "cpu":
+        print("note: --offload-activations on the CPU copies within host memory: it saves nothing here",
+              file=sys.stderr)
     recorded_run, ckpt = run_folder.read_run_state(run.out, run.resume, settings)
     model, tokenizer = load_model(run.model, run.device, run.dtype, trust_remote_code=run.trust_remote_code,
                                   progress=not run.no_progress, fsdp=run.fsdp)
@@ -226,6 +236,8 @@ def main(argv=None):
         "hyper_parameters": {k: getattr(run, k) for k in HYPER_PARAMETERS},
         "processes": distributed.world(),
         "activation_checkpointing": run.activation_checkpointing,
+        "loss_chunks": run.loss_chunks,
+        "offload_activations": run.offload_activations,
         "sharding": shard_sizes(model),  # --fsdp: the bytes of the frozen weights, in all and on each rank
         "metric": PRIMARY[task.kind],
         "accuracy_before": before,

@@ -69,6 +69,8 @@ def finetune_claims(rows) -> dict:
             # --activation-checkpointing's cost: one more forward of the layers a step
             "headmap_checkpointed_tokens_per_s": rate.get(("ours, checkpointed", "headmap-mha")),
             "lora_checkpointed_tokens_per_s": rate.get(("ours, checkpointed", "lora")),
+            # and --loss-chunks 8 --offload-activations: the 70B-on-8-GPUs setting's cost
+            "headmap_offloaded_tokens_per_s": rate.get(("ours, checkpointed, chunked, offloaded", "headmap-mha")),
             "peft_trainer_tokens_per_s": rate.get(("trainer, same batches", "lora")),
             "peft_trainer_dora_tokens_per_s": rate.get(("trainer, same batches", "dora"))}
 

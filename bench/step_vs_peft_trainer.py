@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from data.training import lm_batch, training_texts  # noqa: E402
 from headmap.batching import pad_right  # noqa: E402
 from headmap.adapters import LORA_TARGETS, attach_headmap, attach_lora  # noqa: E402
-from headmap.train import batch_loss, checkpointed_layers  # noqa: E402
+from headmap.train import batch_loss, checkpointed_layers, offloaded_activations  # noqa: E402
 
 
 def sync(device):
@@ -54,9 +54,11 @@ def summary(times, tokens, losses, device) -> dict:
             "loss": sum(losses) / len(losses) if losses else None, "peak_gib": peak_gib(device)}
 
 
-def ours(model, method, batches, pad_id, circuit=None, token_budget=4096, checkpointing=False) -> dict:
+def ours(model, method, batches, pad_id, circuit=None, token_budget=4096, checkpointing=False,
+         savers=False) -> dict:
     """finetune.py's step (batch_loss, clipping, AdamW) on each batch; with `checkpointing`, its layers recomputed in
-    backward (--activation-checkpointing)."""
+    backward (--activation-checkpointing); with `savers`, also the loss in 8 slices and what backward keeps in host
+    memory (--loss-chunks 8 --offload-activations)."""
     device = next(model.parameters()).device
     torch.manual_seed(0)
     adapter = (attach_headmap(model, circuit, 32, 1.0, method.split("-")[1]) if method.startswith("headmap")
@@ -66,10 +68,11 @@ def ours(model, method, batches, pad_id, circuit=None, token_budget=4096, checkp
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=params[0].is_cuda or None)
     reset_peak(device)
     times, tokens, losses = [], [], []
-    with checkpointed_layers(model, checkpointing):
+    with checkpointed_layers(model, checkpointing or savers), offloaded_activations(savers):
         for batch in batches:
             start = time.perf_counter()
-            losses.append(batch_loss(model, lm_batch(batch, pad_id), token_budget, backward=True))
+            losses.append(batch_loss(model, lm_batch(batch, pad_id), token_budget, backward=True,
+                                     loss_chunks=8 if savers else 1))
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -148,7 +151,8 @@ def peft_trainer(model, method, batches, pad_id, grouped: bool) -> dict:
     return result
 
 
-ROWS = [("ours", "headmap-mha", None), ("ours, checkpointed", "headmap-mha", None), ("ours", "lora", None),
+ROWS = [("ours", "headmap-mha", None), ("ours, checkpointed", "headmap-mha", None),
+        ("ours, checkpointed, chunked, offloaded", "headmap-mha", None), ("ours", "lora", None),
         ("ours, checkpointed", "lora", None), ("ours", "dora", None),
         ("trainer, same batches", "lora", False), ("trainer, same batches", "dora", False),
         ("trainer, by length", "lora", True), ("trainer, by length", "dora", True)]
@@ -161,7 +165,8 @@ def compare(model, batches, pad_id, circuit, log=print) -> list[dict]:
     for path, method, grouped in ROWS:
         if method.startswith("headmap") and circuit is None:
             continue
-        r = ours(model, method, batches, pad_id, circuit, checkpointing=path.endswith("checkpointed")) \
+        r = ours(model, method, batches, pad_id, circuit, checkpointing="checkpointed" in path,
+                 savers="offloaded" in path) \
             if path.startswith("ours") else peft_trainer(model, method, batches, pad_id, grouped)
         results.append({"path": path, "method": method, **r})
         log(f"  {path:<24}{method:<13}{r['s_per_step']:>8.3f}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.2f}")

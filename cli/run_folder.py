@@ -230,10 +230,11 @@ def base_numbers(model, tokenizer, task, rows, run, recorded_run: dict | None, s
     from headmap.train import batch_loss
     if recorded_run is not None:
         return recorded_run["accuracy"], recorded_run["val_loss"]
+    # the loss first: a model whose logits the chunked loss cannot reproduce is refused before the long scoring
+    val_loss = batch_loss(model, lm_batch(training_texts(tokenizer, rows.val, run.max_length), pad_id_of(tokenizer)),
+                          run.token_budget, loss_chunks=run.loss_chunks)
     before = task_metric(model, tokenizer, task.kind, rows.eval, run.batch_size, not run.no_progress,
                          "accuracy before")
-    val_loss = batch_loss(model, lm_batch(training_texts(tokenizer, rows.val, run.max_length), pad_id_of(tokenizer)),
-                          run.token_budget)
     if distributed.rank() == 0:
         write_json(resume_file(run.out, BEFORE),
                    {"accuracy": before, "val_loss": val_loss, "settings": settings})
@@ -286,7 +287,8 @@ def train_in_folder(model, adapter, train_seqs, val_seqs, pad_id, run, on_step=l
         train_adapter(model, adapter, epoch_batches(train_seqs, pad_id, run.batch_size, run.epochs, run.seed),
                       total, run.lr, run.warmup, token_budget=run.token_budget, eval_every=run.eval_every,
                       eval_batch=lm_batch(val_seqs, pad_id), resume=ckpt, on_step=after_step, seed=run.seed,
-                      progress=not run.no_progress, activation_checkpointing=run.activation_checkpointing)
+                      progress=not run.no_progress, activation_checkpointing=run.activation_checkpointing,
+                      loss_chunks=run.loss_chunks, offload_activations=run.offload_activations)
     except FloatingPointError as err:  # run_script prints it (exit 1): not bad input
         raise FloatingPointError(f"{err}. The best adapter so far (step {best['step']}) is in {run.out}") from None
     finally:

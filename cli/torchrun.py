@@ -74,8 +74,9 @@ def load_sharded(folder: str, dtype, device, trust_remote_code: bool = False):
 
 def shard(full, config, dtype, device, trust_remote_code: bool = False):
     """Rank 0's whole model `full` (None on the other ranks) sharded with FSDP2 over the ranks: every decoder layer,
-    and the rest (embeddings, final norm, LM head, tied or not) as the root, wrapped with fully_shard, so each rank
-    holds 1/world of the weights and gathers one layer at a time. The other ranks build the model from `config` on
+    the input embeddings and the LM head (each a unit of its own, so a pass gathers one of them at a time: at 70B
+    each is 2 GiB; tied, they share one weight and stay in the root together), and the rest (final norm) as the
+    root, wrapped with fully_shard, so each rank holds 1/world of the weights and gathers one unit at a time. The other ranks build the model from `config` on
     the meta device and receive their shards from rank 0 (broadcast_from_rank0), as accelerate's
     cpu_ram_efficient_loading and torchtune do. In eval mode, frozen."""
     import torch
@@ -90,8 +91,10 @@ def shard(full, config, dtype, device, trust_remote_code: bool = False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval().requires_grad_(False)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    apart = [embeddings, head] if head is not None and head.weight is not embeddings.weight else []
+    for unit in [*decoder_layers(model), *apart]:
+        fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
     model.to_empty(device=device)
     set_model_state_dict(model, full.state_dict() if full is not None else {},

@@ -32,7 +32,7 @@ _EXPORTS = {
     "adapters": ["attach_headmap", "attach_lora"],
     "saving": ["save_adapter", "load_adapter"],
     "merging": ["merge_adapter"],
-    "train": ["train_adapter", "batch_loss", "checkpointed_layers"],
+    "train": ["train_adapter", "batch_loss", "summed_nll", "checkpointed_layers", "offloaded_activations"],
     "files": ["atomic"],
     "errors": ["UnsupportedModel", "NoSpaceError"],
 }

@@ -6,6 +6,7 @@ the library follows: every rank computes its share of the rows and takes part in
 """
 import functools
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -76,12 +77,13 @@ def padding_passes() -> int:
 
 
 @contextmanager
-def same_passes(model: nn.Module, most: int, backward: bool = False):
+def same_passes(model: nn.Module, most: int, padding_pass: Callable[[torch.Tensor], None] | None = None):
     """Around a block in which the ranks run different numbers of passes of `model` (their shares of the rows), the
     busiest running `most` (which every rank must work out alike, from the plan, before any pass: a count exchanged
     afterwards would meet the other ranks' gathers): under FSDP each pass gathers every layer's shards from all
-    ranks, so afterwards this rank runs zero-weight passes (one token; with `backward`, backward too, adding zero to
-    every gradient) until it has run `most`. Without FSDP, nothing."""
+    ranks, so afterwards this rank runs zero-weight passes of one token until it has run `most`:
+    padding_pass(token), which must gather what a real pass gathers (a training pass: backward too, adding zero to
+    every gradient), or by default one forward without a graph. Without FSDP, nothing."""
     if not sharded(model) or world() == 1:
         yield
         return
@@ -96,7 +98,8 @@ def same_passes(model: nn.Module, most: int, backward: bool = False):
     token = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
     for _ in range(most - passes[0]):
         _padding[0] += 1
-        with torch.enable_grad() if backward else torch.no_grad():
-            logits = model(input_ids=token, use_cache=False).logits  # as summed_nll runs it
-            if backward:
-                (logits.float().sum() * 0.0).backward()
+        if padding_pass is not None:
+            padding_pass(token)
+        else:
+            with torch.no_grad():
+                model(input_ids=token, use_cache=False)

@@ -11,36 +11,129 @@ rank runs every world()-th row by length and the gradients are summed, so every 
 """
 import itertools
 import math
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from . import distributed
 from .batching import length_groups, pass_overhead_tokens
+from .errors import UnsupportedModel
 from .masking import decoder_layers
 
 def summed_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token NLL over the labelled tokens of one right-padded pass (rows, tokens), a device scalar."""
+               labels: torch.Tensor, loss_chunks: int = 1, backward_over: float | None = None) -> torch.Tensor:
+    """Sum of next-token NLL over the labelled tokens of one right-padded pass (rows, tokens), a device scalar.
+
+    With `backward_over`, sum / backward_over is back-propagated here and the sum comes back detached. With
+    `loss_chunks` > 1 the model runs to its LM head's input once, and the LM head, the model's final logit
+    transforms and the loss run over that many slices of the positions in turn (chunked_nll), so the whole
+    (rows, tokens, vocab) logits never exist at once, in forward or backward; the same sum and gradients, to
+    rounding."""
     device = next(model.parameters()).device
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        # no key/value cache: training needs none, and a checkpointed layer run again in backward would extend it
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (rows, tokens, V)
     # position t predicts label t+1; the last position predicts nothing. Labelling it -100 instead of slicing the
     # logits spares the backward pass a zero-filled copy of the whole [rows, length, vocab] logits tensor.
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    if loss_chunks > 1:
+        return chunked_nll(model, input_ids, attention_mask, targets, loss_chunks, backward_over)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        # no key/value cache: training needs none, and a checkpointed layer run again in backward would extend it
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (rows, tokens, V)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    if backward_over is None:
+        return nll
+    (nll / backward_over).backward()
+    return nll.detach()
 
 
-def batch_loss(model: nn.Module, batch: dict, token_budget: int = 4096, backward: bool = False) -> float:
+def final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits the model's own forward makes of `hidden` (rows, tokens, hidden), the LM head's input: its LM
+    head, then the final transforms causal LMs apply after it (Cohere's logit_scale, Granite's logits_scaling,
+    Gemma's final_logit_softcapping). chunked_nll checks the result against the model's own logits."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config.get_text_config()
+    if getattr(model, "logit_scale", None) is not None:
+        logits = logits * model.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+_chunks_checked = weakref.WeakSet()  # the models whose final_logits matched their own logits once
+
+
+def chunked_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                targets: torch.Tensor, loss_chunks: int, backward_over: float | None) -> torch.Tensor:
+    """summed_nll through `loss_chunks` slices of the positions. The model's own forward runs with a pre-hook on its
+    LM head that keeps the head's input (the final hidden states, after any scaling the model applies before its
+    head) and hands the head only the last position, so the model's own logits there check final_logits (the first
+    pass of each model; a model whose logits final_logits does not reproduce is refused, UnsupportedModel). With a
+    graph, each slice's LM head and loss run under PyTorch's non-reentrant checkpoint: the slice's input is kept
+    and its logits are made again, one slice at a time, in the one backward pass (a backward per slice would
+    finish FSDP's backward before the model's). Every pass calls the LM head loss_chunks + 1 times whatever its
+    length (twice more a slice in backward), so under FSDP every rank gathers it as often."""
+    device = next(model.parameters()).device
+    head, kept = model.get_output_embeddings(), []
+
+    def keep_input(module, args):
+        kept.append(args[0])
+        return (args[0][:, -1:],) + args[1:]
+    # first among the head's pre-hooks: FSDP's own would route the kept states through its backward hooks for the head
+    handle = head.register_forward_pre_hook(keep_input, prepend=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    try:
+        with autocast:
+            own = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (rows, 1, V)
+    finally:
+        handle.remove()
+    name = type(model).__name__
+    if len(kept) != 1 or kept[0].dim() != 3 or kept[0].shape[:2] != input_ids.shape:
+        raise UnsupportedModel(f"{name} does not call its LM head once on every position's hidden state, so its loss "
+                               "cannot be computed in chunks; use loss_chunks=1")
+    hidden = kept[0]  # (rows, tokens, hidden)
+    if model not in _chunks_checked:
+        with torch.no_grad():
+            with autocast:
+                ours = final_logits(model, hidden[:, -1:])
+            gap = (ours.float() - own.float()).abs().max().item()
+            bound = 8 * torch.finfo(own.dtype).eps * (1 + own.float().abs().max().item())
+        if gap > bound:
+            raise UnsupportedModel(f"{name} transforms its logits after its LM head in a way the chunked loss does not "
+                                   f"reproduce (they differ by {gap:.3g}), so its loss cannot be computed in chunks; "
+                                   "use loss_chunks=1")
+        _chunks_checked.add(model)
+    del own  # and its graph (the last position's logits), before any backward
+    def slice_nll(part: torch.Tensor, part_targets: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            logits = final_logits(model, part)  # (positions of the slice, V)
+        return F.cross_entropy(logits.float(), part_targets, reduction="sum")
+    checkpointed = torch.is_grad_enabled() and hidden.requires_grad  # keep each slice's input, not its logits
+    total = torch.zeros((), device=device)
+    for part, part_targets in zip(hidden.flatten(0, 1).tensor_split(loss_chunks),
+                                  targets.flatten().tensor_split(loss_chunks)):
+        total = total + (checkpoint(slice_nll, part, part_targets, use_reentrant=False) if checkpointed
+                         else slice_nll(part, part_targets))
+    if backward_over is None:
+        return total
+    (total / backward_over).backward()
+    return total.detach()
+
+
+def batch_loss(model: nn.Module, batch: dict, token_budget: int = 4096, backward: bool = False,
+               loss_chunks: int = 1) -> float:
     """Token-mean next-token NLL of `batch` (input_ids, attention_mask, labels: see the module's docstring), run as
-    length-sorted micro-batches of at most `token_budget` padded tokens. With backward=True each micro-batch's share
-    (its summed NLL / the batch's labelled tokens) is back-propagated at once; without, no graph is kept. The host
-    waits for the device once, for the returned number (and once to read the rows' lengths if the batch is on it)."""
+    length-sorted micro-batches of at most `token_budget` padded tokens, each one's loss over `loss_chunks` slices
+    of its positions (summed_nll). With backward=True each micro-batch's share (its summed NLL / the batch's
+    labelled tokens) is back-propagated at once; without, no graph is kept. The host waits for the device once, for
+    the returned number (and once to read the rows' lengths if the batch is on it)."""
     device = next(model.parameters()).device
     ids, labels, mask = batch["input_ids"], batch["labels"], batch.get("attention_mask")
     if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):  # micro-batches cut the padding off the right
@@ -55,7 +148,11 @@ def batch_loss(model: nn.Module, batch: dict, token_budget: int = 4096, backward
     most = max(len(length_groups([lengths[r] for r in by_length[k::distributed.world()]], token_budget, overhead))
                for k in range(distributed.world())) if distributed.sharded(model) else 0
     total = torch.zeros((), dtype=torch.float64, device=device)
-    with torch.enable_grad() if backward else torch.no_grad(), distributed.same_passes(model, most, backward):
+    over = n_tokens if backward else None
+
+    def padding_pass(token: torch.Tensor) -> None:  # a pass as the real ones run, with no label: it adds nothing
+        summed_nll(model, token, None, torch.full_like(token, -100), loss_chunks, over)
+    with torch.enable_grad() if backward else torch.no_grad(), distributed.same_passes(model, most, padding_pass):
         for group in length_groups([lengths[r] for r in rows], token_budget, overhead):
             pick = torch.tensor([rows[g] for g in group])
             width = lengths[rows[group[0]]]  # the group's longest row: beyond it, only padding
@@ -63,10 +160,7 @@ def batch_loss(model: nn.Module, batch: dict, token_budget: int = 4096, backward
             # no padding in this pass: no mask, so attention takes its plain causal path (decided on the host)
             uniform = all(lengths[r] == width for r in pick.tolist())
             part_mask = None if uniform or mask is None else mask[pick.to(mask.device), :width].to(device)
-            nll = summed_nll(model, part_ids, part_mask, part_labels)
-            if backward:
-                (nll / n_tokens).backward()
-            total += nll.detach()
+            total += summed_nll(model, part_ids, part_mask, part_labels, loss_chunks, over).detach()
     return distributed.all_sum(total[None]).item() / n_tokens
 
 
@@ -105,6 +199,19 @@ def checkpointed_layers(model: nn.Module, enabled: bool = True):
             checkpoint.state(layer).enable_hook = False
 
 
+@contextmanager
+def offloaded_activations(enabled: bool = True):
+    """Within the block what autograd keeps for backward waits in host memory (pinned, when there is a GPU) and
+    comes back to the device when backward needs it: PyTorch's save_on_cpu. With checkpointed_layers that is each
+    layer's input and the little outside the layers: the device then holds one layer's activations at a time, for
+    a copy of each layer's input each way a step."""
+    if not enabled:
+        yield
+        return
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        yield
+
+
 def linear_schedule(steps: int, warmup: int) -> Callable[[int], float]:
     """The learning-rate factor at a step: linear warm-up over `warmup` steps, then linear decay to 0 at `steps`."""
     return lambda step: step / max(1, warmup) if step < warmup else max(0.0, (steps - step) / max(1, steps - warmup))
@@ -112,12 +219,12 @@ def linear_schedule(steps: int, warmup: int) -> Callable[[int], float]:
 
 def optimizer_step(model: nn.Module, batch: dict, params: list[nn.Parameter], optimizer, schedule,
                    token_budget: int, max_grad_norm: float, step: int,
-                   penalty: Callable[[], torch.Tensor] | None = None) -> tuple[float, float]:
+                   penalty: Callable[[], torch.Tensor] | None = None, loss_chunks: int = 1) -> tuple[float, float]:
     """Optimizer step `step` on `batch`: the summed gradient of its micro-batches (and of every rank's), and of
     `penalty()` where given, clipped, applied; the schedule advanced. A loss that is not finite raises
     FloatingPointError before anything changes. Returns (the batch's loss, without the penalty; gradient norm before
     clipping)."""
-    loss = batch_loss(model, batch, token_budget, backward=True)
+    loss = batch_loss(model, batch, token_budget, backward=True, loss_chunks=loss_chunks)
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss is {loss} at step {step}; lower the learning rate")
     if penalty is not None and distributed.rank() == 0:  # once: the ranks' gradients are summed next
@@ -130,10 +237,11 @@ def optimizer_step(model: nn.Module, batch: dict, params: list[nn.Parameter], op
     return loss, grad_norm
 
 
-def validation_loss(model: nn.Module, adapter: nn.Module, batch: dict, token_budget: int) -> float:
+def validation_loss(model: nn.Module, adapter: nn.Module, batch: dict, token_budget: int,
+                    loss_chunks: int = 1) -> float:
     """The loss on `batch` with the adapter in eval mode (no dropout), back in training mode after."""
     adapter.eval()
-    loss = batch_loss(model, batch, token_budget)
+    loss = batch_loss(model, batch, token_budget, loss_chunks=loss_chunks)
     adapter.train()
     return loss
 
@@ -164,7 +272,8 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
                   eval_batch: dict | None = None, eval_every: int | None = None, resume: dict | None = None,
                   on_step: Callable[[dict, Callable[[], dict]], None] | None = None, seed: int = 0,
                   progress: bool = False, activation_checkpointing: bool = False,
-                  penalty: Callable[[], torch.Tensor] | None = None) -> Trained:
+                  penalty: Callable[[], torch.Tensor] | None = None, loss_chunks: int = 1,
+                  offload_activations: bool = False) -> Trained:
     """Train `adapter` on the frozen `model`: AdamW, linear warm-up and decay, gradient clipping.
 
     AdamW has no weight decay (fused on CUDA). A model whose own weights still require gradients is refused
@@ -192,6 +301,11 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
             (checkpointed_layers): the same losses and adapter, in far less memory, for one more forward a step.
         penalty: a term added to every step's objective (a scalar tensor of the adapter's parameters, e.g. an L1
             penalty); the losses reported are the batches' own.
+        loss_chunks: compute each micro-batch's LM head and loss over this many slices of its positions, so that
+            its whole logits never exist at once (summed_nll): the same losses and adapter, in less memory. A model
+            whose final logits the slices do not reproduce is refused (UnsupportedModel) at the first pass.
+        offload_activations: keep what backward needs in host memory, not on the device (offloaded_activations):
+            with activation_checkpointing, the layers' inputs; the same losses and adapter.
 
     Returns:
         Trained(losses, best): the losses of the steps run here, and the best adapter by validation loss: {"loss",
@@ -218,15 +332,15 @@ def train_adapter(model: nn.Module, adapter: nn.Module, batches: Iterable[dict],
 
     losses = []
     bar = tqdm(total=steps, initial=step, desc=f"training {getattr(adapter, 'method', 'adapter')}", disable=not progress)
-    with checkpointed_layers(model, activation_checkpointing):
+    with checkpointed_layers(model, activation_checkpointing), offloaded_activations(offload_activations):
         for batch in itertools.islice(batches, step, steps):
             loss, grad_norm = optimizer_step(model, batch, params, optimizer, schedule, token_budget, max_grad_norm,
-                                             step + 1, penalty)
+                                             step + 1, penalty, loss_chunks)
             step += 1
             losses.append(loss)
             record = {"step": step, "loss": loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm}
             if eval_batch is not None and (step % (eval_every or steps) == 0 or step == steps):
-                record["val_loss"] = validation_loss(model, adapter, eval_batch, token_budget)
+                record["val_loss"] = validation_loss(model, adapter, eval_batch, token_budget, loss_chunks)
                 if record["val_loss"] < best["loss"]:
                     record["best"] = True
                     best = {"loss": record["val_loss"], "step": step,

@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_fsdp.py: shards a model folder with --fsdp's own loader and reports, per rank,
 what the sharding is made of: which modules are FSDP units, how many times this rank read the weights from disk,
-and the most parameter bytes held unsharded at once during a forward (what one forward gathers).
+the most parameter bytes held unsharded at once during a forward (what one forward gathers), and what is gathered
+while the LM head runs (the input embeddings should not be).
 
     torchrun --nproc_per_node 2 tests/fsdp_probe.py MODEL_FOLDER OUT.json
 """
@@ -44,16 +45,26 @@ def gathered() -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if not isinstance(p, DTensor))
 
 
-most = [0]
-for layer in decoder_layers(model):  # after FSDP's own pre-forward hook, which gathers the layer
-    layer.register_forward_pre_hook(lambda module, args: most.__setitem__(0, max(most[0], gathered())))
+most, at_head = [0], {}
+head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+for module in [*decoder_layers(model), head]:  # after FSDP's own pre-forward hook, which gathers the unit
+    module.register_forward_pre_hook(lambda module, args: most.__setitem__(0, max(most[0], gathered())))
+head.register_forward_pre_hook(lambda module, args: at_head.update(
+    bytes=gathered(), embeddings_sharded=isinstance(embeddings.weight, DTensor)))
 with torch.no_grad():
     model(input_ids=torch.tensor([[1, 2, 3]]))
-full = sum(p.numel() * p.element_size() for p in model.parameters())
-root = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if ".layers." not in f".{name}")
-layer_bytes = sum(p.numel() * p.element_size() for p in decoder_layers(model)[0].parameters())
+
+
+def size(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+unit_of = {id(p): name for name in units for p in model.get_submodule(name).parameters()}  # the innermost last
 record = {"rank": distributed.rank(), "units": units, "decoder_layers": layers, "reads": reads[0],
-          "most_gathered_bytes": most[0], "full_bytes": full, "root_bytes": root, "layer_bytes": layer_bytes}
+          "most_gathered_bytes": most[0], "gathered_at_head": at_head, "full_bytes": size(model),
+          "root_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if unit_of[id(p)] == ""),
+          "layer_bytes": size(decoder_layers(model)[0]), "head_bytes": size(head),
+          "embedding_bytes": size(embeddings)}
 records = distributed.all_gather(record)
 if distributed.rank() == 0:
     Path(out).write_text(json.dumps(records))

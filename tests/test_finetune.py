@@ -32,7 +32,7 @@ def model():
 def train_args(tmp_path, **kw):
     base = dict(lr=1e-2, batch_size=4, token_budget=4096, epochs=50, warmup=2, max_steps=None, eval_every=5,
                 checkpoint_every=1000, seed=0, out=str(tmp_path), resume=False, no_progress=True,
-                activation_checkpointing=False)
+                activation_checkpointing=False, loss_chunks=1, offload_activations=False)
     return argparse.Namespace(**{**base, **kw})
 
 

@@ -2,6 +2,8 @@
 import json
 import subprocess
 
+import pytest
+
 from tests.conftest import ROOT, run
 from tests.test_library import clean_env
 
@@ -29,6 +31,7 @@ def test_the_one_gpu_script_dry_run_checks_the_kernel_and_writes_every_claim(tmp
     got = json.loads(claims.read_text())
     for key in ("kernel_vs_best_unmasked", "kernel_vs_best_masked", "headmap_tokens_per_s", "lora_tokens_per_s",
                 "peft_trainer_tokens_per_s", "headmap_checkpointed_tokens_per_s", "lora_checkpointed_tokens_per_s",
+                "headmap_offloaded_tokens_per_s",
                 "locate_mfu", "locate_seconds", "profiled_headmap_step_over_lora",
                 "evaluate_vs_lm_eval_hf",
                 "protocol_gpu_hours"):
@@ -55,13 +58,16 @@ def check_scale_sections(data: dict, names: tuple[str, ...]) -> None:
             assert len(data[name]["circuit"]) == data[name]["layers"]
     if "finetune_7b" in names:
         assert [(r["path"], r["method"]) for r in data["finetune_7b"]] == [
-            ("ours", "headmap-mha"), ("ours, checkpointed", "headmap-mha"), ("ours", "lora"),
+            ("ours", "headmap-mha"), ("ours, checkpointed", "headmap-mha"),
+            ("ours, checkpointed, chunked, offloaded", "headmap-mha"), ("ours", "lora"),
             ("ours, checkpointed", "lora"), ("ours", "dora"), ("trainer, same batches", "lora"),
             ("trainer, same batches", "dora"), ("trainer, by length", "lora"), ("trainer, by length", "dora")]
         assert all(r["tokens_per_s"] > 0 for r in data["finetune_7b"])
         losses = {(r["path"], r["method"]): r["loss"] for r in data["finetune_7b"]}
         for method in ("headmap-mha", "lora"):  # the checkpointed step is the same step
             assert losses[("ours, checkpointed", method)] == losses[("ours", method)], method
+        assert losses[("ours, checkpointed, chunked, offloaded", "headmap-mha")] == pytest.approx(
+            losses[("ours", "headmap-mha")], rel=1e-5)  # the loss in slices: the same to rounding
 
 
 def test_scale_check_dry_run_runs_every_section(tmp_path):
