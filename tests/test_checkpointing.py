@@ -154,10 +154,10 @@ def test_offloading_sends_every_checkpointed_layers_input_to_host_memory(monkeyp
     assert not [s for s in shapes if model.config.intermediate_size in s]
 
 
-def test_sharded_lora_equals_one_process_checkpointed_and_chunked_by_default_or_not(tiny_folder, tmp_path):
+def test_sharded_lora_equals_one_process_checkpointed_chunked_and_offloaded_or_not(tiny_folder, tmp_path):
     """--fsdp --method lora on an untied model (embeddings and LM head sharded apart): the sharded run,
-    checkpointed and with the loss in 8 chunks (--fsdp's defaults), equals one process (neither: the defaults
-    without --fsdp), and the sharded run with neither equals it to 1e-6. Dropout off: the ranks draw their own
+    checkpointed and with the loss in 8 chunks (--fsdp's defaults), and offloaded, equals one process (none of
+    them: the defaults without --fsdp), and the sharded run with none of them equals it to 1e-6. Dropout off: the ranks draw their own
     masks, so with dropout no two-process run equals one process (dropout under checkpointing is replayed exactly:
     the tests above)."""
     from tests.test_fsdp import check_adapters_and_logs, check_sharding
@@ -165,12 +165,13 @@ def test_sharded_lora_equals_one_process_checkpointed_and_chunked_by_default_or_
             "--method", "lora", "--dropout", "0", "--train-limit", "16", "--batch-size", "5", "--max-steps", "3",
             "--warmup", "1", "--eval-every", "3", "--val-limit", "4", "--eval-limit", "4", "--lr", "1e-2"]
     launch(*args, "--out", str(tmp_path / "one"))
-    launch(*args, "--out", str(tmp_path / "on"), "--fsdp", processes=2)
+    launch(*args, "--out", str(tmp_path / "on"), "--fsdp", "--offload-activations", processes=2)
     launch(*args, "--out", str(tmp_path / "off"), "--fsdp", "--no-activation-checkpointing", "--loss-chunks", "1",
            processes=2)
     records = [json.loads((tmp_path / n / "training.json").read_text()) for n in ("one", "on", "off")]
     assert [r["activation_checkpointing"] for r in records] == [False, True, False]
     assert [r["loss_chunks"] for r in records] == [1, 8, 1]
+    assert [r["offload_activations"] for r in records] == [False, True, False]
     assert [r["processes"] for r in records] == [1, 2, 2] and records[1]["method"] == "lora"
     check_sharding(records[1])
     logs = [[json.loads(line) for line in (tmp_path / n / "log.jsonl").read_text().splitlines()]
