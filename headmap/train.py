@@ -26,6 +26,7 @@ from .batching import length_groups, pass_overhead_tokens
 from .errors import UnsupportedModel
 from .masking import decoder_layers
 
+
 def summed_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                labels: torch.Tensor, loss_chunks: int = 1, backward_over: float | None = None) -> torch.Tensor:
     """Sum of next-token NLL over the labelled tokens of one right-padded pass (rows, tokens), a device scalar.
@@ -40,11 +41,13 @@ def summed_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     # logits spares the backward pass a zero-filled copy of the whole [rows, length, vocab] logits tensor.
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     if loss_chunks > 1:
-        return chunked_nll(model, input_ids, attention_mask, targets, loss_chunks, backward_over)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        # no key/value cache: training needs none, and a checkpointed layer run again in backward would extend it
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (rows, tokens, V)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        nll = chunked_nll(model, input_ids, attention_mask, targets, loss_chunks)
+    else:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            # no key/value cache: training needs none, and a checkpointed layer run again in backward would extend it
+            logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                           use_cache=False).logits  # (rows, tokens, V)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
     if backward_over is None:
         return nll
     (nll / backward_over).backward()
@@ -71,11 +74,12 @@ _chunks_checked = weakref.WeakSet()  # the models whose final_logits matched the
 
 
 def chunked_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                targets: torch.Tensor, loss_chunks: int, backward_over: float | None) -> torch.Tensor:
-    """summed_nll through `loss_chunks` slices of the positions. The model's own forward runs with a pre-hook on its
-    LM head that keeps the head's input (the final hidden states, after any scaling the model applies before its
-    head) and hands the head only the last position, so the model's own logits there check final_logits (the first
-    pass of each model; a model whose logits final_logits does not reproduce is refused, UnsupportedModel). With a
+                targets: torch.Tensor, loss_chunks: int) -> torch.Tensor:
+    """summed_nll's sum (`targets` aligned with the positions) through `loss_chunks` slices of the positions. The
+    model's own forward runs with a pre-hook on its LM head that keeps the head's input (the final hidden states,
+    after any scaling the model applies before its head) and hands the head only the last position, so the model's
+    own logits there check final_logits (the first pass of each model; a model whose logits final_logits does not
+    reproduce is refused, UnsupportedModel). With a
     graph, each slice's LM head and loss run under PyTorch's non-reentrant checkpoint: the slice's input is kept
     and its logits are made again, one slice at a time, in the one backward pass (a backward per slice would
     finish FSDP's backward before the model's). Every pass calls the LM head loss_chunks + 1 times whatever its
@@ -111,6 +115,7 @@ def chunked_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
                                    "use loss_chunks=1")
         _chunks_checked.add(model)
     del own  # and its graph (the last position's logits), before any backward
+
     def slice_nll(part: torch.Tensor, part_targets: torch.Tensor) -> torch.Tensor:
         with autocast:
             logits = final_logits(model, part)  # (positions of the slice, V)
@@ -121,10 +126,7 @@ def chunked_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
                                   targets.flatten().tensor_split(loss_chunks)):
         total = total + (checkpoint(slice_nll, part, part_targets, use_reentrant=False) if checkpointed
                          else slice_nll(part, part_targets))
-    if backward_over is None:
-        return total
-    (total / backward_over).backward()
-    return total.detach()
+    return total
 
 
 def batch_loss(model: nn.Module, batch: dict, token_budget: int = 4096, backward: bool = False,
