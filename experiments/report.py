@@ -420,6 +420,9 @@ def selector_files(task):
         circuit = here / "selectors" / f"{task}.{selector}.json"
         if circuit.exists():
             found[selector] = (load(circuit), results(circuit.with_suffix(".circuit.json")))
+        overall = here / "selectors" / f"{task}.{selector}.global.json"  # ITI's and LoFiT's own pick over all layers
+        if overall.exists():
+            found[f"{selector}, global top-K"] = (load(overall), results(overall.with_suffix(".circuit.json")))
     randoms = [results(p) for p in sorted(base.glob(f"{name}.random*.json"))]
     return found, results(base / f"{name}.none.json"), randoms
 
@@ -464,7 +467,7 @@ def selectors():
             ratios.setdefault(task, {})[selector] = (drop / drop_r if drop_r > 0 else float("nan"), se)
             scores = circuit.get("score_matrix") or circuit["loss_matrix"]
             rho = "–"
-            if exact and selector not in ("independent", "random"):
+            if exact and selector in SELECTOR_NAMES and selector not in ("independent", "random"):
                 per_layer = [rank_correlation(a, b) for a, b in zip(scores, exact["score_matrix"])]
                 rho = (f"{rank_correlation(sum(scores, []), sum(exact['score_matrix'], [])):.2f} / "
                        f"{statistics.mean(per_layer):.2f}")

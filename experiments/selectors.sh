@@ -10,7 +10,8 @@
 # circuit's per-layer counts are one control for all. The probes read the pool's gold and wrong answers (facts: the
 # 4-way choice rows of the same facts), and their heads are masked on the same rows as the others'. Writes experiments/selectors/<task>.<selector>.json (the
 # circuit, its score matrix and selection seconds), <task>.<selector>.circuit.json (evaluate.py with its heads
-# masked) and finetune/<task>_<method>_s<seed>.json + .log.jsonl (training.json and log of the short fine-tuning
+# masked), <task>.<probe|lofit>.global.json and .global.circuit.json (their own global pick, masked) and
+# finetune/<task>_<method>_s<seed>.json + .log.jsonl (training.json and log of the short fine-tuning
 # budget; the adapters stay in runs/selectors/). experiments/report.py prints the tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,19 @@ eval_step() {  # eval TASK SELECTOR: the task's metric with the selector's heads
     --log-samples --no-progress --out "$out/$1.$2.circuit.json"
 }
 
+global_step() {  # global TASK SELECTOR: ITI's and LoFiT's own pick, the top heads over the whole model (as many as
+  # the per-layer pick's), as a circuit file (heads.json with that pick), masked on the same rows as eval's
+  python -c 'import sys; from cli.json_records import read_json, write_json
+found = read_json(sys.argv[1], "a selector circuit")
+pick = {layer: {"retain_heads": heads} for layer, heads in found["global_circuit"].items()}
+write_json(sys.argv[2], {**found, "knowledge_circuit": pick, "global_pick": True})' \
+    "$out/$1.$2.json" "$out/$1.$2.global.json"
+  local limit=(--limit $ROWS) prompt=(--prompt harness)
+  [ "$1" = facts ] && limit=() prompt=()
+  python evaluate.py --dataset "${DATASET[$1]}" "${prompt[@]}" "${limit[@]}" --mask "$out/$1.$2.global.json" \
+    --log-samples --no-progress --out "$out/$1.$2.global.circuit.json"
+}
+
 # finetune TASK METHOD SEED: HeadMap (MHA) on a selector's circuit (METHOD = the selector; conditioned is section
 # 6's/7's circuit) or LoRA; every run's accuracy_before is the no-adapter row. One short budget for all: 40 steps at
 # batch 16, 4 warm-up steps, the validation loss every 10 steps.
@@ -67,8 +81,11 @@ steps=()
 for task in arc_easy piqa hellaswag facts; do
   for selector in $SELECTORS; do steps+=("locate $task $selector" "eval $task $selector"); done
 done
-for task in arc_easy facts; do
-  for seed in 0 1 2; do
+for task in arc_easy piqa hellaswag facts; do
+  for selector in probe lofit; do steps+=("global $task $selector"); done
+done
+for seed in 0 1 2; do  # seed by seed, so that a budget cut short leaves both tasks with the same seeds
+  for task in arc_easy facts; do
     for method in conditioned $SELECTORS lora; do steps+=("finetune $task $method $seed"); done
   done
 done
@@ -78,6 +95,7 @@ output() {  # the file whose existence marks a step finished
   case $1 in
     locate) echo "$out/$2.$3.json" ;;
     eval) echo "$out/$2.$3.circuit.json" ;;
+    global) echo "$out/$2.$3.global.circuit.json" ;;
     finetune) echo "$out/finetune/$2_$3_s$4.json" ;;
   esac
 }
