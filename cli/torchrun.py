@@ -76,9 +76,9 @@ def shard(full, config, dtype, device, trust_remote_code: bool = False):
     """Rank 0's whole model `full` (None on the other ranks) sharded with FSDP2 over the ranks: every decoder layer,
     the input embeddings and the LM head (each a unit of its own, so a pass gathers one of them at a time: at 70B
     each is 2 GiB; tied, they share one weight and stay in the root together), and the rest (final norm) as the
-    root, wrapped with fully_shard, so each rank holds 1/world of the weights and gathers one unit at a time. The other ranks build the model from `config` on
-    the meta device and receive their shards from rank 0 (broadcast_from_rank0), as accelerate's
-    cpu_ram_efficient_loading and torchtune do. In eval mode, frozen."""
+    root, wrapped with fully_shard, so each rank holds 1/world of the weights and gathers one unit at a time. The
+    other ranks build the model from `config` on the meta device and receive their shards from rank 0
+    (broadcast_from_rank0), as accelerate's cpu_ram_efficient_loading and torchtune do. In eval mode, frozen."""
     import torch
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
