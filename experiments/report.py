@@ -523,16 +523,16 @@ def selector_finetuning():
     order = ["conditioned", "independent", "attribution", "probe", "lofit", "random", "lora"]
     print("### Which heads: HeadMap fine-tuned on each selector's heads (40 steps at batch 16, seeds 0-2 where "
           "run)\n")
-    print("| task | heads from | seeds | accuracy before (no adapter) | accuracy after: mean ± se | best validation "
-          "loss: mean ± se |")
-    print("|---|---|---|---|---|---|")
+    print("| task | heads from | seeds | accuracy before (no adapter) | accuracy after: mean ± se | validation loss "
+          "before (mean: facts holds out rows by seed) | best validation loss: mean ± se |")
+    print("|---|---|---|---|---|---|---|")
     for task, methods in runs.items():
         for method, rs in sorted(methods.items(), key=lambda kv: order.index(kv[0])):
             after, val = [r["accuracy_after"] for r in rs], [r["best_val_loss"] for r in rs]
             se = (lambda v: statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else float("nan"))
             print(f"| {task} | {'LoRA (reference)' if method == 'lora' else method} | {len(rs)} | "
                   f"{rs[0]['accuracy_before']:.3f} | {statistics.mean(after):.3f} ± {se(after):.3f} | "
-                  f"{statistics.mean(val):.3f} ± {se(val):.3f} |")
+                  f"{statistics.mean(r['val_loss_before'] for r in rs):.3f} | {statistics.mean(val):.3f} ± {se(val):.3f} |")
     print()
 
 
