@@ -514,25 +514,34 @@ def selector_figures(ratios):
 
 
 def selector_finetuning():
-    runs = {}
+    runs = {}  # task -> method -> seed -> training.json
     for path in sorted((here / "selectors" / "finetune").glob("*_s[0-9].json")):
-        task, method, _ = path.stem.rsplit("_", 2)  # <task>_<method>_s<seed>; a task name may hold "_"
-        runs.setdefault(task, {}).setdefault(method, []).append(load(path))
+        task, method, seed = path.stem.rsplit("_", 2)  # <task>_<method>_s<seed>; a task name may hold "_"
+        runs.setdefault(task, {}).setdefault(method, {})[seed] = load(path)
     if not runs:
         return
     order = ["conditioned", "independent", "attribution", "probe", "lofit", "random", "lora"]
     print("### Which heads: HeadMap fine-tuned on each selector's heads (40 steps at batch 16, seeds 0-2 where "
           "run)\n")
-    print("| task | heads from | seeds | accuracy before (no adapter) | accuracy after: mean ± se | validation loss "
-          "before (mean: facts holds out rows by seed) | best validation loss: mean ± se |")
-    print("|---|---|---|---|---|---|---|")
+    print("| task | heads from | seeds | accuracy before (no adapter) | accuracy after: mean ± se | after - random "
+          "heads', paired by seed: mean ± se | validation loss before (mean: facts holds out rows by seed) | best "
+          "validation loss: mean ± se |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def mean_se(values: list) -> str:
+        se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+        return f"{statistics.mean(values):.3f} ± {se:.3f}"
     for task, methods in runs.items():
-        for method, rs in sorted(methods.items(), key=lambda kv: order.index(kv[0])):
-            after, val = [r["accuracy_after"] for r in rs], [r["best_val_loss"] for r in rs]
-            se = (lambda v: statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else float("nan"))
+        random_heads = methods.get("random", {})
+        for method, by_seed in sorted(methods.items(), key=lambda kv: order.index(kv[0])):
+            rs = list(by_seed.values())
+            paired = [r["accuracy_after"] - random_heads[seed]["accuracy_after"] for seed, r in by_seed.items()
+                      if seed in random_heads]
             print(f"| {task} | {'LoRA (reference)' if method == 'lora' else method} | {len(rs)} | "
-                  f"{rs[0]['accuracy_before']:.3f} | {statistics.mean(after):.3f} ± {se(after):.3f} | "
-                  f"{statistics.mean(r['val_loss_before'] for r in rs):.3f} | {statistics.mean(val):.3f} ± {se(val):.3f} |")
+                  f"{rs[0]['accuracy_before']:.3f} | {mean_se([r['accuracy_after'] for r in rs])} | "
+                  f"{mean_se(paired) if paired and method != 'random' else '–'} | "
+                  f"{statistics.mean(r['val_loss_before'] for r in rs):.3f} | "
+                  f"{mean_se([r['best_val_loss'] for r in rs])} |")
     print()
 
 
